@@ -1,0 +1,1 @@
+"""Runtime core: archives, bundles, FAISS index. Never imports torch, timm or transformers."""

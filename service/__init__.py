@@ -1,0 +1,1 @@
+"""Online service (FastAPI) over a bundle and an index. Never imports torch, timm or transformers."""

@@ -1,0 +1,1 @@
+"""Offline training package: archive -> model -> checkpoint -> bundle (PyTorch lives only here)."""
