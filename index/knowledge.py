@@ -56,8 +56,8 @@ ICDR_DESCRIPTIONS: dict[int, tuple[str, ...]] = {
         "more than 20 intraretinal haemorrhages in each of four quadrants",
         "venous beading in two or more quadrants",
         "prominent IRMA in one or more quadrants, with no signs of proliferation",
-        "findings meeting the 4-2-1 rule (haemorrhages in four quadrants, venous beading in two, "
-        "or IRMA in one) without new vessels",
+        "findings meeting the 4-2-1 rule: haemorrhages in four quadrants, venous beading in two "
+        "or IRMA in one, without new vessels",
     ),
     4: (
         "neovascularisation of the disc or elsewhere",
@@ -74,7 +74,7 @@ SDRG_GRADE_NAMES: dict[int, tuple[str, ...]] = {
     1: ("background retinopathy", "background diabetic changes"),
     2: ("pre-proliferative retinopathy in one hemi-field", "pre-proliferative retinopathy"),
     3: ("pre-proliferative retinopathy in both hemi-fields", "pre-proliferative retinopathy"),
-    4: ("proliferative retinopathy or post-laser", "proliferative or treated (post-laser) retinopathy"),
+    4: ("proliferative retinopathy or post-laser", "proliferative or post-laser retinopathy"),
 }
 """Paraphrases of each SDRG grade's name; the narratives always pair them with the code "R0".."R4"."""
 

@@ -88,7 +88,7 @@ class _Facts:
 def _stable_seed(seed: int, image_id: str) -> int:
     """A seed from (seed, image_id) that is the same in every process (unlike the salted `hash()`)."""
     digest = hashlib.sha256(f"{seed}\x1f{image_id}".encode()).digest()
-    return hash((seed, image_id))
+    return int.from_bytes(digest[:8], "big")
 
 
 def _article(phrase: str) -> str:
@@ -688,7 +688,7 @@ def _t_screening_line(facts: _Facts, rng: random.Random) -> str:
     grade = _grade_sentence(facts, rng, labelled=False)
     first = f"{head}: {grade}" if grade else head
     patient_parts = [p for p in (facts.subject, _history_phrase(facts, rng)) if p]
-    patient = f"patient: {', '.join(patient_parts)}" if patient_parts else None
+    patient = f"patient details: {', '.join(patient_parts)}" if patient_parts else None
     body = _shuffled(
         [
             facts.sdrg,

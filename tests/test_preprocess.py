@@ -54,7 +54,7 @@ def test_black_border_is_cropped_from_a_letterboxed_photo(retina: Image.Image) -
 def test_greyscale_cmyk_and_16_bit_are_converted(retina: Image.Image) -> None:
     grey = decode_image(_encode(retina.convert("L"), "PNG"))
     cmyk = decode_image(_encode(retina.convert("CMYK"), "JPEG"))
-    sixteen = Image.fromarray((np.asarray(retina.convert("L"), dtype=np.uint16) * 257))
+    sixteen = Image.fromarray(np.asarray(retina.convert("L"), dtype=np.uint16) * 257)
     converted = decode_image(_encode(sixteen, "PNG"))
     for image in (grey, cmyk, converted):
         assert image.mode == "RGB" and image.size == retina.size

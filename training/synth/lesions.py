@@ -243,17 +243,17 @@ _QUADRANT_SIGNS = ((-1.0, 1.0), (1.0, 1.0), (-1.0, -1.0), (1.0, -1.0))  # (x sig
 # Radius ranges (field radii) by kind: (low, high).
 _SIZES: dict[str, tuple[float, float]] = {
     "microaneurysm": (0.016, 0.021),
-    "dot_haemorrhage": (0.022, 0.032),
+    "dot_haemorrhage": (0.02, 0.029),
     "blot_haemorrhage": (0.038, 0.062),
-    "flame_haemorrhage": (0.045, 0.075),
+    "flame_haemorrhage": (0.05, 0.085),
     "hard_exudate": (0.011, 0.018),
-    "cotton_wool_spot": (0.032, 0.052),
+    "cotton_wool_spot": (0.036, 0.06),
     "venous_beading": (0.08, 0.13),
-    "irma": (0.04, 0.065),
+    "irma": (0.06, 0.09),
     "new_vessels_disc": (0.13, 0.2),
-    "new_vessels_elsewhere": (0.05, 0.085),
+    "new_vessels_elsewhere": (0.07, 0.11),
     "preretinal_haemorrhage": (0.07, 0.13),
-    "laser_scar": (0.017, 0.026),
+    "laser_scar": (0.015, 0.03),
 }
 
 # Where each kind is planned: distance from the fovea (low, high), field radii.
@@ -393,11 +393,10 @@ class _Planner:
         """Per-quadrant blot counts meeting the SDRG blot rule: SDRG 1 fewer than 4 in each hemi-field,
         SDRG 2 `low`..`high` in one hemi-field and fewer than 3 in the other, SDRG 3 `low`..`high` in both."""
         rng = self.rng
-        many = lambda: int(rng.integers(low, high + 1))  # noqa: E731
         if sdrg >= 3:
-            superior, inferior = many(), many()
+            superior, inferior = int(rng.integers(low, high + 1)), int(rng.integers(low, high + 1))
         elif sdrg == 2:
-            superior, inferior = many(), int(rng.integers(0, 3))
+            superior, inferior = int(rng.integers(low, high + 1)), int(rng.integers(0, 3))
             if rng.random() < 0.5:
                 superior, inferior = inferior, superior
         else:
@@ -480,7 +479,9 @@ class _Planner:
             ys.append(np.full_like(row_x, y))
         grid = np.stack([np.concatenate(xs), np.concatenate(ys)], axis=1)
         grid += rng.normal(0, spacing * 0.12, size=grid.shape)
-        keep = _valid(grid, 0.5, 2.0, DISC_CLEARANCE + 0.06) & (rng.random(len(grid)) < rng.uniform(0.7, 0.95))
+        keep = _valid(grid, 0.5, 2.0, DISC_CLEARANCE + 0.06) & (
+            rng.random(len(grid)) < rng.uniform(0.7, 0.95)
+        )
         for x, y in grid[keep]:
             self.add("laser_scar", x, y)
 

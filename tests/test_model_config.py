@@ -1,0 +1,73 @@
+"""Model configs as data: built-in names, JSON paths, validation, resolution of data-dependent widths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.model import ModelConfig, list_configs, load_config, resolve_config
+from training.model.config import TextConfig
+from training.model.model import CONTRASTIVE_PAIRS
+from training.tokenizer import train_wordpiece
+
+
+def test_builtin_configs_are_listed_and_valid() -> None:
+    assert {"paper", "tiny", "clip-baseline"} <= set(list_configs())
+    for name in list_configs():
+        assert load_config(name).name == name
+
+
+def test_paper_config_is_vit_b16_and_bio_clinicalbert() -> None:
+    paper = load_config("paper")
+    assert paper.vision.model_name == "vit_base_patch16_224" and paper.vision.image_size == 224
+    assert paper.text.hf_model_name == "emilyalsentzer/Bio_ClinicalBERT" and paper.text.pretrained
+    assert paper.text.max_length == 128 and paper.text.tokenizer_source == "emilyalsentzer/Bio_ClinicalBERT"
+    assert paper.grading == "heads" and paper.losses.needs_fusion
+
+
+def test_clip_baseline_shares_tiny_towers_and_trains_image_text_only() -> None:
+    tiny, clip = load_config("tiny"), load_config("clip-baseline")
+    assert clip.vision == tiny.vision and clip.text == tiny.text and clip.embed_dim == tiny.embed_dim
+    losses = [f"contrastive_{a}_{b}" for a, b in CONTRASTIVE_PAIRS]
+    losses += ["image_reconstruction", "text_mlm", "icdr", "sdrg"]
+    assert {name for name in losses if getattr(clip.losses, name) > 0} == {"contrastive_image_text"}
+    assert {name for name in losses if getattr(tiny.losses, name) > 0} == set(losses)
+    assert not clip.losses.needs_fusion and clip.grading == "zero_shot"
+
+
+def test_json_path_loads_and_unknown_names_are_refused(tmp_path: Path) -> None:
+    data = load_config("tiny").model_dump(mode="json") | {"name": "mine", "embed_dim": 64}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(data))
+    assert load_config(path).embed_dim == 64
+    assert load_config(str(path)).name == "mine"
+    with pytest.raises(ValueError, match="unknown model config"):
+        load_config("no-such-config")
+
+
+def test_invalid_configs_name_the_problem(tmp_path: Path) -> None:
+    bad = load_config("tiny").model_dump(mode="json")
+    bad["fusion"]["heads"] = 3  # width 128 is not divisible by 3
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="divisible"):
+        load_config(path)
+    typo = load_config("tiny").model_dump(mode="json") | {"embed_dimm": 3}
+    with pytest.raises(ValueError, match="embed_dimm"):
+        ModelConfig.model_validate(typo)
+    with pytest.raises(ValueError, match="trained tokenizer"):
+        TextConfig(hf_model_name="x", pretrained=True, tokenizer="train")
+
+
+def test_resolve_fills_tabular_width_and_tokenizer_ids(tmp_path: Path) -> None:
+    tokenizer = train_wordpiece(["mild npdr in the right eye", "no retinopathy"] * 3, 100, tmp_path / "tok")
+    config = resolve_config(load_config("tiny"), tabular_width=37, tokenizer=tokenizer)
+    assert config.tabular.input_width == 37
+    assert config.text.vocab_size == len(tokenizer)
+    assert config.text.mask_token_id == tokenizer.mask_token_id
+    assert set(config.text.special_token_ids) == set(tokenizer.all_special_ids)
+    assert ModelConfig.model_validate_json(config.model_dump_json()) == config
+    with pytest.raises(ValueError, match="tabular_width"):
+        resolve_config(load_config("tiny"))

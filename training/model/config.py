@@ -1,0 +1,175 @@
+"""Model configuration: architectures are data (small JSON files in `configs/`), validated by pydantic.
+
+A `ModelConfig` names the towers (a timm image model, a transformers text model), the widths of the
+shared embedding space and of the joint transformer, the loss weights and the modality dropout. Widths
+that depend on the data (the tabular input width, the tokenizer's vocabulary and special ids) are filled
+in by `create_model` so that the config stored with a checkpoint rebuilds exactly the same model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VisionConfig(_Strict):
+    """The image tower: a timm model, its input size and normalisation, and where its weights come from.
+
+    `pretrained_file` (a local .safetensors/.pth/.bin in timm's format) wins over the hub; with
+    `pretrained` false the tower starts from random init. `timm_kwargs` are passed to
+    `timm.create_model` (e.g. `depth`, `embed_dim`, `num_heads`, `patch_size`, `drop_path_rate`).
+    """
+
+    model_name: str = "vit_base_patch16_224"
+    image_size: int = Field(default=224, gt=0)
+    pretrained: bool = True
+    pretrained_file: str | None = None
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+
+class TextConfig(_Strict):
+    """The text tower: a transformers model (hub id or local folder) or a BERT built from `bert_config`.
+
+    `tokenizer` is `"train"` (a WordPiece trained on the archive's narratives, see `training.tokenizer`),
+    or a hub id / folder (None: the same as `hf_model_name`). `bert_config` is the architecture used when
+    the tower is built from scratch: always for a trained tokenizer, and as the stated fallback when
+    pretrained weights cannot be reached. `vocab_size` and the special token ids are those of the
+    tokenizer; `create_model` overwrites them from the tokenizer it is given.
+    """
+
+    hf_model_name: str | None = None
+    pretrained: bool = False
+    tokenizer: str | None = None
+    bert_config: dict[str, Any] | None = None
+    max_length: int = Field(default=128, gt=2)
+    vocab_size: int = Field(default=4096, gt=5)
+    pad_token_id: int = 0
+    mask_token_id: int = 4
+    special_token_ids: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+    @model_validator(mode="after")
+    def _check(self) -> TextConfig:
+        if self.pretrained and not self.hf_model_name:
+            raise ValueError("text.pretrained needs text.hf_model_name (a hub id or a local folder)")
+        if self.tokenizer == "train" and self.pretrained:
+            raise ValueError("a trained tokenizer ('train') needs a text tower built from scratch")
+        if self.bert_config is None and not self.hf_model_name:
+            raise ValueError("text needs hf_model_name or bert_config")
+        if self.tokenizer is None and not self.hf_model_name:
+            raise ValueError("text.tokenizer is needed when there is no hf_model_name")
+        return self
+
+    @property
+    def tokenizer_source(self) -> str:
+        """`"train"`, or the hub id / folder to load the tokenizer from."""
+        return self.tokenizer or str(self.hf_model_name)
+
+
+class TabularConfig(_Strict):
+    """The MLP over the tabular features; `input_width` is `FeatureSpec.width` (set by `create_model`)."""
+
+    input_width: int | None = Field(default=None, gt=0)
+    hidden: int = Field(default=128, gt=0)
+    layers: int = Field(default=2, ge=1)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+
+
+class FusionConfig(_Strict):
+    """The joint transformer over [fused CLS] + image + text + tabular tokens."""
+
+    width: int = Field(default=256, gt=0)
+    depth: int = Field(default=2, ge=1)
+    heads: int = Field(default=4, ge=1)
+    mlp_ratio: float = Field(default=4.0, gt=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> FusionConfig:
+        if self.width % self.heads:
+            raise ValueError(f"fusion.width {self.width} is not divisible by fusion.heads {self.heads}")
+        return self
+
+
+class ImageDecoderConfig(_Strict):
+    """The light MAE decoder that predicts the pixels of masked patches."""
+
+    width: int = Field(default=128, gt=0)
+    depth: int = Field(default=1, ge=1)
+    heads: int = Field(default=4, ge=1)
+    norm_pixels: bool = True
+
+
+class LossConfig(_Strict):
+    """Loss weights (0 switches a loss off and skips its computation), mask ratios and temperature.
+
+    `contrastive_text_record` aligns the text embedding with the record embedding (image + tabular
+    through the joint transformer), so that text -> record retrieval works. `class_weighting` sets the
+    ICDR/SDRG class weights from the training split's counts (`losses.class_weights`).
+    """
+
+    contrastive_image_text: float = Field(default=1.0, ge=0)
+    contrastive_image_tabular: float = Field(default=0.25, ge=0)
+    contrastive_text_tabular: float = Field(default=0.25, ge=0)
+    contrastive_text_record: float = Field(default=1.0, ge=0)
+    image_reconstruction: float = Field(default=0.5, ge=0)
+    text_mlm: float = Field(default=0.5, ge=0)
+    icdr: float = Field(default=1.0, ge=0)
+    sdrg: float = Field(default=1.0, ge=0)
+    image_mask_ratio: float = Field(default=0.75, gt=0, lt=1)
+    text_mask_prob: float = Field(default=0.15, gt=0, lt=1)
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100)
+    class_weighting: Literal["inverse_sqrt", "inverse", "none"] = "inverse_sqrt"
+
+    @property
+    def needs_fusion(self) -> bool:
+        """Whether training uses the joint transformer at all (the CLIP baseline does not)."""
+        return self.contrastive_text_record > 0 or self.icdr > 0 or self.sdrg > 0
+
+
+class ModalityDropoutConfig(_Strict):
+    """Per-sample probability of hiding each modality from the joint transformer while training.
+
+    At least one present modality is always kept. Text is hidden most often: the narratives state the
+    grade, so a grader that always sees the text would learn to read it and never look at the image.
+    """
+
+    image: float = Field(default=0.2, ge=0, lt=1)
+    text: float = Field(default=0.6, ge=0, lt=1)
+    tabular: float = Field(default=0.3, ge=0, lt=1)
+
+
+class ModelConfig(_Strict):
+    """A whole model: towers, shared embedding width, joint transformer, losses, modality dropout.
+
+    `grading` says where grades come from at evaluation: `"heads"` (the ICDR/SDRG heads on the fused
+    CLS) or `"zero_shot"` (CLIP-style: the image embedding against the text embeddings of the grade
+    names), which is what the image-text-only baseline, whose heads are never trained, must use.
+    """
+
+    name: str
+    embed_dim: int = Field(default=256, gt=0)
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    text: TextConfig
+    tabular: TabularConfig = Field(default_factory=TabularConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    image_decoder: ImageDecoderConfig = Field(default_factory=ImageDecoderConfig)
+    losses: LossConfig = Field(default_factory=LossConfig)
+    modality_dropout: ModalityDropoutConfig = Field(default_factory=ModalityDropoutConfig)
+    grading: Literal["heads", "zero_shot"] = "heads"
+    num_icdr: int = 5
+    num_sdrg: int = 5
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.grading == "heads" and self.losses.icdr == 0 and self.losses.sdrg == 0:
+            raise ValueError("grading 'heads' needs a positive icdr or sdrg loss weight; use 'zero_shot'")
+        return self

@@ -1,0 +1,336 @@
+"""`RetinaAlignModel`: three towers, a shared embedding space, a joint transformer and the training losses.
+
+Inference entry points, each usable and exportable on its own (no numpy, no `no_grad`, no device
+choice inside): `encode_image`, `encode_text`, `encode_tabular`, `encode_record` (L2-normalised
+embeddings) and `fuse` (grade logits from any subset of modalities). `forward(batch)` is the training
+step's loss computation.
+
+How the embeddings are trained (`forward`), each term weighted by `config.losses` and skipped at 0:
+
+- InfoNCE between the projected image, text and tabular embeddings, pair by pair, each pair with its
+  own learned temperature (`logit_scales`, stored as a log, clamped to [0, max] like CLIP).
+- The record embedding is the joint transformer's fused CLS over image + tabular (no text), projected
+  by `record_proj`. It is trained by InfoNCE against the text embedding (`contrastive_text_record`),
+  so a clinician's text finds records (photograph + structured data) in the same space that
+  `encode_text` maps into; text never enters the record, so the match cannot be a copy.
+- MAE: a second, cheap image pass over the kept quarter of the patches feeds a light decoder that
+  predicts the per-patch-normalised pixels of the masked patches. MLM: a second text pass over
+  BERT-masked tokens, decoded with the word-embedding matrix (weights tied by use, not by aliasing, so
+  the state dict stays plain for safetensors).
+- ICDR and SDRG cross-entropy (class-weighted, missing grades = -100 ignored) on the fused CLS of a
+  joint pass where, while training, each sample hides each modality with the configured probability,
+  so that every subset (image alone, text alone, image + tabular, all) is trained.
+
+The CLIP baseline (`clip-baseline`) sets every weight but `contrastive_image_text` to 0: only the
+towers and their projections are trained, the fusion, heads and record projection stay at random init
+(built anyway so that the same export and evaluation code runs), and its grades come from zero-shot
+prompts (`config.grading == "zero_shot"`, `zero_shot_logits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.model.config import ImageDecoderConfig, ModelConfig
+from training.model.fusion import FusionOutput, FusionTransformer, ModalityTokens
+from training.model.losses import (
+    contrastive_loss,
+    mask_tokens,
+    maskable_tokens,
+    masked_patch_loss,
+    normalize_patches,
+    patchify,
+    random_patch_mask,
+    weighted_cross_entropy,
+)
+from training.model.tabular import TabularEncoder
+from training.model.towers import ImageTower, TextTower
+
+CONTRASTIVE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("image", "text"),
+    ("image", "tabular"),
+    ("text", "tabular"),
+    ("text", "record"),
+)
+"""Embedding pairs aligned by InfoNCE; the loss of (a, b) is `contrastive_{a}_{b}`."""
+
+
+class MaskedImageDecoder(nn.Module):
+    """MAE's light decoder: visible patch states + mask tokens + positions -> pixels of every patch."""
+
+    def __init__(self, in_width: int, config: ImageDecoderConfig, num_patches: int, patch_dim: int) -> None:
+        super().__init__()
+        self.embed = nn.Linear(in_width, config.width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, config.width))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        layer = nn.TransformerEncoderLayer(
+            d_model=config.width,
+            nhead=config.heads,
+            dim_feedforward=4 * config.width,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(config.width)
+        self.pred = nn.Linear(config.width, patch_dim)
+
+    def forward(self, visible: Tensor, keep: Tensor) -> Tensor:
+        """visible (B, K, in_width) states of the kept patches `keep` (B, K) -> (B, N, patch_dim)."""
+        x = self.embed(visible)
+        b, _, width = x.shape
+        full = self.mask_token.to(x.dtype).expand(b, self.pos_embed.shape[1], width)
+        full = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, width), x)
+        return self.pred(self.norm(self.blocks(full + self.pos_embed.to(x.dtype))))
+
+
+class MlmHead(nn.Module):
+    """BERT's MLM transform (dense, GELU, LayerNorm), decoded with the tower's word embeddings."""
+
+    def __init__(self, width: int, vocab_size: int) -> None:
+        super().__init__()
+        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, states: Tensor, word_embeddings: Tensor) -> Tensor:
+        """(..., width) token states -> (..., vocab) logits."""
+        return F.linear(self.transform(states), word_embeddings, self.bias)
+
+
+class RetinaAlignModel(nn.Module):
+    """Image, text and tabular towers aligned in one space, with a joint transformer for grading."""
+
+    def __init__(self, config: ModelConfig, pretrained: bool | None = None) -> None:
+        """Build from a resolved config (`tabular.input_width` set); `pretrained` overrides both towers'."""
+        super().__init__()
+        if config.tabular.input_width is None:
+            raise ValueError("config.tabular.input_width is unset: pass tabular_width to create_model")
+        self.image = ImageTower(config.vision, pretrained)
+        self.text = TextTower(config.text, pretrained)
+        if self.text.vocab_size != config.text.vocab_size:  # pretrained weights decide the vocabulary
+            text = config.text.model_copy(update={"vocab_size": self.text.vocab_size})
+            config = config.model_copy(update={"text": text})
+        self.config = config
+        self.tabular = TabularEncoder(config.tabular.input_width, config.tabular)
+
+        dim, width = config.embed_dim, config.fusion.width
+        self.image_proj = nn.Linear(self.image.width, dim, bias=False)
+        self.text_proj = nn.Linear(self.text.width, dim, bias=False)
+        self.tabular_proj = nn.Linear(self.tabular.width, dim, bias=False)
+        self.record_proj = nn.Linear(width, dim, bias=False)
+        self.image_to_fusion = nn.Linear(self.image.width, width)
+        self.text_to_fusion = nn.Linear(self.text.width, width)
+        self.tabular_to_fusion = nn.Linear(self.tabular.width, width)
+        self.fusion = FusionTransformer(config.fusion, config.num_icdr, config.num_sdrg)
+
+        losses = config.losses
+        self.image_decoder = (
+            MaskedImageDecoder(
+                self.image.width, config.image_decoder, self.image.num_patches, self.image.patch_size**2 * 3
+            )
+            if losses.image_reconstruction > 0
+            else None
+        )
+        self.mlm_head = MlmHead(self.text.width, self.text.vocab_size) if losses.text_mlm > 0 else None
+        self.logit_scales = nn.ParameterDict(
+            {f"{a}_{b}": nn.Parameter(torch.tensor(losses.init_logit_scale)) for a, b in CONTRASTIVE_PAIRS}
+        )
+        self.register_buffer("icdr_class_weights", torch.ones(config.num_icdr))
+        self.register_buffer("sdrg_class_weights", torch.ones(config.num_sdrg))
+        self.register_buffer(
+            "special_token_ids",
+            torch.tensor(config.text.special_token_ids, dtype=torch.long),
+            persistent=False,
+        )
+
+    # --- inference --------------------------------------------------------------------------------
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        """Normalised pixels (B, 3, H, W) -> L2-normalised image embeddings (B, embed_dim)."""
+        return self._embed_image(self.image(pixels))
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids and mask (B, L) -> L2-normalised text embeddings (B, embed_dim), from [CLS]."""
+        return self._embed_text(self.text(input_ids, attention_mask))
+
+    def encode_tabular(self, features: Tensor) -> Tensor:
+        """`FeatureSpec.transform` features (B, F) -> L2-normalised tabular embeddings (B, embed_dim)."""
+        return F.normalize(self.tabular_proj(self.tabular(features)), dim=-1)
+
+    def encode_record(self, pixels: Tensor, tabular: Tensor | None = None) -> Tensor:
+        """Photograph (+ structured data) through the joint transformer -> L2-normalised record embedding."""
+        return self._embed_record(self.fuse(pixels=pixels, tabular=tabular))
+
+    def fuse(
+        self,
+        pixels: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        tabular: Tensor | None = None,
+        image_present: Tensor | None = None,
+        text_present: Tensor | None = None,
+        tabular_present: Tensor | None = None,
+    ) -> FusionOutput:
+        """Grade logits and fused CLS from any subset of modalities.
+
+        A modality passed as None is absent for every sample; a `*_present` (B,) bool tensor hides it
+        for the samples marked False (one exported graph can then serve every subset).
+        """
+        if input_ids is not None and attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self._fuse_states(
+            image_states=self.image(pixels) if pixels is not None else None,
+            text_states=self.text(input_ids, attention_mask) if input_ids is not None else None,
+            attention_mask=attention_mask,
+            tabular_hidden=self.tabular(tabular) if tabular is not None else None,
+            present={"image": image_present, "text": text_present, "tabular": tabular_present},
+        )
+
+    def zero_shot_logits(self, image_embeddings: Tensor, class_text_embeddings: Tensor) -> Tensor:
+        """CLIP-style class logits: scaled cosine between images (B, D) and class prompts (C, D)."""
+        return self.logit_scale("image_text") * image_embeddings @ class_text_embeddings.T
+
+    def logit_scale(self, pair: str) -> Tensor:
+        """The clamped multiplicative logit scale of a contrastive pair, e.g. "image_text"."""
+        return self.logit_scales[pair].clamp(0, self.config.losses.max_logit_scale).exp()
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def set_class_weights(self, icdr: Tensor, sdrg: Tensor) -> None:
+        """Set the ICDR and SDRG cross-entropy class weights (see `losses.class_weights`)."""
+        self.icdr_class_weights.copy_(icdr)
+        self.sdrg_class_weights.copy_(sdrg)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Every configured loss for a batch, unweighted, plus their weighted sum under "total".
+
+        Batch keys (each optional, the losses that need a missing one are skipped): "pixels" (B, 3, H,
+        W), "input_ids" and "attention_mask" (B, L), "tabular" (B, F), "icdr" and "sdrg" (B,) long with
+        -100 for a missing grade.
+        """
+        weights = self.config.losses
+        pixels, input_ids, tabular = batch.get("pixels"), batch.get("input_ids"), batch.get("tabular")
+        attention_mask = batch.get("attention_mask")
+        if input_ids is not None and attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+
+        image_states = self.image(pixels) if pixels is not None else None
+        text_states = self.text(input_ids, attention_mask) if input_ids is not None else None
+        tabular_hidden = self.tabular(tabular) if tabular is not None else None
+        embeddings: dict[str, Tensor] = {}
+        if image_states is not None:
+            embeddings["image"] = self._embed_image(image_states)
+        if text_states is not None:
+            embeddings["text"] = self._embed_text(text_states)
+        if tabular_hidden is not None:
+            embeddings["tabular"] = F.normalize(self.tabular_proj(tabular_hidden), dim=-1)
+        if weights.contrastive_text_record > 0 and text_states is not None and image_states is not None:
+            record = self._fuse_states(image_states, None, None, tabular_hidden, present={})
+            embeddings["record"] = self._embed_record(record)
+
+        losses: dict[str, Tensor] = {}
+        for a, b in CONTRASTIVE_PAIRS:
+            name = f"contrastive_{a}_{b}"
+            if getattr(weights, name) > 0 and a in embeddings and b in embeddings:
+                losses[name] = contrastive_loss(embeddings[a], embeddings[b], self.logit_scale(f"{a}_{b}"))
+        if self.image_decoder is not None and pixels is not None:
+            losses["image_reconstruction"] = self._reconstruction_loss(pixels)
+        if self.mlm_head is not None and input_ids is not None:
+            losses["text_mlm"] = self._mlm_loss(input_ids, attention_mask)
+        graded = [(n, batch[n]) for n in ("icdr", "sdrg") if getattr(weights, n) > 0 and n in batch]
+        if graded:
+            available = {"image": image_states, "text": text_states, "tabular": tabular_hidden}
+            available = {k: v for k, v in available.items() if v is not None}
+            present = self._modality_dropout(list(available), next(iter(available.values())))
+            fused = self._fuse_states(image_states, text_states, attention_mask, tabular_hidden, present)
+            for name, target in graded:
+                logits = fused.icdr_logits if name == "icdr" else fused.sdrg_logits
+                losses[name] = weighted_cross_entropy(logits, target, getattr(self, f"{name}_class_weights"))
+        if not losses:
+            keys = sorted(batch)
+            raise ValueError(f"the batch (keys {keys}) gives no loss under config {self.config.name!r}")
+        losses["total"] = torch.stack([getattr(weights, n) * loss for n, loss in losses.items()]).sum()
+        return losses
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _embed_image(self, states: Tensor) -> Tensor:
+        return F.normalize(self.image_proj(self.image.pool(states)), dim=-1)
+
+    def _embed_text(self, states: Tensor) -> Tensor:
+        return F.normalize(self.text_proj(states[:, 0]), dim=-1)
+
+    def _embed_record(self, fused: FusionOutput) -> Tensor:
+        return F.normalize(self.record_proj(fused.cls), dim=-1)
+
+    def _fuse_states(
+        self,
+        image_states: Tensor | None,
+        text_states: Tensor | None,
+        attention_mask: Tensor | None,
+        tabular_hidden: Tensor | None,
+        present: Mapping[str, Tensor | None],
+    ) -> FusionOutput:
+        inputs: dict[str, ModalityTokens] = {}
+        if image_states is not None:
+            inputs["image"] = self._tokens(self.image_to_fusion(image_states), present.get("image"))
+        if text_states is not None:
+            if attention_mask is None:
+                raise ValueError("text states need their attention mask")
+            padding = ~attention_mask.bool()
+            inputs["text"] = self._tokens(self.text_to_fusion(text_states), present.get("text"), padding)
+        if tabular_hidden is not None:
+            token = self.tabular_to_fusion(tabular_hidden).unsqueeze(1)
+            inputs["tabular"] = self._tokens(token, present.get("tabular"))
+        return self.fusion(inputs)
+
+    @staticmethod
+    def _tokens(tokens: Tensor, present: Tensor | None, padding: Tensor | None = None) -> ModalityTokens:
+        hidden = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        if padding is not None:
+            hidden = hidden | padding
+        if present is not None:
+            hidden = hidden | ~present.bool().unsqueeze(1)
+        return ModalityTokens(tokens=tokens, hidden=hidden)
+
+    def _modality_dropout(self, available: list[str], like: Tensor) -> dict[str, Tensor]:
+        """Per-sample presence of each available modality; at least one kept per sample. All kept in eval."""
+        batch, device = like.shape[0], like.device
+        if not self.training:
+            return {}
+        probs = self.config.modality_dropout
+        keep = {m: torch.rand(batch, device=device) >= getattr(probs, m) for m in available}
+        none_kept = ~torch.stack(list(keep.values())).any(dim=0)
+        rescue = torch.randint(len(available), (batch,), device=device)
+        return {m: keep[m] | (none_kept & (rescue == i)) for i, m in enumerate(available)}
+
+    def _reconstruction_loss(self, pixels: Tensor) -> Tensor:
+        assert self.image_decoder is not None
+        ratio = self.config.losses.image_mask_ratio
+        keep, masked = random_patch_mask(pixels.shape[0], self.image.num_patches, ratio, pixels.device)
+        visible = self.image.forward_visible(pixels, keep)[:, self.image.num_prefix_tokens :]
+        pred = self.image_decoder(visible, keep)
+        target = patchify(pixels, self.image.patch_size)
+        if self.config.image_decoder.norm_pixels:
+            target = normalize_patches(target)
+        return masked_patch_loss(pred, target, masked)
+
+    def _mlm_loss(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        assert self.mlm_head is not None
+        text = self.config.text
+        maskable = maskable_tokens(input_ids, attention_mask, self.special_token_ids)
+        masked_ids, labels = mask_tokens(
+            input_ids, maskable, text.mask_token_id, self.text.vocab_size, self.config.losses.text_mask_prob
+        )
+        states = self.text(masked_ids, attention_mask)
+        picked = labels != -100
+        # Decode only the picked positions: the vocabulary projection is the costly part.
+        logits = self.mlm_head(states[picked], self.text.word_embeddings)
+        return weighted_cross_entropy(logits, labels[picked])

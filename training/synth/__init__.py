@@ -1,0 +1,1 @@
+"""Synthetic BRSET-layout archive: label priors, fundus renderer, archive writer."""
