@@ -13,7 +13,10 @@ pure function of (record, seed). Three guarantees make it usable as a retrieval 
 - nothing that identifies a record (image id, patient id, file name) is ever written;
 - at most `MAX_WORDS` words, so it fits the text encoder's 128 tokens.
 
-`stated_icdr_grades` and `stated_sdrg_grades` parse the grades a text claims (for tests and checks).
+`compose_narrative(record, seed)` returns the same text together with the facts it states
+(`index.narrative_facts.StatedFacts`): the evaluation counts how many records of a gallery fit a
+query's narrative (`fitting_counts`). `stated_icdr_grades` and `stated_sdrg_grades` parse the grades a
+text claims (for tests and checks).
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from index.knowledge import (
     ASSESSMENT_NORMAL,
     COMORBIDITY_EXPANSIONS,
     COMORBIDITY_MISSING,
-    COMORBIDITY_NONE,
     DIABETES_TOKENS,
     ICDR_DESCRIPTIONS,
     ICDR_GRADE_NAMES,
@@ -41,7 +43,31 @@ from index.knowledge import (
     SDRG_DESCRIPTIONS,
     SDRG_GRADE_NAMES,
 )
+from index.narrative_facts import (
+    Fact,
+    StatedFacts,
+    comorbidity_sources,
+    comorbidity_tokens,
+    diabetes_type,
+    duration_words,
+    fitting_counts,
+    format_duration,
+    icdr_description_fact,
+    record_fits,
+)
 from index.records import Assessment, Eye, FundusRecord, Sex
+
+__all__ = [
+    "MAX_WORDS",
+    "NARRATIVE_TEMPLATE_COUNT",
+    "StatedFacts",
+    "compose_narrative",
+    "fitting_counts",
+    "record_fits",
+    "stated_icdr_grades",
+    "stated_sdrg_grades",
+    "write_narrative",
+]
 
 MAX_WORDS = 110
 """Upper bound on a narrative's length in words (the text encoder reads 128 tokens)."""
@@ -61,28 +87,55 @@ _ADULT_AGE = 18
 
 @dataclass(frozen=True)
 class _Item:
-    """One optional fact: a noun phrase for prose and a (key, value) pair for the key-value template."""
+    """One optional history fact: a noun phrase for prose, a (key, value) pair for the key-value template,
+    and the facts it states."""
 
     phrase: str
     key: str
     value: str
+    facts: tuple[Fact, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Clause:
+    """One finding or quality statement (a noun phrase) and the fact it states."""
+
+    text: str
+    fact: Fact
 
 
 @dataclass(frozen=True)
 class _Facts:
-    """What one narrative states, already chosen (and paraphrased) from the record."""
+    """What one narrative states, already chosen (and paraphrased) from the record.
+
+    The `*_facts` fields and the clauses' facts are what each part states (`_stated_facts`); they never
+    change the text.
+    """
 
     eye: str | None = None  # "right" / "left"
     sex: str | None = None  # "female" / "male"
     age: int | None = None
     subject: str | None = None  # noun phrase without article: "63-year-old woman"
+    subject_facts: tuple[Fact, ...] = ()  # what `subject` states (the key-value template uses sex and age)
     history: tuple[_Item, ...] = ()
     camera: str | None = None
     grade: str | None = None  # ICDR grade by name and/or number
     grade_detail: str | None = None  # expert description of the ICDR grade
+    icdr: int | None = None  # the grade `grade` names
     sdrg: str | None = None
-    findings: tuple[str, ...] = ()
-    quality: tuple[str, ...] = ()
+    sdrg_grade: int | None = None  # the grade `sdrg` names
+    findings: tuple[_Clause, ...] = ()
+    quality: tuple[_Clause, ...] = ()
+
+    @property
+    def finding_texts(self) -> tuple[str, ...]:
+        """The findings as noun phrases."""
+        return tuple(clause.text for clause in self.findings)
+
+    @property
+    def quality_texts(self) -> tuple[str, ...]:
+        """The image-quality statements as noun phrases."""
+        return tuple(clause.text for clause in self.quality)
 
 
 def _stable_seed(seed: int, image_id: str) -> int:
@@ -132,39 +185,25 @@ def _sentences(parts: list[str | None]) -> str:
     return " ".join(out)
 
 
-def _format_duration(years: float) -> str:
-    """A diabetes duration as written in a report: "12 years", "1.5 years", "6 months"."""
-    if years < 1:
-        months = max(1, round(years * 12))
-        return f"{months} month" if months == 1 else f"{months} months"
-    rounded = round(years, 1)
-    if rounded == int(rounded):
-        whole = int(rounded)
-        return "1 year" if whole == 1 else f"{whole} years"
-    return f"{rounded:.1f} years"
+@dataclass(frozen=True)
+class _Subject:
+    """The patient as a noun phrase, the sex word and age chosen for it, and the facts the phrase states."""
+
+    phrase: str | None
+    sex: str | None
+    age: int | None
+    facts: tuple[Fact, ...]
 
 
-def _comorbidity_tokens(raw: str | None) -> list[str] | None:
-    """BRSET's free-text comorbidities as lower-cased tokens; None when missing, [] when "none"."""
-    if raw is None or raw.strip().lower() in COMORBIDITY_MISSING:
-        return None
-    tokens = [t.strip().lower() for t in raw.split(",")]
-    tokens = [t for t in tokens if t not in COMORBIDITY_MISSING]
-    if not tokens:
-        return None
-    if all(t in COMORBIDITY_NONE for t in tokens):
-        return []
-    return [t for t in tokens if t not in COMORBIDITY_NONE]
-
-
-def _subject(record: FundusRecord, rng: random.Random) -> tuple[str | None, str | None, int | None]:
-    """(noun phrase, sex word, age) for the patient, each part kept with some probability."""
+def _subject(record: FundusRecord, rng: random.Random) -> _Subject:
+    """The patient's noun phrase, sex and age, each part kept with some probability."""
     age = int(record.patient_age) if record.patient_age is not None and rng.random() < 0.8 else None
     sex = record.patient_sex if rng.random() < 0.85 else None
     sex_word = None if sex is None else ("female" if sex == Sex.FEMALE else "male")
     decade = _DECADES.get(age // 10) if age is not None else None
     child = age is not None and age < _ADULT_AGE
     phrase: str | None
+    decade_form: str | None = None
     if sex is not None:
         if sex == Sex.FEMALE:
             noun = rng.choice(["girl", "female patient"] if child else ["woman", "female patient", "woman"])
@@ -177,43 +216,54 @@ def _subject(record: FundusRecord, rng: random.Random) -> tuple[str | None, str 
         else:
             forms = [f"{age}-year-old {noun}", f"{noun} aged {age}", f"{age}-year-old {sex_word} patient"]
             if decade is not None:
-                forms.append(f"{noun} in {pronoun} {decade}")
+                decade_form = f"{noun} in {pronoun} {decade}"
+                forms.append(decade_form)
             phrase = rng.choice(forms)
     elif age is not None:
         forms = [f"{age}-year-old patient", f"patient aged {age}"]
         if decade is not None:
-            forms.append(f"patient in their {decade}")
+            decade_form = f"patient in their {decade}"
+            forms.append(decade_form)
         phrase = rng.choice(forms)
     else:
         phrase = None
+    facts: list[Fact] = []
+    if sex_word is not None:
+        facts.append(("patient_sex", sex_word))
+    if age is not None:
+        # A "girl"/"boy" is always given an exact age, so the noun adds nothing the age does not say.
+        facts.append(("age_decade", age // 10 * 10) if phrase == decade_form else ("age_exact", age))
     nationality = (record.nationality or "").strip()
     if nationality and nationality.lower() not in COMORBIDITY_MISSING and rng.random() < 0.08:
         phrase = f"{phrase or 'patient'} from {nationality}"
-    return phrase, sex_word, age
+        facts.append(("nationality", nationality))
+    return _Subject(phrase, sex_word, age, tuple(facts))
 
 
 def _history(record: FundusRecord, rng: random.Random) -> list[_Item]:
     """Diabetes (type, duration), insulin and comorbidity items, each kept with some probability."""
     items: list[_Item] = []
-    tokens = _comorbidity_tokens(record.comorbidities)
-    diabetes_type: str | None = None
+    tokens = comorbidity_tokens(record.comorbidities)
+    type_named = diabetes_type(tokens)
     if tokens:
-        for token in tokens:
-            if DIABETES_TOKENS.get(token) is not None:
-                diabetes_type = DIABETES_TOKENS[token]
         # Diabetes named among the comorbidities is said by the diabetes clause only, and only when the
         # diabetes field is yes: otherwise it would assert (or contradict) the diabetes field.
         tokens = [t for t in tokens if t not in DIABETES_TOKENS]
 
     if record.diabetes is True and rng.random() < 0.8:
-        kind = f"type {diabetes_type} " if diabetes_type and rng.random() < 0.8 else ""
+        kind = f"type {type_named} " if type_named and rng.random() < 0.8 else ""
         value = "yes" + (f", type {kind.split()[1]}" if kind else "")
         duration = record.diabetes_time_y if rng.random() < 0.75 else None
+        stated: list[Fact] = [("diabetes", True)]
+        if kind:
+            stated.append(("diabetes_type", type_named))
+        if duration is not None:
+            stated.append(("diabetes_duration", duration_words(duration)))
         if duration is not None and duration == 0:
             phrase = f"newly diagnosed {kind}diabetes"
             value += ", newly diagnosed"
         elif duration is not None:
-            span = _format_duration(duration)
+            span = format_duration(duration)
             phrase = rng.choice(
                 [
                     f"{kind}diabetes for {span}",
@@ -225,23 +275,23 @@ def _history(record: FundusRecord, rng: random.Random) -> list[_Item]:
             value += f", {span}"
         else:
             phrase = rng.choice([f"{kind}diabetes mellitus", f"known {kind}diabetes", f"{kind}diabetes"])
-        items.append(_Item(phrase, "Diabetes", value))
+        items.append(_Item(phrase, "Diabetes", value, tuple(stated)))
     elif record.diabetes is False and rng.random() < 0.8:
         phrase = rng.choice(["no diabetes", "no history of diabetes", "no known diabetes"])
-        items.append(_Item(phrase, "Diabetes", "no"))
+        items.append(_Item(phrase, "Diabetes", "no", (("diabetes", False),)))
 
     if record.insulin is not None and rng.random() < 0.65:
         if record.insulin:
             phrase = rng.choice(["insulin therapy", "insulin treatment", "insulin use"])
         else:
             phrase = rng.choice(["no insulin therapy", "no insulin use"])
-        items.append(_Item(phrase, "Insulin", "yes" if record.insulin else "no"))
+        items.append(_Item(phrase, "Insulin", "yes" if record.insulin else "no", (("insulin", record.insulin),)))
 
-    raw_none = tokens == [] and _comorbidity_tokens(record.comorbidities) == []
+    raw_none = tokens == [] and comorbidity_tokens(record.comorbidities) == []
     if tokens is not None and rng.random() < 0.6:
         if raw_none:
             phrase = rng.choice(["no comorbidities reported", "no known comorbidities"])
-            items.append(_Item(phrase, "Comorbidities", "none reported"))
+            items.append(_Item(phrase, "Comorbidities", "none reported", (("comorbidities_none", True),)))
         elif tokens:
             names: list[str] = []
             for token in tokens:
@@ -251,7 +301,8 @@ def _history(record: FundusRecord, rng: random.Random) -> list[_Item]:
             names = names[:4]
             listed = _join(names, rng)
             phrase = rng.choice([listed, listed, f"comorbid {listed}"])
-            items.append(_Item(phrase, "Comorbidities", ", ".join(names)))
+            named = tuple(("comorbidity", comorbidity_sources(name)) for name in names)
+            items.append(_Item(phrase, "Comorbidities", ", ".join(names), named))
     rng.shuffle(items)
     return items
 
@@ -300,21 +351,22 @@ def _sdrg(record: FundusRecord, rng: random.Random) -> str | None:
     )
 
 
-def _findings(record: FundusRecord, rng: random.Random) -> list[str]:
+def _findings(record: FundusRecord, rng: random.Random) -> list[_Clause]:
     """Pathology flags, abnormal (rarely normal) anatomy, as noun phrases: positives first, at most 5."""
-    positives: list[str] = []
-    negatives: list[str] = []
+    positives: list[_Clause] = []
+    negatives: list[_Clause] = []
     if record.dr_icdr is None and record.diabetic_retinopathy and rng.random() < 0.8:
-        positives.append(rng.choice(PATHOLOGY_PRESENT["diabetic_retinopathy"]))
+        text = rng.choice(PATHOLOGY_PRESENT["diabetic_retinopathy"])
+        positives.append(_Clause(text, ("diabetic_retinopathy", True)))
     for name, phrases in PATHOLOGY_PRESENT.items():
         if name == "diabetic_retinopathy":
             continue
         value = getattr(record, name)
         if value is True and rng.random() < 0.9:
-            positives.append(rng.choice(phrases))
+            positives.append(_Clause(rng.choice(phrases), (name, True)))
         elif value is False and name in PATHOLOGY_ABSENT:
             if rng.random() < (0.25 if name == "macular_edema" else 0.04):
-                negatives.append(rng.choice(PATHOLOGY_ABSENT[name]))
+                negatives.append(_Clause(rng.choice(PATHOLOGY_ABSENT[name]), (name, False)))
     # A "normal" statement is skipped when a set flag says otherwise about the same structure.
     conflicts = {
         "optic_disc": record.increased_cup_disc is True,
@@ -326,25 +378,25 @@ def _findings(record: FundusRecord, rng: random.Random) -> list[str]:
     for name in ("optic_disc", "vessels", "macula"):
         value = getattr(record, name)
         if value == Assessment.ABNORMAL and rng.random() < 0.75:
-            positives.append(rng.choice(ASSESSMENT_ABNORMAL[name]))
+            positives.append(_Clause(rng.choice(ASSESSMENT_ABNORMAL[name]), (name, "abnormal")))
         elif value == Assessment.NORMAL and not conflicts[name] and rng.random() < 0.08:
-            negatives.append(rng.choice(ASSESSMENT_NORMAL[name]))
+            negatives.append(_Clause(rng.choice(ASSESSMENT_NORMAL[name]), (name, "normal")))
     rng.shuffle(positives)
     rng.shuffle(negatives)
     return (positives + negatives)[:5]
 
 
-def _quality(record: FundusRecord, rng: random.Random) -> list[str]:
+def _quality(record: FundusRecord, rng: random.Random) -> list[_Clause]:
     """Image-quality statements: inadequate quality and defects (often), adequate quality (rarely)."""
-    items: list[str] = []
+    items: list[_Clause] = []
     if record.quality_adequate is False and rng.random() < 0.85:
-        items.append(rng.choice(QUALITY[False]))
+        items.append(_Clause(rng.choice(QUALITY[False]), ("quality_adequate", False)))
     elif record.quality_adequate is True and rng.random() < 0.12:
-        items.append(rng.choice(QUALITY[True]))
+        items.append(_Clause(rng.choice(QUALITY[True]), ("quality_adequate", True)))
     defects = []
     for name in ("focus", "illumination", "image_field", "artifacts"):
         if getattr(record, name) == Assessment.ABNORMAL and rng.random() < 0.7:
-            defects.append(rng.choice(ASSESSMENT_ABNORMAL[name]))
+            defects.append(_Clause(rng.choice(ASSESSMENT_ABNORMAL[name]), (name, "abnormal")))
     rng.shuffle(defects)
     return items + defects[:3]
 
@@ -354,24 +406,62 @@ def _choose_facts(record: FundusRecord, rng: random.Random) -> _Facts:
     eye = None
     if record.exam_eye is not None and rng.random() < 0.9:
         eye = "right" if record.exam_eye == Eye.RIGHT else "left"
-    subject, sex, age = _subject(record, rng)
+    subject = _subject(record, rng)
     history = _history(record, rng)
     camera = (record.camera or "").strip()
     keep_camera = bool(camera) and camera.lower() not in COMORBIDITY_MISSING and rng.random() < 0.3
     grade, grade_detail = _icdr(record, rng)
+    sdrg = _sdrg(record, rng)
     return _Facts(
         eye=eye,
-        sex=sex,
-        age=age,
-        subject=subject,
+        sex=subject.sex,
+        age=subject.age,
+        subject=subject.phrase,
+        subject_facts=subject.facts,
         history=tuple(history),
         camera=camera if keep_camera else None,
         grade=grade,
         grade_detail=grade_detail,
-        sdrg=_sdrg(record, rng),
+        icdr=record.dr_icdr if grade else None,
+        sdrg=sdrg,
+        sdrg_grade=record.dr_sdrg if sdrg else None,
         findings=tuple(_findings(record, rng)),
         quality=tuple(_quality(record, rng)),
     )
+
+
+def _stated_facts(facts: _Facts, key_value: bool) -> StatedFacts:
+    """The facts a narrative written from `facts` states.
+
+    Every template writes every part of `facts`; they differ only in the patient: the key-value template
+    writes sex and exact age as fields, the others write the subject phrase (which may give the age as
+    a decade, and the nationality).
+    """
+    stated: set[Fact] = set()
+    if facts.eye is not None:
+        stated.add(("exam_eye", facts.eye))
+    if key_value:
+        if facts.sex is not None:
+            stated.add(("patient_sex", facts.sex))
+        if facts.age is not None:
+            stated.add(("age_exact", facts.age))
+    else:
+        stated.update(facts.subject_facts)
+    for item in facts.history:
+        stated.update(item.facts)
+    if facts.camera:
+        stated.add(("camera", facts.camera))
+    if facts.grade:
+        stated.add(("dr_icdr", facts.icdr))
+    if facts.grade_detail:
+        implied = icdr_description_fact(facts.grade_detail)
+        # A description shared by several grades adds nothing to a grade stated exactly.
+        if not (facts.grade and implied[0] == "dr_icdr_in"):
+            stated.add(implied)
+    if facts.sdrg:
+        stated.add(("dr_sdrg", facts.sdrg_grade))
+    stated.update(clause.fact for clause in (*facts.findings, *facts.quality))
+    return StatedFacts(frozenset(stated))
 
 
 def _shrink(facts: _Facts) -> _Facts | None:
@@ -469,7 +559,7 @@ def _findings_sentence(facts: _Facts, rng: random.Random) -> str | None:
     """The findings as a sentence."""
     if not facts.findings:
         return None
-    listed = _join(list(facts.findings), rng)
+    listed = _join(list(facts.finding_texts), rng)
     return rng.choice(
         [
             f"findings include {listed}",
@@ -485,7 +575,7 @@ def _quality_sentence(facts: _Facts, rng: random.Random) -> str | None:
     """The image-quality statements as a sentence."""
     if not facts.quality:
         return None
-    listed = _join(list(facts.quality), rng)
+    listed = _join(list(facts.quality_texts), rng)
     return rng.choice([f"quality: {listed}", listed, f"image quality notes: {listed}"])
 
 
@@ -584,7 +674,7 @@ def _t_findings_impression(facts: _Facts, rng: random.Random) -> str:
     eye = _eye_words(facts, rng)
     eye_in_findings = eye is not None and rng.random() < 0.4
     intro = [p for p in (facts.subject, None if eye_in_findings else eye) if p]
-    observed = [p for p in (facts.grade_detail, *facts.findings, *facts.quality) if p]
+    observed = [p for p in (facts.grade_detail, *facts.finding_texts, *facts.quality_texts) if p]
     findings = None
     if observed:
         label = f"Findings ({facts.eye} eye)" if eye_in_findings else "Findings"
@@ -603,7 +693,7 @@ def _t_patient_first(facts: _Facts, rng: random.Random) -> str:
     """ "A 63-year-old woman with ... . The right eye shows ... <body>" """
     who = _subject_with_history(facts, rng, article=True)
     eye = _eye_words(facts, rng)
-    shown = [p for p in (facts.grade_detail, *facts.findings) if p]
+    shown = [p for p in (facts.grade_detail, *facts.finding_texts) if p]
     where = f"the {eye}" if eye else "the fundus"
     if shown:
         middle = f"{where} shows {_join(shown, rng)}"
@@ -634,9 +724,9 @@ def _t_key_value(facts: _Facts, rng: random.Random) -> str:
     if facts.sdrg:
         pairs.append(("Scottish grading", facts.sdrg))
     if facts.findings:
-        pairs.append(("Other findings", ", ".join(facts.findings)))
+        pairs.append(("Other findings", ", ".join(facts.finding_texts)))
     if facts.quality:
-        pairs.append(("Image", ", ".join(facts.quality)))
+        pairs.append(("Image", ", ".join(facts.quality_texts)))
     rng.shuffle(pairs)
     if not pairs:
         return "Fundus photograph."
@@ -708,7 +798,7 @@ def _t_fundus_shows(facts: _Facts, rng: random.Random) -> str:
     head = f"the {facts.eye} fundus" if facts.eye else "the fundus"
     if facts.subject:
         head += f" of {_with_article(facts.subject)}"
-    shown = [p for p in (facts.grade_detail, *facts.findings) if p]
+    shown = [p for p in (facts.grade_detail, *facts.finding_texts) if p]
     first = f"{head} shows {_join(shown, rng)}" if shown else f"{head} was photographed"
     grade = facts.grade
     grade_sentence = rng.choice([_graded_as(grade), f"overall: {grade}", grade]) if grade else None
@@ -778,6 +868,23 @@ def write_narrative(record: FundusRecord, seed: int) -> str:
     The text states only the record's own values (never a missing field, never an identifier), varies
     template, wording and clause order with the seed, and has at most `MAX_WORDS` words.
     """
+    return compose_narrative(record, seed)[0]
+
+
+def compose_narrative(record: FundusRecord, seed: int) -> tuple[str, StatedFacts]:
+    """The narrative `write_narrative(record, seed)` writes, with the facts it states.
+
+    `record_fits(record, facts)` holds for the record itself; other records fit when every stated fact is
+    true of them (`index.narrative_facts`). Word-level truncation, the last resort for a text still over
+    `MAX_WORDS` once every optional part is dropped, is not reflected in the facts (it needs a patient
+    nationality of dozens of words).
+    """
+    text, facts, key_value = _compose(record, seed)
+    return text, _stated_facts(facts, key_value)
+
+
+def _compose(record: FundusRecord, seed: int) -> tuple[str, _Facts, bool]:
+    """(text, the parts it was written from, whether the key-value template wrote it)."""
     rng = random.Random(_stable_seed(seed, record.image_id))
     facts = _choose_facts(record, rng)
     template = _TEMPLATES[rng.randrange(len(_TEMPLATES))]
@@ -788,10 +895,10 @@ def write_narrative(record: FundusRecord, seed: int) -> str:
         # The same render seed each pass: shrinking removes a part without reshuffling the rest.
         text = _restyle(template(facts, random.Random(render_seed)), american, abbreviations)
         if len(text.split()) <= MAX_WORDS:
-            return text
+            return text, facts, template is _t_key_value
         smaller = _shrink(facts)
         if smaller is None:
-            return " ".join(text.split()[:MAX_WORDS])
+            return " ".join(text.split()[:MAX_WORDS]), facts, template is _t_key_value
         facts = smaller
 
 

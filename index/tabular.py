@@ -27,6 +27,7 @@ BRSET and carries nothing; identifiers (`image_id`, `patient_id`) and the narrat
 from __future__ import annotations
 
 import math
+import numbers
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -200,7 +201,7 @@ def _number(record: Record, field: str) -> float | None:
     value = _get(record, field)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{field}: expected a number, got {value!r}")
     return None if math.isnan(value) else float(value)
 

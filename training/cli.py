@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import platform
 import time
@@ -135,6 +136,122 @@ def split(
         counts = [sum(grade_of[i] == g for i in ids) for g in range(5)]
         console.print(f"{name:5s} {len(ids):6d} images  ICDR 0-4: {' / '.join(map(str, counts))}")
     console.print(f"wrote {out}")
+
+
+@app.command()
+def fit(
+    archive: Annotated[Path, typer.Option(help="A BRSET-layout archive folder.")],
+    splits: Annotated[Path, typer.Option(help="splits.json from `retina-train split`.")],
+    out: Annotated[Path, typer.Option(help="Run folder to write (or to resume).")],
+    config: Annotated[str, typer.Option(help="Model config: tiny, paper, clip-baseline, or a JSON path.")] = "tiny",
+    epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 10,
+    batch_size: Annotated[int, typer.Option(help="Global batch size (all processes together).")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 5e-4,
+    precision: Annotated[str, typer.Option(help="bf16 (autocast; fast on AMX CPUs and GPUs) or fp32.")] = "bf16",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    init: Annotated[
+        Path | None, typer.Option(help="Start from earlier weights: a run folder or a model.safetensors.")
+    ] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop (and checkpoint) after this much time.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: each epoch).")] = 0,
+) -> None:
+    """Train the multimodal model (or the CLIP baseline) on an archive's training split."""
+    from training.train import STATE_FILE, FitOptions, RunFiles
+    from training.train import fit as run_fit
+
+    if precision not in ("bf16", "fp32"):
+        raise _fail(f"--precision must be bf16 or fp32, not {precision!r}")
+    files = RunFiles(out)
+    if resume and not (files.checkpoint / STATE_FILE).is_file():
+        raise _fail(f"--resume: {out} has no checkpoint to resume from")
+    if not resume and files.run_json.exists():
+        raise _fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    options = FitOptions(
+        config=config, archive=archive, splits=splits, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
+        precision=precision, seed=seed, init=init, max_minutes=max_minutes, max_steps=max_steps,
+        checkpoint_every=checkpoint_every,
+    )
+    with _progress() as progress:
+        loading = progress.add_task("decoding photographs", total=None, rate="")
+        training = progress.add_task("training", total=None, rate="", visible=False)
+
+        def on_load(done: int, total: int) -> None:
+            progress.update(loading, completed=done, total=total)
+
+        def on_step(metrics: dict) -> None:
+            progress.update(loading, visible=False)
+            losses = " ".join(
+                f"{k.replace('contrastive_', 'c_')}={v:.3f}" for k, v in metrics.items()
+                if k not in {"step", "epoch", "lr", "grad_norm", "samples_per_s", "total_steps"}
+            )
+            progress.update(
+                training, visible=True, completed=metrics["step"], total=metrics["total_steps"],
+                description=f"epoch {metrics['epoch']:.2f} {losses}", rate=f"{metrics['samples_per_s']:.1f} samples/s",
+            )
+
+        try:
+            info = run_fit(options, on_step=on_step, on_load=on_load)
+        except (ArchiveError, ValueError, FileExistsError, FileNotFoundError) as error:
+            raise _fail(str(error)) from None
+    state = "finished" if info["finished"] else "stopped early (resume with --resume)"
+    console.print(
+        f"{out}: {state} after {info['steps']}/{info['total_steps']} steps, "
+        f"{info['samples_per_second']:.1f} samples/s ({info['precision']}, {info['device']})"
+    )
+
+
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Option(help="A run folder from `retina-train fit`.")],
+    archive: Annotated[Path, typer.Option(help="The BRSET-layout archive the run was trained on.")],
+    splits: Annotated[Path, typer.Option(help="splits.json.")],
+    split: Annotated[str, typer.Option(help="Which split to evaluate on.")] = "test",
+    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT).")] = None,
+    deepeyenet: Annotated[
+        Path | None, typer.Option(help="Also run zero-shot text<->image retrieval on a DeepEyeNet folder.")
+    ] = None,
+) -> None:
+    """Evaluate a run: retrieval (instance and category), grading, referable DR; writes metrics.json,
+    report.md and PNG figures."""
+    from training.evaluate import evaluate as run_evaluate
+    from training.evaluate import evaluate_deepeyenet
+    from training.evaluation.metrics import format_number, summarise
+
+    try:
+        with console.status("evaluating"):
+            metrics = run_evaluate(run, archive, splits, split, out)
+            if deepeyenet is not None:
+                metrics["zero_shot"] = evaluate_deepeyenet(run, deepeyenet)
+    except (ArchiveError, ValueError, FileNotFoundError) as error:
+        raise _fail(str(error)) from None
+    for name, value in summarise(metrics):
+        print(f"{name:45s} {format_number(value)}")
+    target = out or run / f"eval-{split}"
+    if deepeyenet is not None:
+        (target / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    console.print(f"wrote {target}/metrics.json and report.md")
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="A run folder (or a metrics.json).")],
+    run_b: Annotated[Path, typer.Argument(help="Another run folder (or a metrics.json).")],
+    split: Annotated[str, typer.Option(help="Which evaluation to compare (RUN/eval-SPLIT).")] = "test",
+) -> None:
+    """Print two evaluations side by side (e.g. ours against the CLIP baseline)."""
+    from training.evaluation.metrics import compare_table
+
+    loaded = []
+    for run in (run_a, run_b):
+        path = run if run.suffix == ".json" else run / f"eval-{split}" / "metrics.json"
+        if not path.is_file():
+            raise _fail(f"{path} not found: run `retina-train evaluate --run {run} ...` first")
+        loaded.append(json.loads(path.read_text()))
+    name_a = loaded[0].get("run", {}).get("config", str(run_a))
+    name_b = loaded[1].get("run", {}).get("config", str(run_b))
+    print(compare_table(loaded[0], loaded[1], name_a, name_b))
 
 
 if __name__ == "__main__":

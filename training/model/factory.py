@@ -34,9 +34,7 @@ def load_config(name_or_path: str | Path | ModelConfig) -> ModelConfig:
     path = Path(name_or_path)
     if not path.is_file():
         if str(name_or_path) not in list_configs():
-            raise ValueError(
-                f"unknown model config {str(name_or_path)!r}: not a file, and not one of {list_configs()}"
-            )
+            raise ValueError(f"unknown model config {str(name_or_path)!r}: not a file, and not one of {list_configs()}")
         path = CONFIG_DIR / f"{name_or_path}.json"
     try:
         return ModelConfig.model_validate(json.loads(path.read_text(encoding="utf-8")))
@@ -82,9 +80,7 @@ def create_model(
     config = resolve_config(load_config(name_or_path), tabular_width, tokenizer)
     model = RetinaAlignModel(config, pretrained=False if checkpoint is not None else pretrained)
     if tokenizer is not None and len(tokenizer) > model.text.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {len(tokenizer)} tokens but the text tower embeds {model.text.vocab_size}"
-        )
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the text tower embeds {model.text.vocab_size}")
     if checkpoint is not None:
         model.load_state_dict(load_file(str(checkpoint)), strict=True)
     return model

@@ -70,9 +70,7 @@ def weighted_cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | Non
     return (per_row * row_weight).sum() / row_weight.sum().clamp(min=1e-12)
 
 
-def class_weights(
-    counts: Sequence[int], scheme: Literal["inverse_sqrt", "inverse", "none"] = "inverse_sqrt"
-) -> Tensor:
+def class_weights(counts: Sequence[int], scheme: Literal["inverse_sqrt", "inverse", "none"] = "inverse_sqrt") -> Tensor:
     """Class weights from training-split counts: 1/sqrt(n) or 1/n, scaled so a sample weighs 1 on average.
 
     A class never seen gets weight 0 (it has no rows to weigh anyway).

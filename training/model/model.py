@@ -149,6 +149,7 @@ class RetinaAlignModel(nn.Module):
             torch.tensor(config.text.special_token_ids, dtype=torch.long),
             persistent=False,
         )
+        self._freeze_untrained()
 
     # --- inference --------------------------------------------------------------------------------
 
@@ -260,6 +261,27 @@ class RetinaAlignModel(nn.Module):
         return losses
 
     # --- internals --------------------------------------------------------------------------------
+
+    def _freeze_untrained(self) -> None:
+        """Stop gradients to parameters that no configured loss trains (the baseline's fusion, ...).
+
+        They stay in the model (same export and evaluation code), but the optimizer and DDP skip them:
+        DDP would otherwise wait for their gradients forever (or need `find_unused_parameters`).
+        """
+        losses = self.config.losses
+        unused: list[nn.Module | nn.Parameter] = [
+            self.logit_scales[f"{a}_{b}"] for a, b in CONTRASTIVE_PAIRS if getattr(losses, f"contrastive_{a}_{b}") == 0
+        ]
+        if not losses.needs_fusion:
+            unused += [self.fusion, self.image_to_fusion, self.text_to_fusion, self.tabular_to_fusion]
+        if losses.contrastive_text_record == 0:
+            unused.append(self.record_proj)
+        if losses.contrastive_image_tabular == 0 and losses.contrastive_text_tabular == 0:
+            unused.append(self.tabular_proj)
+            if not losses.needs_fusion:
+                unused.append(self.tabular)
+        for item in unused:
+            item.requires_grad_(False)
 
     def _embed_image(self, states: Tensor) -> Tensor:
         return F.normalize(self.image_proj(self.image.pool(states)), dim=-1)

@@ -122,7 +122,17 @@ def build_timm_model(config: VisionConfig, pretrained: bool) -> nn.Module:
                 type(err).__name__,
             )
             return timm.create_model(config.model_name, pretrained=False, num_classes=0, **kwargs)
+        except RuntimeError as err:
+            raise WeightsLoadError(f"image tower hub weights do not match {config.model_name}: {err}") from err
         model.reset_classifier(0)
+        expected = (model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std"))
+        if expected != (config.mean, config.std):
+            logger.warning(
+                "image tower %s: its weights were trained with mean/std %s but the config normalises with %s",
+                config.model_name,
+                expected,
+                (config.mean, config.std),
+            )
         return model
     logger.warning("image tower %s: random init (pretrained is off)", config.model_name)
     return timm.create_model(config.model_name, pretrained=False, num_classes=0, **kwargs)
@@ -182,9 +192,7 @@ def _text_architecture(config: TextConfig) -> BertConfig:
 def check_loading_info(name: str, info: dict[str, object]) -> None:
     """Raise `WeightsLoadError` when a checkpoint left any key missing or unexpected beyond the allowed."""
     missing = sorted(k for k in info.get("missing_keys", ()) if not _matches(k, ALLOWED_MISSING_TEXT_KEYS))
-    unexpected = sorted(
-        k for k in info.get("unexpected_keys", ()) if not _matches(k, ALLOWED_UNEXPECTED_TEXT_KEYS)
-    )
+    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not _matches(k, ALLOWED_UNEXPECTED_TEXT_KEYS))
     mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
     errors = list(info.get("error_msgs", ()))
     if missing or unexpected or mismatched or errors:

@@ -29,6 +29,7 @@ from training.synth.render import render_fundus
 
 PHOTO_FOLDER = "fundus_photos"
 INVENTORY_FILE = "synth_inventory.jsonl"
+MANIFEST_FILE = "synth_manifest.json"
 JPEG_QUALITY = 92
 
 
@@ -108,6 +109,8 @@ def write_archive(
         ]
         write_labels_csv(with_narratives, partial / "labels.csv")
         (partial / INVENTORY_FILE).write_text("".join(line + "\n" for line, _ in results))
+        manifest = {"generator": "retina-align synth", "images": len(records), "size": size, "seed": seed}
+        (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -126,6 +129,12 @@ def _replace_folder(new: Path, target: Path) -> None:
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(new, target)
+
+
+def read_synth_manifest(archive: Path) -> dict:
+    """How a synthetic archive was generated (seed, size, images), or {} for any other archive."""
+    path = Path(archive) / MANIFEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_inventory(archive: Path) -> list[dict]:

@@ -1,0 +1,158 @@
+"""Losses on cases whose right answer is known, and the global-batch InfoNCE under DDP (gloo, 2 ranks)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from training.model.losses import (
+    IGNORE_INDEX,
+    class_weights,
+    contrastive_loss,
+    gather_with_grad,
+    mask_tokens,
+    maskable_tokens,
+    masked_patch_loss,
+    normalize_patches,
+    patchify,
+    random_patch_mask,
+    weighted_cross_entropy,
+)
+
+
+def _unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_infonce_of_random_embeddings_at_scale_one_is_log_batch() -> None:
+    a, b = _unit(64, 128, seed=1), _unit(64, 128, seed=2)
+    assert contrastive_loss(a, b, 1.0).item() == pytest.approx(math.log(64), abs=0.1)
+
+
+def test_infonce_of_aligned_orthogonal_embeddings_at_large_scale_is_zero() -> None:
+    a = torch.eye(16, 32)
+    assert contrastive_loss(a, a.clone(), 100.0).item() < 1e-6
+
+
+def test_infonce_is_symmetric() -> None:
+    a, b = _unit(8, 16, seed=3), _unit(8, 16, seed=4)
+    torch.testing.assert_close(contrastive_loss(a, b, 10.0), contrastive_loss(b, a, 10.0))
+
+
+def test_gather_is_identity_when_not_distributed() -> None:
+    x = torch.randn(3, 4)
+    assert gather_with_grad(x) is x
+
+
+def test_zero_class_weight_removes_that_class() -> None:
+    logits = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 0, 0, 4, 3])
+    weight = torch.tensor([0.0, 1.0, 2.0, 1.0, 0.5])
+    kept = targets != 0
+    expected = F.cross_entropy(logits[kept], targets[kept], weight=weight)
+    torch.testing.assert_close(weighted_cross_entropy(logits, targets, weight), expected)
+
+
+def test_cross_entropy_ignores_missing_labels_and_never_returns_nan() -> None:
+    logits = torch.randn(4, 5, requires_grad=True)
+    targets = torch.tensor([2, IGNORE_INDEX, 1, IGNORE_INDEX])
+    torch.testing.assert_close(
+        weighted_cross_entropy(logits, targets), F.cross_entropy(logits[[0, 2]], targets[[0, 2]])
+    )
+    nothing = weighted_cross_entropy(logits, torch.full((4,), IGNORE_INDEX))
+    assert nothing.item() == 0.0 and nothing.requires_grad
+
+
+def test_class_weights_from_counts() -> None:
+    counts = [900, 100, 0, 25, 400]
+    w = class_weights(counts, "inverse_sqrt")
+    assert w[2] == 0
+    assert w[3] / w[1] == pytest.approx(2.0) and w[1] / w[0] == pytest.approx(3.0)
+    assert (w * torch.tensor(counts, dtype=torch.float32)).sum() / sum(counts) == pytest.approx(1.0)
+    assert class_weights(counts, "inverse")[3] / class_weights(counts, "inverse")[1] == pytest.approx(4.0)
+    assert torch.equal(class_weights(counts, "none"), torch.ones(5))
+
+
+def test_mlm_masks_about_15_percent_and_never_special_tokens() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (64, 128), generator=gen)
+    ids[:, 0], ids[:, 100] = 2, 3  # [CLS] ... [SEP]
+    ids[:, 101:] = 0  # [PAD]
+    attention = (ids != 0).long()
+    maskable = maskable_tokens(ids, attention, torch.tensor([0, 1, 2, 3, 4]))
+    masked, labels = mask_tokens(ids, maskable, mask_token_id=4, vocab_size=1000, prob=0.15, generator=gen)
+    picked = labels != IGNORE_INDEX
+    assert picked.float().sum() / maskable.float().sum() == pytest.approx(0.15, abs=0.01)
+    assert not picked[:, 0].any() and not picked[:, 100:].any()
+    assert torch.equal(labels[picked], ids[picked]) and torch.equal(masked[~picked], ids[~picked])
+    became_mask = (masked[picked] == 4).float().mean()
+    unchanged = (masked[picked] == ids[picked]).float().mean()
+    assert became_mask == pytest.approx(0.8, abs=0.03) and unchanged == pytest.approx(0.1 + 0.1 / 1000, abs=0.03)
+
+
+def test_patchify_orders_patches_as_a_vit_grid() -> None:
+    pixels = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    patches = patchify(pixels, 2)
+    assert patches.shape == (2, 6, 12)
+    torch.testing.assert_close(patches[1, 4].reshape(2, 2, 3).permute(2, 0, 1), pixels[1, :, 2:4, 2:4])
+
+
+def test_patch_mask_keeps_the_right_share() -> None:
+    keep, masked = random_patch_mask(3, 196, 0.75, generator=torch.Generator().manual_seed(0))
+    assert keep.shape == (3, 49) and masked.sum(dim=1).tolist() == [147] * 3
+    assert not masked.gather(1, keep).any()
+
+
+def test_mae_loss_is_zero_at_the_target_and_counts_masked_patches_only() -> None:
+    target = normalize_patches(torch.randn(2, 8, 12))
+    torch.testing.assert_close(target.mean(-1), torch.zeros(2, 8), atol=1e-5, rtol=0)
+    masked = torch.zeros(2, 8, dtype=torch.bool)
+    masked[:, :3] = True
+    assert masked_patch_loss(target, target, masked).item() == 0.0
+    pred = target.clone()
+    pred[~masked] += 5.0  # errors on visible patches do not count
+    assert masked_patch_loss(pred, target, masked).item() == 0.0
+    pred[masked] += 1.0
+    assert masked_patch_loss(pred, target, masked).item() == pytest.approx(1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, a: torch.Tensor, b: torch.Tensor, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        rows = slice(rank * 4, (rank + 1) * 4)
+        local_a, local_b = a[rows].clone().requires_grad_(), b[rows].clone().requires_grad_()
+        loss = contrastive_loss(local_a, local_b, 5.0)
+        loss.backward()
+        torch.save((loss.detach(), local_a.grad, local_b.grad), out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_infonce_sees_the_global_batch_with_gradients(tmp_path: Path) -> None:
+    a, b = _unit(8, 16, seed=5), _unit(8, 16, seed=6)
+    full_a, full_b = a.clone().requires_grad_(), b.clone().requires_grad_()
+    full = contrastive_loss(full_a, full_b, 5.0)
+    full.backward()
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), a, b, tmp_path), nprocs=2)
+    out = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # The mean of the ranks' losses is the full-batch loss; all_gather's backward sums every rank's
+    # gradient, so each rank holds world x the full-batch gradient (DDP then averages over ranks).
+    torch.testing.assert_close((out[0][0] + out[1][0]) / 2, full.detach())
+    torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]) / 2, full_a.grad)
+    torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]) / 2, full_b.grad)

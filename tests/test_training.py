@@ -1,0 +1,151 @@
+"""`retina-train fit`: run folder, determinism, exact resume, data fingerprint, and DDP over 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from index.brset import read_archive
+from training.cli import app
+from training.splits import make_splits, save_splits
+from training.synth.archive import write_archive
+from training.synth.priors import sample_records
+from training.train import CHECKPOINT_DIR, MODEL_FILE, FitOptions, fit
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("train")
+    write_archive(sample_records(64, seed=1), root / "archive", size=224, seed=1)
+    splits = make_splits(read_archive(root / "archive").records, seed=0)
+    save_splits(splits, root / "splits.json")
+    return root / "archive", root / "splits.json"
+
+
+def _options(data: tuple[Path, Path], out: Path, **overrides) -> FitOptions:
+    archive, splits = data
+    values = dict(config="tiny", archive=archive, splits=splits, out=out, epochs=1, batch_size=8,
+                  max_steps=4, precision="fp32", seed=3)
+    values.update(overrides)
+    return FitOptions(**values)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / CHECKPOINT_DIR / MODEL_FILE))
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_fit_writes_a_complete_run(data: tuple[Path, Path], tmp_path: Path) -> None:
+    result = runner.invoke(app, [
+        "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "run"),
+        "--epochs", "1", "--batch-size", "8", "--max-steps", "2", "--precision", "bf16",
+    ])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    for name in ("run.json", "config.json", "feature_spec.json", "tokenizer/tokenizer.json",
+                 f"{CHECKPOINT_DIR}/{MODEL_FILE}", f"{CHECKPOINT_DIR}/trainer_state.pt"):
+        assert (run / name).is_file(), name
+    info = json.loads((run / "run.json").read_text())
+    assert info["finished"] and info["steps"] == 2 and info["precision"] == "bf16"
+    steps = _log(run)
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all(s["total"] == s["total"] and s["total"] > 0 for s in steps)  # finite, positive
+    assert {"contrastive_image_text", "contrastive_text_record", "image_reconstruction", "text_mlm",
+            "icdr", "sdrg"} <= set(steps[0])
+    again = runner.invoke(app, ["fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(run)])
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_training_is_deterministic_for_a_seed(data: tuple[Path, Path], tmp_path: Path) -> None:
+    fit(_options(data, tmp_path / "a", max_steps=2))
+    fit(_options(data, tmp_path / "b", max_steps=2))
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [s["total"] for s in _log(tmp_path / "a")] == [s["total"] for s in _log(tmp_path / "b")]
+
+
+def test_resume_continues_exactly(data: tuple[Path, Path], tmp_path: Path) -> None:
+    fit(_options(data, tmp_path / "straight"))
+
+    class Interrupted(Exception):
+        pass
+
+    def crash_at_step_3(metrics: dict) -> None:
+        if metrics["step"] == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        fit(_options(data, tmp_path / "resumed", checkpoint_every=1), on_step=crash_at_step_3)
+    fit(_options(data, tmp_path / "resumed", checkpoint_every=1))
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    totals = [s["total"] for s in _log(tmp_path / "resumed")]
+    assert totals == [s["total"] for s in _log(tmp_path / "straight")]
+
+
+def test_resume_refuses_a_different_archive_or_split(data: tuple[Path, Path], tmp_path: Path) -> None:
+    fit(_options(data, tmp_path / "run", max_steps=1))
+    splits = json.loads(data[1].read_text())
+    splits["train"], splits["val"] = splits["train"][:-1], splits["val"] + splits["train"][-1:]
+    other = tmp_path / "other_splits.json"
+    other.write_text(json.dumps(splits))
+    with pytest.raises(ValueError, match="cannot resume"):
+        fit(_options(data, tmp_path / "run", splits=other, max_steps=2))
+
+
+def test_init_starts_from_earlier_weights(data: tuple[Path, Path], tmp_path: Path) -> None:
+    fit(_options(data, tmp_path / "base", max_steps=1))
+    fit(_options(data, tmp_path / "tuned", max_steps=1, init=tmp_path / "base", lr=1e-12))
+    base, tuned = _weights(tmp_path / "base"), _weights(tmp_path / "tuned")
+    # With a vanishing learning rate the fine-tuned weights stay those it started from.
+    assert all(torch.allclose(base[k].float(), tuned[k].float(), atol=1e-6) for k in base)
+    assert (tmp_path / "tuned" / "tokenizer" / "tokenizer.json").read_text() == (
+        tmp_path / "base" / "tokenizer" / "tokenizer.json").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_see_the_global_batch(data: tuple[Path, Path], tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes (gloo): the logged loss of a step equals the single-process loss on
+    the same global batch, because embeddings are all-gathered for the contrastive loss."""
+    archive, splits = data
+    # The baseline without dropout: the only randomness left is drawn per global batch, so one process
+    # and two must compute the same numbers.
+    config = json.loads((ROOT / "training/model/configs/clip-baseline.json").read_text())
+    config["text"]["bert_config"].update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config_path = tmp_path / "clip-no-dropout.json"
+    config_path.write_text(json.dumps(config))
+    fit(_options(data, tmp_path / "single", config=str(config_path), max_steps=2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", "-m", "training.cli", "fit", "--config", str(config_path),
+        "--archive", str(archive), "--splits", str(splits), "--out", str(tmp_path / "ddp"), "--epochs", "1",
+        "--batch-size", "8", "--max-steps", "2", "--precision", "fp32", "--seed", "3",
+    ]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "run.json").read_text())["world_size"] == 2
+    single, ddp = _log(tmp_path / "single"), _log(tmp_path / "ddp")
+    assert len(single) == len(ddp) == 2
+    for a, b in zip(single, ddp, strict=True):
+        assert b["contrastive_image_text"] == pytest.approx(a["contrastive_image_text"], abs=1e-4)

@@ -1,0 +1,264 @@
+"""`retina-train evaluate`: the honest evaluation of a run on a patient-level split (DESIGN.md).
+
+Embeds the split three ways (image only, record = image + structured data through the joint transformer,
+and the stored narratives), then reports instance retrieval both ways with the gallery size and the
+ceiling, category retrieval (a hit shares the ICDR grade), grading (ICDR, SDRG) and referable DR.
+Grades come from the photograph alone (what `/grade` sees); the CLIP baseline, which has no grading
+heads, grades zero-shot against text prompts of each grade.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from index.brset import read_archive
+from index.deepeyenet import read_deepeyenet
+from index.knowledge import ICDR_DESCRIPTIONS, SDRG_DESCRIPTIONS
+from index.narratives import compose_narrative, fitting_counts
+from index.records import ICDR_NAMES, SDRG_NAMES, FundusRecord
+from training.data import BatchBuilder, SplitData, load_photo, normalise
+from training.evaluation.metrics import (
+    bidirectional_instance_recall,
+    category_retrieval,
+    grading_metrics,
+    referable_metrics,
+    top_k,
+)
+from training.evaluation.report import plot_confusion, plot_loss_curves, plot_retrieval_grid, write_report
+from training.splits import load_splits
+from training.synth.archive import read_synth_manifest
+from training.train import LoadedRun, autocast_context, load_run, split_for_evaluation
+
+log = logging.getLogger(__name__)
+
+KS = (1, 5, 10)
+GRID_QUERIES = 6
+GRID_RESULTS = 5
+
+
+@dataclass
+class Embeddings:
+    """Everything the metrics need for one split."""
+
+    image: np.ndarray
+    record: np.ndarray
+    text: np.ndarray
+    icdr_probabilities: np.ndarray
+    sdrg_probabilities: np.ndarray
+
+
+def _batches(n: int, size: int) -> list[np.ndarray]:
+    return [np.arange(start, min(n, start + size)) for start in range(0, n, size)]
+
+
+def grade_prompts(names: Sequence[str], descriptions: object) -> list[list[str]]:
+    """Text prompts per grade for zero-shot grading: the grade's name and its expert descriptions."""
+    prompts = []
+    for grade, name in enumerate(names):
+        texts = [name]
+        if isinstance(descriptions, dict) and grade in descriptions:
+            texts += list(descriptions[grade])
+        prompts.append(texts)
+    return prompts
+
+
+@torch.no_grad()
+def _class_embeddings(run: LoadedRun, builder: BatchBuilder, prompts: list[list[str]]) -> torch.Tensor:
+    rows = []
+    for texts in prompts:
+        tokens = builder.tokenize(texts)
+        mean = run.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().mean(0)
+        rows.append(torch.nn.functional.normalize(mean, dim=0))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def embed_split(run: LoadedRun, data: SplitData, texts: Sequence[str], batch_size: int = 64,
+                precision: str = "fp32") -> Embeddings:
+    """Image, record and text embeddings and grade probabilities of a split (eval mode, no gradients)."""
+    model, config = run.model, run.model.config
+    device = next(model.parameters()).device
+    builder = BatchBuilder(data, run.tokenizer, config.vision.mean, config.vision.std, config.text.max_length)
+    zero_shot = config.grading == "zero_shot"
+    if zero_shot:
+        icdr_classes = _class_embeddings(run, builder, grade_prompts(ICDR_NAMES, ICDR_DESCRIPTIONS))
+        sdrg_classes = _class_embeddings(run, builder, grade_prompts(SDRG_NAMES, SDRG_DESCRIPTIONS))
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "record", "text", "icdr", "sdrg")}
+    for rows in _batches(len(data), batch_size):
+        batch = builder.batch(rows, [texts[i] for i in rows])
+        pixels, tabular = batch["pixels"].to(device), batch["tabular"].to(device)
+        with autocast_context(precision, device):
+            image = model.encode_image(pixels)
+            text = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            if zero_shot:
+                record = image
+                icdr = model.zero_shot_logits(image.float(), icdr_classes)
+                sdrg = model.zero_shot_logits(image.float(), sdrg_classes)
+            else:
+                record = model.encode_record(pixels, tabular)
+                fused = model.fuse(pixels=pixels)
+                icdr, sdrg = fused.icdr_logits, fused.sdrg_logits
+        out["image"].append(image.float().cpu().numpy())
+        out["record"].append(record.float().cpu().numpy())
+        out["text"].append(text.float().cpu().numpy())
+        out["icdr"].append(icdr.float().softmax(-1).cpu().numpy())
+        out["sdrg"].append(sdrg.float().softmax(-1).cpu().numpy())
+    return Embeddings(
+        image=np.concatenate(out["image"]),
+        record=np.concatenate(out["record"]),
+        text=np.concatenate(out["text"]),
+        icdr_probabilities=np.concatenate(out["icdr"]),
+        sdrg_probabilities=np.concatenate(out["sdrg"]),
+    )
+
+
+def query_texts(records: Sequence[FundusRecord], seed: int = 0) -> tuple[list[str], list, int]:
+    """The text query of each record and the facts it states (for the ceiling), plus how many equal the
+    archive's stored narrative.
+
+    Queries are written from the labels with the archive's narrative seed, which reproduces a synthetic
+    archive's stored narratives exactly; the facts of an arbitrary stored text could not be known.
+    """
+    texts, facts, same = [], [], 0
+    for record in records:
+        text, stated = compose_narrative(record, seed)
+        same += record.narrative == text
+        texts.append(text)
+        facts.append(stated)
+    return texts, facts, same
+
+
+def ceiling(records: Sequence[FundusRecord], facts: Sequence, ks: Sequence[int] = KS) -> dict[str, float]:
+    """The best a perfect model can do on exact pairs: a query whose text fits n records of the gallery
+    finds its own at rank 1 with probability 1/n (ties broken at random)."""
+    counts = np.asarray(fitting_counts(records, facts, records), dtype=np.float64)
+    result = {f"ceiling@{k}": float(np.minimum(1.0, k / counts).mean()) for k in ks}
+    result["unique_fit"] = float((counts == 1).mean())
+    result["mean_fitting"] = float(counts.mean())
+    return result
+
+
+def compute_metrics(records: Sequence[FundusRecord], embeddings: Embeddings, facts: Sequence) -> dict:
+    """The combined metrics dict (see `training.evaluation.metrics`)."""
+    icdr = np.array([-1 if r.dr_icdr is None else r.dr_icdr for r in records])
+    sdrg = np.array([-1 if r.dr_sdrg is None else r.dr_sdrg for r in records])
+    bound = ceiling(records, facts)
+    metrics: dict = {"instance": {}, "category": {}}
+    for gallery_name in ("image", "record"):
+        gallery = getattr(embeddings, gallery_name)
+        result = bidirectional_instance_recall(embeddings.text, gallery, ks=KS, names=("text", gallery_name))
+        result["a_to_b"].update(bound)
+        metrics["instance"][f"text-{gallery_name}"] = result
+        metrics["category"][f"text-{gallery_name}"] = category_retrieval(
+            embeddings.text, gallery, icdr, icdr, ks=KS, names=[f"ICDR {g}" for g in range(5)]
+        )
+    metrics["icdr"] = grading_metrics(icdr, embeddings.icdr_probabilities, list(ICDR_NAMES))
+    metrics["sdrg"] = grading_metrics(sdrg, embeddings.sdrg_probabilities, list(SDRG_NAMES))
+    metrics["referable"] = referable_metrics(icdr, embeddings.icdr_probabilities)
+    return metrics
+
+
+def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "test",
+             out: Path | None = None, batch_size: int = 64) -> dict:
+    """Evaluate a run on a split and write metrics.json, report.md and the figures to `out`
+    (default RUN/eval-SPLIT). Returns the metrics."""
+    run = load_run(run_dir)
+    archive = read_archive(archive_dir)
+    splits = load_splits(splits_path)
+    if split not in splits:
+        raise ValueError(f"{splits_path} has no split {split!r} (it has {sorted(splits)})")
+    data = split_for_evaluation(archive, splits[split], run)
+    narrative_seed = read_synth_manifest(archive_dir).get("seed", 0)
+    texts, facts, same = query_texts(data.records, narrative_seed)
+    embeddings = embed_split(run, data, texts, batch_size)
+    metrics = compute_metrics(data.records, embeddings, facts)
+    metrics["run"] = {"run": str(run_dir), "config": run.model.config.name, "split": split,
+                      "gallery_size": len(data), **{k: run.info.get(k) for k in (
+                          "steps", "training_seconds", "samples_per_second", "precision", "fingerprint")}}
+
+    out = Path(out) if out else Path(run_dir) / f"eval-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    figures = _figures(run, archive, data, embeddings, texts, metrics, out)
+    notes = [
+        f"Split `{split}` of {archive_dir}: {len(data)} photographs from "
+        f"{len({r.patient_id for r in data.records})} patients; every gallery is this whole split.",
+        f"Queries are narratives written from the labels (seed {narrative_seed}); {same} of {len(texts)} are "
+        "the archive's stored narratives word for word. The ceiling is what a perfect model reaches on exact "
+        "pairs: a narrative that fits n records of the gallery finds its own first with probability 1/n.",
+        "Grades are predicted from the photograph alone"
+        + (" (zero-shot against grade prompts: the baseline has no grading heads)."
+           if run.model.config.grading == "zero_shot" else "."),
+    ]
+    write_report(metrics, out, f"Evaluation of {run.model.config.name} on {split}", figures, notes)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
+def _figures(run: LoadedRun, archive, data: SplitData, embeddings: Embeddings, texts: list[str],
+             metrics: dict, out: Path) -> dict[str, Path]:
+    figures: dict[str, Path] = {}
+    log_path = run.files.metrics
+    if log_path.exists():
+        steps = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        if steps:
+            figures["loss curves"] = plot_loss_curves(steps, out / "loss_curves.png")
+    figures["ICDR confusion"] = plot_confusion(
+        metrics["icdr"]["confusion_matrix"], list(ICDR_NAMES), "ICDR (from the photograph)", out / "confusion_icdr.png"
+    )
+    figures["SDRG confusion"] = plot_confusion(
+        metrics["sdrg"]["confusion_matrix"], list(SDRG_NAMES), "SDRG (from the photograph)", out / "confusion_sdrg.png"
+    )
+    # One query per grade where possible, so the grid shows the whole scale.
+    chosen: list[int] = []
+    for grade in (4, 3, 2, 1, 0, 0):
+        candidates = [i for i, r in enumerate(data.records) if r.dr_icdr == grade and i not in chosen]
+        if candidates:
+            chosen.append(candidates[0])
+    chosen = chosen[:GRID_QUERIES]
+    indices, scores = top_k(embeddings.text[chosen], embeddings.image, GRID_RESULTS)
+    results = []
+    for query, row, row_scores in zip(chosen, indices, scores, strict=True):
+        hits = []
+        for j, score in zip(row, row_scores, strict=True):
+            record = data.records[j]
+            path = archive.photo_path(record.image_id)
+            same = record.dr_icdr == data.records[query].dr_icdr
+            hits.append((path, f"ICDR {record.dr_icdr} {score:.2f}" + (" (own)" if j == query else ""), same))
+        results.append(hits)
+    figures["text->image retrieval"] = plot_retrieval_grid(
+        [texts[i] for i in chosen], results, out / "retrieval_examples.png"
+    )
+    return figures
+
+
+@torch.no_grad()
+def evaluate_deepeyenet(run_dir: Path, root: Path, split: str = "test", batch_size: int = 64) -> dict:
+    """Zero-shot text <-> image instance retrieval on DeepEyeNet (clinical descriptions vs photographs)."""
+    run = load_run(run_dir)
+    cases = [c for c in read_deepeyenet(root, split) if c.image_path.is_file()]
+    if not cases:
+        raise ValueError(f"{root}: no DeepEyeNet {split} case has its photograph")
+    config = run.model.config
+    size = config.vision.image_size
+    images = np.stack([load_photo(c.image_path, size) for c in cases])
+    texts = [f"{c.description} Keywords: {', '.join(c.keywords)}." for c in cases]
+    image_rows, text_rows = [], []
+    for rows in _batches(len(cases), batch_size):
+        pixels = normalise(torch.from_numpy(images[rows]), config.vision.mean, config.vision.std)
+        image_rows.append(run.model.encode_image(pixels).float().numpy())
+        tokens = run.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                               max_length=config.text.max_length, return_tensors="pt")
+        text_rows.append(run.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().numpy())
+    return {
+        "deepeyenet": bidirectional_instance_recall(
+            np.concatenate(text_rows), np.concatenate(image_rows), ks=KS, names=("text", "image")
+        ),
+        "cases": len(cases),
+    }
