@@ -7,8 +7,13 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 DEMO_N ?= 3000
 DEMO_SEED ?= 1
+DEMO_EPOCHS ?= 6
+DEMO_MINUTES ?= 8
 
-.PHONY: setup test test-all demo lint clean
+RESULTS_DIR ?= runs/results
+RESULTS_MINUTES ?= 15
+
+.PHONY: setup test test-all demo lint clean results
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,15 +33,30 @@ test-all: setup
 lint: setup
 	$(PY) -m ruff check training index service tests scripts
 
-# The embedded default: a synthetic BRSET-layout archive, its report and patient-level splits.
-# Training, export, indexing and serving join this target as they land (see README, "Status").
+# The embedded default: a synthetic BRSET-layout archive, patient-level splits, `tiny` trained and evaluated.
+# Export, indexing and serving join this target as they land (see README, "Status").
 demo: setup
-	$(VENV)/bin/retina-train synth --out $(DEMO_DIR)/archive --n $(DEMO_N) --seed $(DEMO_SEED) --size 224 \
-		--contact-sheet $(DEMO_DIR)/contact_sheet.png
+	test -d $(DEMO_DIR)/archive || $(VENV)/bin/retina-train synth --out $(DEMO_DIR)/archive --n $(DEMO_N) \
+		--seed $(DEMO_SEED) --size 224 --contact-sheet $(DEMO_DIR)/contact_sheet.png
 	$(VENV)/bin/retina-index describe $(DEMO_DIR)/archive
 	$(VENV)/bin/retina-train split $(DEMO_DIR)/archive --out $(DEMO_DIR)/splits.json
-	@echo "demo: stopped after the last stage that exists today (synthetic archive + splits)."
-	@echo "demo: training, export, index and the web service are not built yet; see README 'Status'."
+	test -f $(DEMO_DIR)/run/run.json || $(VENV)/bin/retina-train fit --config tiny --archive $(DEMO_DIR)/archive \
+		--splits $(DEMO_DIR)/splits.json --out $(DEMO_DIR)/run --epochs $(DEMO_EPOCHS) --max-minutes $(DEMO_MINUTES)
+	$(VENV)/bin/retina-train evaluate --run $(DEMO_DIR)/run --archive $(DEMO_DIR)/archive --splits $(DEMO_DIR)/splits.json
+	@echo "demo: stopped after the last stage that exists today (archive, splits, training, evaluation:"
+	@echo "demo: see $(DEMO_DIR)/run/eval-test/report.md). Export, index and the web service are not built yet."
+
+# The README's Results table: ours (`tiny`) against the CLIP baseline, same archive, same time budget.
+results: setup
+	test -d $(RESULTS_DIR)/archive || $(VENV)/bin/retina-train synth --out $(RESULTS_DIR)/archive --n 3000 --seed 1 --size 224
+	$(VENV)/bin/retina-train split $(RESULTS_DIR)/archive --out $(RESULTS_DIR)/splits.json --seed 0
+	$(VENV)/bin/retina-train fit --config tiny --archive $(RESULTS_DIR)/archive --splits $(RESULTS_DIR)/splits.json \
+		--out $(RESULTS_DIR)/tiny --epochs 12 --batch-size 32 --max-minutes $(RESULTS_MINUTES)
+	$(VENV)/bin/retina-train fit --config clip-baseline --archive $(RESULTS_DIR)/archive --splits $(RESULTS_DIR)/splits.json \
+		--out $(RESULTS_DIR)/clip-baseline --epochs 28 --batch-size 32 --max-minutes $(RESULTS_MINUTES)
+	$(VENV)/bin/retina-train evaluate --run $(RESULTS_DIR)/tiny --archive $(RESULTS_DIR)/archive --splits $(RESULTS_DIR)/splits.json
+	$(VENV)/bin/retina-train evaluate --run $(RESULTS_DIR)/clip-baseline --archive $(RESULTS_DIR)/archive --splits $(RESULTS_DIR)/splits.json
+	$(VENV)/bin/retina-train compare $(RESULTS_DIR)/tiny $(RESULTS_DIR)/clip-baseline
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

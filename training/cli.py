@@ -254,5 +254,21 @@ def compare(
     print(compare_table(loaded[0], loaded[1], name_a, name_b))
 
 
+@app.command()
+def bench(
+    configs: Annotated[list[str] | None, typer.Option("--config", help="Configs to time (repeatable).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 32,
+    steps: Annotated[int, typer.Option(help="Timed steps per measurement.")] = 6,
+) -> None:
+    """Training throughput: samples/s of a full step in fp32 and bf16 autocast, per config."""
+    from training.bench import machine_line, time_training_step
+
+    print(f"machine: {machine_line()}; batch {batch_size}, random init, random data, text length 64")
+    for config in configs or ["tiny", "clip-baseline"]:
+        timings = {p: time_training_step(config, p, batch_size, steps) for p in ("fp32", "bf16")}
+        fp32, bf16 = timings["fp32"].samples_per_second, timings["bf16"].samples_per_second
+        print(f"{config:15s} fp32 {fp32:7.1f} samples/s   bf16 {bf16:7.1f} samples/s   bf16/fp32 {bf16 / fp32:4.2f}x")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,154 @@
+"""The bundle: the contract between offline training and the online system.
+
+A folder that `retina-train export` writes and everything online reads:
+
+    BUNDLE/manifest.json        this schema: what the graphs expect and produce, and a sha256 per file
+    BUNDLE/image_encoder.onnx   pixels (B, 3, S, S) -> image embedding (B, D)
+    BUNDLE/text_encoder.onnx    input_ids, attention_mask (B, L) -> text embedding (B, D)
+    BUNDLE/grader.onnx          pixels, input_ids, attention_mask, tabular + presence flags (B,)
+                                -> icdr_logits, sdrg_logits (B, 5), record_embedding (B, D)
+    BUNDLE/tokenizer.json       the text tokenizer (Hugging Face `tokenizers` format)
+
+Loading verifies the schema version and every checksum and names exactly what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from index.preprocess import ImageSpec
+from index.tabular import FeatureSpec
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+IMAGE_ENCODER = "image_encoder.onnx"
+TEXT_ENCODER = "text_encoder.onnx"
+GRADER = "grader.onnx"
+TOKENIZER = "tokenizer.json"
+REQUIRED_FILES = (IMAGE_ENCODER, TEXT_ENCODER, GRADER, TOKENIZER)
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used: the message names the folder, the file and what is wrong."""
+
+
+class ImageSettings(BaseModel):
+    """How a photograph becomes the image encoder's input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(gt=0)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    crop_fov: bool = True
+
+    def spec(self) -> ImageSpec:
+        """The numpy preprocessing spec for `index.preprocess`."""
+        return ImageSpec(size=self.size, mean=self.mean, std=self.std, crop_fov=self.crop_fov)
+
+
+class TextSettings(BaseModel):
+    """How text becomes the text encoder's input."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_length: int = Field(gt=0)
+    pad_token_id: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """`manifest.json`: everything a request needs besides the graphs themselves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int
+    created: str
+    model_name: str
+    model_config_data: dict[str, Any] = Field(alias="model_config")
+    precision: Literal["fp32", "int8", "bf16"]
+    embedding_dim: int = Field(gt=0)
+    icdr_names: list[str]
+    sdrg_names: list[str]
+    image: ImageSettings
+    text: TextSettings
+    feature_spec: FeatureSpec
+    data_fingerprint: str
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    opset: int
+    exporter: str
+    files: dict[str, str]  # file name -> sha256
+
+    @property
+    def fingerprint(self) -> str:
+        """A short identity of the bundle: the sha256 of its graphs and tokenizer, combined."""
+        digest = hashlib.sha256("".join(f"{k}:{v}" for k, v in sorted(self.files.items())).encode())
+        return digest.hexdigest()[:16]
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    sha = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def now_iso() -> str:
+    """The current time in ISO 8601, UTC."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write `manifest.json` (by alias, so the JSON says `model_config`)."""
+    path = Path(folder) / MANIFEST_FILE
+    path.write_text(manifest.model_dump_json(indent=1, by_alias=True) + "\n")
+    return path
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Read and check a bundle's manifest and files: schema version, presence, checksums."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"bundle folder not found: {folder}")
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"{folder}: no {MANIFEST_FILE} (not a bundle written by `retina-train export`?)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{path}: not valid JSON ({error})") from None
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if not isinstance(version, int):
+        raise BundleError(f"{path}: no integer schema_version")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: schema version {version} is newer than this software reads ({SCHEMA_VERSION}); "
+            "upgrade retina-align"
+        )
+    if version < SCHEMA_VERSION:
+        raise BundleError(f"{path}: schema version {version} is older than {SCHEMA_VERSION}; export it again")
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as error:
+        raise BundleError(f"{path}: invalid manifest: {error}") from None
+    for name in REQUIRED_FILES:
+        if name not in manifest.files:
+            raise BundleError(f"{path}: lists no checksum for {name}")
+    for name, expected in manifest.files.items():
+        file = folder / name
+        if not file.is_file():
+            raise BundleError(f"{folder}: missing file {name}")
+        actual = sha256_of(file)
+        if actual != expected:
+            raise BundleError(
+                f"{folder}: checksum mismatch for {name} (manifest {expected[:12]}..., file {actual[:12]}...): "
+                "the file was changed or corrupted after export"
+            )
+    return manifest
