@@ -1,4 +1,4 @@
-"""`retina-index`: archive inspection (the index builder and queries join as they land)."""
+"""`retina-index`: archive inspection, index building and queries (no torch)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,28 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from index.brset import ArchiveError, read_archive
+from index.build import BuildError, BuildOptions, KindChoice, build_index
+from index.bundle import BundleError
+from index.metadata import MetadataError, parse_filters
+from index.preprocess import ImageDecodeError, decode_image
+from index.store import Against, IndexStoreError, open_index, read_info
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(stderr=True)
+NARRATIVE_WIDTH = 70
 
 
 @app.callback()
 def main() -> None:
     """Runtime tools over archives, bundles and indexes (no torch)."""
+
+
+def _fail(message: str) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
 
 
 @app.command()
@@ -29,9 +41,117 @@ def describe(
     try:
         result = read_archive(archive, check_photos=not no_photos)
     except ArchiveError as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(code=2) from None
+        raise _fail(str(error)) from None
     print(result.report.render())
+
+
+@app.command()
+def build(
+    bundle: Annotated[Path, typer.Option(help="The bundle folder (`retina-train export`).")],
+    archive: Annotated[Path, typer.Option(help="The BRSET-layout archive to embed.")],
+    out: Annotated[Path, typer.Option(help="The index folder to write (new or empty, or a partial build).")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Photographs per ONNX Runtime batch.")] = 32,
+    kind: Annotated[str, typer.Option(help="auto, flat, ivf, hnsw or ivfpq (auto: by size and memory).")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build in OUT.")] = False,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Photographs per resumable chunk.")] = 512,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even when a GPU is present.")] = False,
+) -> None:
+    """Embed every photograph of ARCHIVE with BUNDLE (image-only and record embeddings) into an index:
+    image.faiss, record.faiss, metadata.sqlite and index.json (written last)."""
+    if kind not in ("auto", "flat", "ivf", "hnsw", "ivfpq"):
+        raise _fail(f"--kind must be auto, flat, ivf, hnsw or ivfpq, not {kind!r}")
+    kind_choice: KindChoice = kind  # type: ignore[assignment]
+    options = BuildOptions(bundle=bundle, archive=archive, out=out, batch_size=batch_size, kind=kind_choice,
+                           resume=resume, chunk_size=chunk_size, device="cpu" if cpu else "auto")
+    try:
+        info = build_index(options, console=console)
+    except (BuildError, BundleError, ArchiveError, IndexStoreError) as error:
+        raise _fail(str(error)) from None
+    table = Table(title=f"index {out}", show_header=False)
+    table.add_row("bundle", f"{info.bundle_fingerprint} ({info.bundle_path})")
+    table.add_row("archive", f"{info.archive_root}: {info.counts.archive_records:,} records")
+    table.add_row("indexed", f"{info.counts.indexed:,} photographs, dim {info.dim}")
+    table.add_row("skipped", f"{info.counts.skipped:,}")
+    for name, vectors in info.indexes.items():
+        table.add_row(f"{name} index", f"{vectors.kind} on {vectors.device}, recall@10 {vectors.recall_at_10:.3f}")
+    table.add_row("providers", ", ".join(f"{graph}: {provider}" for graph, provider in info.providers.items()))
+    table.add_row("throughput", f"{info.images_per_second:.1f} images/s; build {info.build_seconds:.1f} s")
+    console.print(table)
+    for photo in info.skipped:
+        console.print(f"skipped id {photo.id} ({photo.image_id}): {photo.reason}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def query(
+    index: Annotated[Path, typer.Option(help="The index folder.")],
+    text: Annotated[str | None, typer.Option(help="A clinical description to search with.")] = None,
+    image: Annotated[Path | None, typer.Option(help="A fundus photograph to search with.")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, help="Number of results.")] = 10,
+    against: Annotated[str, typer.Option(help="image (what photographs show) or record (image + data).")] = "image",
+    filter_: Annotated[
+        list[str] | None,
+        typer.Option("--filter", help="FIELD=VALUE, repeatable: icdr, sdrg (icdr=2,3), exam_eye, age_min, age_max."),
+    ] = None,
+    bundle: Annotated[Path | None, typer.Option(help="The bundle (default: the one recorded in index.json).")] = None,
+) -> None:
+    """Search an index with a text or a photograph and print the nearest archived cases."""
+    if (text is None) == (image is None):
+        raise _fail("give exactly one of --text or --image")
+    if against not in ("image", "record"):
+        raise _fail(f"--against must be image or record, not {against!r}")
+    against_choice: Against = against  # type: ignore[assignment]
+    try:
+        filters = parse_filters(filter_ or [])
+        info = read_info(index)
+    except (MetadataError, IndexStoreError) as error:
+        raise _fail(str(error)) from None
+
+    from index.embedder import Embedder  # onnxruntime: only for commands that embed
+
+    try:
+        embedder = Embedder(bundle or Path(info.bundle_path))
+        store = open_index(index, embedder)
+    except (BundleError, IndexStoreError) as error:
+        raise _fail(str(error)) from None
+    if text is not None:
+        try:
+            embedded = embedder.embed_texts([text])
+        except ValueError as error:
+            raise _fail(str(error)) from None
+        if embedded.truncated[0]:
+            console.print(f"note: the text was cut to the model's {embedder.max_length} tokens")
+        vector = embedded.vectors
+        title = f"text: {text[:60]!r}"
+    else:
+        assert image is not None
+        try:
+            vector = embedder.embed_images([decode_image(image)])
+        except (ImageDecodeError, OSError) as error:
+            raise _fail(f"{image}: {error}") from None
+        title = f"image: {image.name}"
+    hits = store.search(vector, k, against_choice, filters)[0]
+    table = Table(title=f"{title} against {against} embeddings ({store.ntotal:,} indexed)")
+    for column in ("rank", "score", "image_id", "ICDR", "SDRG", "eye", "age", "narrative"):
+        table.add_column(column, justify="right" if column in ("rank", "score", "ICDR", "SDRG", "age") else "left")
+    for rank, hit in enumerate(hits, start=1):
+        labels = hit.row.labels
+        narrative = hit.row.narrative or ""
+        short = narrative if len(narrative) <= NARRATIVE_WIDTH else narrative[: NARRATIVE_WIDTH - 1] + "…"
+        table.add_row(
+            str(rank), f"{hit.score:.4f}", hit.row.image_id, _text(labels.icdr), _text(labels.sdrg),
+            labels.exam_eye or "-", _text(labels.patient_age), short,
+        )
+    Console(width=200).print(table)
+    if not hits:
+        console.print("no results (do the filters exclude everything?)")
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 if __name__ == "__main__":

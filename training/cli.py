@@ -235,6 +235,35 @@ def evaluate(
 
 
 @app.command()
+def export(
+    run: Annotated[Path, typer.Option(help="A run folder from `retina-train fit`.")],
+    archive: Annotated[Path, typer.Option(help="The archive the run was trained on (parity is checked on it).")],
+    splits: Annotated[Path, typer.Option(help="splits.json.")],
+    out: Annotated[Path, typer.Option(help="Bundle folder to write (replaced if it exists).")],
+    precision: Annotated[str, typer.Option(help="fp32, or int8 (ONNX Runtime dynamic quantization).")] = "fp32",
+    split: Annotated[str, typer.Option(help="Split whose samples the parity check runs on.")] = "val",
+) -> None:
+    """Export a run to a bundle (ONNX graphs, tokenizer, manifest), checked against PyTorch."""
+    from index.bundle import read_manifest
+    from training.export import ExportError, export_bundle
+
+    if precision not in ("fp32", "int8"):
+        raise _fail(f"--precision must be fp32 or int8, not {precision!r}")
+    if not run.is_dir():
+        raise _fail(f"--run {run}: no such run folder")
+    try:
+        with console.status(f"exporting {run} ({precision}) and checking ONNX Runtime against PyTorch"):
+            report = export_bundle(run, archive, splits, out, precision=precision, split=split)  # type: ignore[arg-type]
+    except ExportError as error:
+        raise _fail(f"export failed the parity check, no bundle written:\n{error}") from None
+    except (ArchiveError, ValueError, KeyError, OSError) as error:
+        raise _fail(str(error)) from None
+    for line in report.lines():
+        print(line)
+    console.print(f"wrote bundle {out} ({precision}, fingerprint {read_manifest(out).fingerprint})")
+
+
+@app.command()
 def compare(
     run_a: Annotated[Path, typer.Argument(help="A run folder (or a metrics.json).")],
     run_b: Annotated[Path, typer.Argument(help="Another run folder (or a metrics.json).")],

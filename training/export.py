@@ -6,14 +6,16 @@ also yields the record embedding). The exporter is pinned: `torch.onnx.export(dy
 (the TorchScript exporter mis-traced transformers 5's BERT here: 0.08 max error), fixed image size,
 dynamic batch and sequence axes.
 
-Parity: ONNX Runtime is run against PyTorch on real inputs from the archive's validation split; an fp32
-bundle fails above a max abs difference of 1e-4 on the embeddings. A reduced-precision bundle (int8:
+Parity: ONNX Runtime is run against PyTorch on real inputs from the archive's validation split (the grader
+twice: every modality present, and each row with another modality subset present); an fp32 bundle fails
+above a max abs difference of 1e-4 on the embeddings. A reduced-precision bundle (int8:
 ONNX Runtime dynamic quantization of the weights) must keep cosine >= 0.999 to fp32 and change
 text->image R@10 on the validation split by at most 1 point; both numbers are reported.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -128,20 +130,38 @@ class ParityReport:
         """Human-readable summary."""
         out = [f"parity on {self.samples} validation samples ({self.precision}):"]
         for name in self.max_abs_diff:
-            out.append(f"  {name:18s} max |diff| {self.max_abs_diff[name]:.2e}   min cosine {self.min_cosine[name]:.6f}")
+            diff, cosine = self.max_abs_diff[name], self.min_cosine[name]
+            out.append(f"  {name:28s} max |diff| {diff:.2e}   min cosine {cosine:.6f}")
         if self.recall_at_10_fp32 is not None:
             out.append(f"  text->image R@10 on val: PyTorch fp32 {self.recall_at_10_fp32:.4f}, "
                        f"exported {self.recall_at_10_exported:.4f}")
         return out
 
 
-def _example_inputs(run: LoadedRun, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, ...]]:
-    size = batch["pixels"].shape[0]
-    ones = torch.ones(size, dtype=torch.bool)
+SUBSETS: tuple[tuple[bool, bool, bool], ...] = tuple(itertools.product((True, False), repeat=3))[:-1]
+"""Every non-empty subset of (image, text, tabular) as presence flags."""
+SUBSET_SUFFIX = " (subsets)"
+"""Suffix of the grader outputs checked with mixed presence flags (each row another subset)."""
+
+
+def _presence(size: int, mixed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Presence flags (image, text, tabular) per sample: all present, or cycling through `SUBSETS`.
+
+    Always three distinct tensors: torch.export takes one tensor object passed for several inputs as one
+    input, so `(ones, ones, ones)` exported a grader that ignored image_present and text_present."""
+    if mixed:
+        rows = torch.tensor([SUBSETS[i % len(SUBSETS)] for i in range(size)], dtype=torch.bool)
+    else:
+        rows = torch.ones(size, 3, dtype=torch.bool)
+    return rows[:, 0].clone(), rows[:, 1].clone(), rows[:, 2].clone()
+
+
+def _example_inputs(batch: dict[str, Tensor], mixed: bool = False) -> dict[str, tuple[Tensor, ...]]:
+    flags = _presence(batch["pixels"].shape[0], mixed)
     return {
         IMAGE_ENCODER: (batch["pixels"],),
         TEXT_ENCODER: (batch["input_ids"], batch["attention_mask"]),
-        GRADER: (batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["tabular"], ones, ones, ones),
+        GRADER: (batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["tabular"], *flags),
     }
 
 
@@ -219,16 +239,18 @@ def _parity(run: LoadedRun, folder: Path, batches: list[dict[str, Tensor]], prec
     sessions = {name: _session(folder / name) for name in modules}
     reference: dict[str, list[np.ndarray]] = {}
     exported: dict[str, list[np.ndarray]] = {}
+    # The grader runs twice: every modality present, and each row with another subset present.
+    cases = [(IMAGE_ENCODER, ""), (TEXT_ENCODER, ""), (GRADER, ""), (GRADER, SUBSET_SUFFIX)]
     for batch in batches:
-        inputs = _example_inputs(run, batch)
-        for name, module in modules.items():
+        for name, suffix in cases:
+            inputs = _example_inputs(batch, mixed=bool(suffix))[name]
             with torch.no_grad():
-                torch_out = module(*inputs[name])
+                torch_out = modules[name](*inputs)
             torch_out = torch_out if isinstance(torch_out, tuple) else (torch_out,)
-            onnx_out = sessions[name].run(None, _ort_feeds(name, inputs[name]))
+            onnx_out = sessions[name].run(None, _ort_feeds(name, inputs))
             for output, t, o in zip(OUTPUT_NAMES[name], torch_out, onnx_out, strict=True):
-                reference.setdefault(output, []).append(t.float().numpy())
-                exported.setdefault(output, []).append(o)
+                reference.setdefault(output + suffix, []).append(t.float().numpy())
+                exported.setdefault(output + suffix, []).append(o)
     diffs, cosines = {}, {}
     for output in reference:
         ref, got = np.concatenate(reference[output]), np.concatenate(exported[output])
@@ -243,7 +265,7 @@ def _parity(run: LoadedRun, folder: Path, batches: list[dict[str, Tensor]], prec
 
 
 def _check(report: ParityReport) -> None:
-    embeddings = ("image_embedding", "text_embedding", "record_embedding")
+    embeddings = ("image_embedding", "text_embedding", "record_embedding", "record_embedding" + SUBSET_SUFFIX)
     if report.precision == "fp32":
         worst = max(report.max_abs_diff[e] for e in embeddings)
         if worst > FP32_TOLERANCE:
@@ -255,7 +277,9 @@ def _check(report: ParityReport) -> None:
             raise ExportError(f"{report.precision} embeddings reach cosine {worst:.5f} < {MIN_COSINE} to fp32")
         change = abs((report.recall_at_10_exported or 0) - (report.recall_at_10_fp32 or 0))
         if change > MAX_RECALL_CHANGE:
-            raise ExportError(f"{report.precision} changes text->image R@10 on val by {change:.4f} > {MAX_RECALL_CHANGE}")
+            raise ExportError(
+                f"{report.precision} changes text->image R@10 on val by {change:.4f} > {MAX_RECALL_CHANGE}"
+            )
 
 
 def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path,
@@ -280,7 +304,7 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=Path(out).parent))
     try:
-        example = _example_inputs(run, batches[0])
+        example = _example_inputs(batches[0])
         modules = {IMAGE_ENCODER: ImageEncoder(model), TEXT_ENCODER: TextEncoder(model), GRADER: Grader(model)}
         for name, module in modules.items():
             _export_graph(module, name, example[name], staging)

@@ -1,0 +1,339 @@
+"""The bundle's models on ONNX Runtime: photographs, texts and records -> embeddings and grades.
+
+Used by the index builder (`retina-index build`) and the service. Everything that turns raw input into
+model input comes from the bundle: image size and normalisation (`index.preprocess` with
+`manifest.image.spec()`), the tokenizer (`tokenizer.json` through the `tokenizers` library, truncated
+to `manifest.text.max_length` and padded with `manifest.text.pad_token_id`, which gives the ids the
+training tokenizer gave) and the tabular feature spec (`manifest.feature_spec`). No torch here.
+
+Execution providers: CUDA first when onnxruntime offers it and `device` is not "cpu", else CPU. What is
+reported (`Embedder.providers`) is what each session actually runs on: onnxruntime-gpu silently falls
+back to CPU when the CUDA libraries do not match, and that fallback is logged as a warning.
+
+Thread-safety: after `__init__` an `Embedder` holds only read-only state (ONNX Runtime sessions, whose
+`run` is thread-safe, and a configured tokenizer), so one instance may serve several threads at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from tokenizers import Tokenizer
+
+from index.bundle import GRADER, IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER, BundleError, Manifest, read_manifest
+from index.preprocess import ImageSpec, batch_model_inputs
+from index.records import ICDR_NAMES, REFERABLE_ICDR, SDRG_NAMES, FundusRecord
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+GRAPHS = (IMAGE_ENCODER, TEXT_ENCODER, GRADER)
+
+Device = Literal["auto", "cpu", "cuda"]
+Structured = FundusRecord | Mapping[str, object]
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    """Embeddings of texts, and which texts were cut to the model's maximum length."""
+
+    vectors: np.ndarray  # (N, D) float32, L2-normalised
+    truncated: list[bool]  # True where the text had more than max_length tokens (the rest was ignored)
+
+
+@dataclass(frozen=True)
+class Grades:
+    """ICDR and SDRG grade probabilities (and the record embedding) from the modalities given.
+
+    `referable` is the argmax ICDR grade >= 2 (moderate NPDR or worse): the rule the evaluation's
+    referable sensitivity and specificity are measured with. `referable_probability` is
+    P(ICDR >= 2) = P(2) + P(3) + P(4), the score its AUROC is measured with.
+    """
+
+    icdr_probabilities: np.ndarray  # (5,)
+    sdrg_probabilities: np.ndarray  # (5,)
+    record_embedding: np.ndarray  # (D,) the fused CLS of the given modalities, projected and normalised
+    modalities: list[str]  # of "image", "text", "structured"
+    icdr_names: tuple[str, ...] = ICDR_NAMES
+    sdrg_names: tuple[str, ...] = SDRG_NAMES
+    text_truncated: bool = False
+
+    @property
+    def icdr_grade(self) -> int:
+        """The most probable ICDR grade (0-4)."""
+        return int(np.argmax(self.icdr_probabilities))
+
+    @property
+    def sdrg_grade(self) -> int:
+        """The most probable SDRG grade (0-4)."""
+        return int(np.argmax(self.sdrg_probabilities))
+
+    @property
+    def icdr_name(self) -> str:
+        """The name of the most probable ICDR grade."""
+        return self.icdr_names[self.icdr_grade]
+
+    @property
+    def sdrg_name(self) -> str:
+        """The name of the most probable SDRG grade."""
+        return self.sdrg_names[self.sdrg_grade]
+
+    @property
+    def referable_probability(self) -> float:
+        """P(ICDR >= 2)."""
+        return float(self.icdr_probabilities[REFERABLE_ICDR:].sum())
+
+    @property
+    def referable(self) -> bool:
+        """Referable DR: the most probable ICDR grade is 2 or more."""
+        return self.icdr_grade >= REFERABLE_ICDR
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Text encoder input: ids and mask padded to the longest text, and which texts were truncated."""
+
+    input_ids: np.ndarray  # (N, L) int64
+    attention_mask: np.ndarray  # (N, L) int64
+    truncated: list[bool] = field(default_factory=list)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 for stability, returned as float32."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def choose_providers(device: Device) -> list[str]:
+    """The execution providers to ask ONNX Runtime for, best first."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    available = ort.get_available_providers()
+    if device == "cuda" and CUDA not in available:
+        raise ValueError(
+            f"device 'cuda' asked for, but this onnxruntime offers only {available}: install onnxruntime-gpu "
+            "(the `gpu` extra) in place of onnxruntime, or use device 'auto' or 'cpu'"
+        )
+    if device != "cpu" and CUDA in available:
+        return [CUDA, CPU]
+    return [CPU]
+
+
+class Embedder:
+    """A bundle's three ONNX graphs (image encoder, text encoder, grader), its tokenizer and its specs."""
+
+    def __init__(self, bundle: Path, device: Device = "auto", threads: int | None = None) -> None:
+        """Load and verify the bundle at `bundle` (checksums, schema) and open its graphs.
+
+        `threads`: ONNX Runtime intra-op threads per graph (None: ONNX Runtime's default, one per core).
+        Raises BundleError for a bad bundle, ValueError for a bad device.
+        """
+        self.bundle = Path(bundle)
+        self.manifest: Manifest = read_manifest(self.bundle)
+        self.fingerprint: str = self.manifest.fingerprint
+        self.dim: int = self.manifest.embedding_dim
+        self.image_spec: ImageSpec = self.manifest.image.spec()
+        self.max_length: int = self.manifest.text.max_length
+
+        wanted = choose_providers(device)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or 0
+        options.log_severity_level = 3
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self.providers: dict[str, str] = {}
+        for name in GRAPHS:
+            try:
+                session = ort.InferenceSession(str(self.bundle / name), options, providers=wanted)
+            except Exception as error:  # onnxruntime raises its own exception types for a bad graph
+                raise BundleError(f"{self.bundle}: ONNX Runtime cannot load {name}: {error}") from None
+            self._sessions[name] = session
+            self.providers[name] = session.get_providers()[0]
+            if wanted[0] == CUDA and self.providers[name] != CUDA:
+                log.warning(
+                    "%s: CUDA was %s but ONNX Runtime runs on %s (CUDA/cuDNN libraries missing or mismatched?)",
+                    name, "asked for" if device == "cuda" else "available", self.providers[name],
+                )
+        self._tabular_width = self.manifest.feature_spec.width
+        self._tokenizer = self._load_tokenizer()
+
+    # --- public API -------------------------------------------------------------------------------
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Photographs (RGB PIL images, e.g. from `index.preprocess.decode_image`) -> (N, D) float32,
+        L2-normalised, preprocessed with the bundle's image spec."""
+        _check_batch_size(batch_size)
+        chunks = [
+            self._run_image(batch_model_inputs(images[start : start + batch_size], self.image_spec))
+            for start in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
+
+    def embed_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Already preprocessed pixels (N, 3, S, S) (`index.preprocess.to_model_input`) -> (N, D) float32."""
+        _check_batch_size(batch_size)
+        pixels = self._check_pixels(pixels)
+        chunks = [self._run_image(pixels[start : start + batch_size]) for start in range(0, len(pixels), batch_size)]
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
+
+    def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> TextEmbedding:
+        """Texts -> (N, D) float32 L2-normalised embeddings and a truncation flag per text.
+
+        Raises ValueError for a text that is empty, whitespace only, or has no token the tokenizer reads.
+        """
+        _check_batch_size(batch_size)
+        vectors, truncated = [], []
+        for start in range(0, len(texts), batch_size):
+            tokens = self.tokenize(texts[start : start + batch_size], first_index=start)
+            (embedding,) = self._sessions[TEXT_ENCODER].run(
+                None, {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+            )
+            vectors.append(np.ascontiguousarray(embedding, dtype=np.float32))
+            truncated += tokens.truncated
+        matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
+        return TextEmbedding(vectors=matrix, truncated=truncated)
+
+    def record_embeddings(
+        self, images: Sequence[Image.Image], structured: Sequence[Structured], batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Archive records (photograph + structured data, no text) through the grader.
+
+        Returns (record embeddings (N, D) L2-normalised, ICDR probabilities (N, 5), SDRG probabilities
+        (N, 5)). `structured` holds FundusRecords or mappings with the same field names.
+        """
+        _check_batch_size(batch_size)
+        if len(images) != len(structured):
+            raise ValueError(f"{len(images)} images but {len(structured)} structured records")
+        records, icdr, sdrg = [], [], []
+        for start in range(0, len(images), batch_size):
+            pixels = batch_model_inputs(images[start : start + batch_size], self.image_spec)
+            tabular = self.manifest.feature_spec.transform(structured[start : start + batch_size])
+            n = len(pixels)
+            outputs = self._run_grader(
+                pixels, self._absent_text(n), tabular, image=np.ones(n, bool), text=np.zeros(n, bool),
+                tabular_present=np.ones(n, bool),
+            )
+            icdr.append(outputs[0])
+            sdrg.append(outputs[1])
+            records.append(outputs[2])
+        if not records:
+            empty = np.zeros((0, len(self.manifest.icdr_names)), np.float32)
+            return np.zeros((0, self.dim), np.float32), empty, empty.copy()
+        return np.concatenate(records), np.concatenate(icdr), np.concatenate(sdrg)
+
+    def grade(
+        self, image: Image.Image | None = None, text: str | None = None, structured: Structured | None = None
+    ) -> Grades:
+        """ICDR and SDRG probabilities from any subset (at least one) of a photograph, a clinical text and
+        structured data. Absent modalities are hidden from the joint transformer by its presence flags."""
+        modalities = [m for m, v in (("image", image), ("text", text), ("structured", structured)) if v is not None]
+        if not modalities:
+            raise ValueError("grade needs at least one of image, text or structured data")
+        if image is not None:
+            pixels = batch_model_inputs([image], self.image_spec)
+        else:
+            pixels = np.zeros((1, 3, self.image_spec.size, self.image_spec.size), np.float32)
+        tokens = self.tokenize([text]) if text is not None else self._absent_text(1)
+        if structured is not None:
+            tabular = self.manifest.feature_spec.transform([structured])
+        else:
+            tabular = np.zeros((1, self._tabular_width), np.float32)
+        icdr, sdrg, record = self._run_grader(
+            pixels, tokens, tabular, image=np.array([image is not None]), text=np.array([text is not None]),
+            tabular_present=np.array([structured is not None]),
+        )
+        return Grades(
+            icdr_probabilities=icdr[0],
+            sdrg_probabilities=sdrg[0],
+            record_embedding=record[0],
+            modalities=modalities,
+            icdr_names=tuple(self.manifest.icdr_names),
+            sdrg_names=tuple(self.manifest.sdrg_names),
+            text_truncated=bool(tokens.truncated and tokens.truncated[0]),
+        )
+
+    def tokenize(self, texts: Sequence[str], first_index: int = 0) -> Tokens:
+        """Texts -> the text encoder's input (the ids the training tokenizer gives: [CLS] ... [SEP],
+        truncated to max_length, padded to the longest). Raises ValueError for an empty text, naming it
+        by position (`first_index` + its index)."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"text {first_index + i}: expected a string, got {type(text).__name__}")
+            if not text.strip():
+                raise ValueError(f"text {first_index + i}: empty text")
+        encodings = self._tokenizer.encode_batch(list(texts))
+        for i, encoding in enumerate(encodings):
+            if not any(special == 0 for special in encoding.special_tokens_mask):
+                raise ValueError(f"text {first_index + i}: no readable words in {texts[i][:40]!r}")
+        return Tokens(
+            input_ids=np.array([e.ids for e in encodings], dtype=np.int64),
+            attention_mask=np.array([e.attention_mask for e in encodings], dtype=np.int64),
+            truncated=[bool(e.overflowing) for e in encodings],
+        )
+
+    # --- internals --------------------------------------------------------------------------------
+
+    def _load_tokenizer(self) -> Tokenizer:
+        path = self.bundle / TOKENIZER
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # tokenizers raises a bare Exception for a bad file
+            raise BundleError(f"{self.bundle}: cannot read {TOKENIZER}: {error}") from None
+        pad_id = self.manifest.text.pad_token_id
+        pad_token = tokenizer.id_to_token(pad_id)
+        if pad_token is None:
+            raise BundleError(f"{self.bundle}: pad_token_id {pad_id} is not in {TOKENIZER}'s vocabulary")
+        # Same as the training tokenizer's call: truncation=True (the [CLS]/[SEP] template fits inside
+        # max_length), padding=True (to the longest text of the batch).
+        tokenizer.enable_truncation(max_length=self.max_length)
+        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+        return tokenizer
+
+    def _absent_text(self, n: int) -> Tokens:
+        # One pad token with mask 1 (the text tower then has a visible key); text_present False hides it
+        # from the joint transformer, so its value does not matter.
+        pad = np.full((n, 1), self.manifest.text.pad_token_id, dtype=np.int64)
+        return Tokens(input_ids=pad, attention_mask=np.ones((n, 1), dtype=np.int64), truncated=[False] * n)
+
+    def _check_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        size = self.image_spec.size
+        array = np.asarray(pixels)
+        if array.ndim != 4 or array.shape[1:] != (3, size, size):
+            raise ValueError(f"pixels must have shape (N, 3, {size}, {size}), got {array.shape}")
+        return np.ascontiguousarray(array, dtype=np.float32)
+
+    def _run_image(self, pixels: np.ndarray) -> np.ndarray:
+        (embedding,) = self._sessions[IMAGE_ENCODER].run(None, {"pixels": self._check_pixels(pixels)})
+        return np.ascontiguousarray(embedding, dtype=np.float32)
+
+    def _run_grader(
+        self, pixels: np.ndarray, tokens: Tokens, tabular: np.ndarray, *, image: np.ndarray, text: np.ndarray,
+        tabular_present: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        icdr_logits, sdrg_logits, record = self._sessions[GRADER].run(
+            None,
+            {
+                "pixels": self._check_pixels(pixels),
+                "input_ids": tokens.input_ids,
+                "attention_mask": tokens.attention_mask,
+                "tabular": np.ascontiguousarray(tabular, dtype=np.float32),
+                "image_present": image.astype(bool),
+                "text_present": text.astype(bool),
+                "tabular_present": tabular_present.astype(bool),
+            },
+        )
+        return softmax(icdr_logits), softmax(sdrg_logits), np.ascontiguousarray(record, dtype=np.float32)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, not {batch_size}")

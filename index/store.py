@@ -1,0 +1,327 @@
+"""An index on disk and in memory: two vector indexes over the same ids plus the metadata table.
+
+    INDEX/index.json        `IndexInfo`: the commit marker, written last, naming the current files
+    INDEX/image.faiss       image-only embeddings (what the photograph shows)
+    INDEX/record.faiss      record embeddings (photograph + the archive's structured data)
+    INDEX/metadata.sqlite   `index.metadata`: id -> image_id, photo path, labels, narrative
+
+Atomicity: every file is written atomically (`index.atomic`), and `index.json` is written last. A folder
+without `index.json` is an unfinished build, which `open_index` refuses. `IndexStore.save` never
+overwrites the files that `index.json` names: it writes the next generation's files under new names
+(`image.g2.faiss`, ...), then replaces `index.json` to point at them (the commit), then deletes the old
+generation. A crash at any moment leaves `index.json` naming a complete, consistent set of files.
+
+An index belongs to the bundle that embedded it: `open_index` refuses any other bundle, naming both
+fingerprints, because vectors of two different models are not comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import faiss
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from index.atomic import atomic_target, write_text_atomic
+from index.bundle import now_iso
+from index.metadata import Filters, MetadataError, MetadataRow, MetadataTable
+from index.vector_index import IndexKind, SearchParams, VectorIndex, VectorIndexError
+
+INDEX_SCHEMA_VERSION = 1
+INFO_FILE = "index.json"
+PARTIAL_DIR = ".partial"
+NORM_TOLERANCE = 1e-3
+"""Vectors added to an index must have unit L2 norm within this tolerance (inner product = cosine)."""
+
+Against = Literal["image", "record"]
+AGAINST: tuple[Against, ...] = ("image", "record")
+
+
+class IndexStoreError(Exception):
+    """An index folder that cannot be opened, or a change that cannot be made; the message says why."""
+
+
+class IndexFiles(BaseModel):
+    """The files of the current generation, relative to the index folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str
+    record: str
+    metadata: str
+
+
+def files_for(generation: int) -> IndexFiles:
+    """File names of a generation: plain names for the build (generation 1), suffixed after that."""
+    suffix = "" if generation == 1 else f".g{generation}"
+    return IndexFiles(image=f"image{suffix}.faiss", record=f"record{suffix}.faiss", metadata=f"metadata{suffix}.sqlite")
+
+
+class VectorIndexInfo(BaseModel):
+    """One of the two vector indexes, as built."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: IndexKind
+    ntotal: int
+    parameters: dict[str, int | str]
+    search: SearchParams
+    """The per-call search parameters used by default (chosen at build time to reach the target recall)."""
+    recall_at_10: float
+    recall_note: str
+    device: str
+
+
+class SkippedPhoto(BaseModel):
+    """An archive record that was not indexed, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: int
+    image_id: str
+    reason: str
+
+
+class IndexCounts(BaseModel):
+    """How many records the archive had, how many were indexed and how many skipped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    archive_records: int
+    indexed: int
+    skipped: int
+
+
+class IndexInfo(BaseModel):
+    """`index.json`: what an index holds and how it was made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int
+    created: str
+    updated: str | None = None
+    generation: int = Field(ge=1)
+    bundle_fingerprint: str
+    bundle_path: str
+    archive_root: str
+    dim: int
+    counts: IndexCounts
+    indexes: dict[Against, VectorIndexInfo]
+    files: IndexFiles
+    skipped: list[SkippedPhoto]
+    build_seconds: float
+    images_per_second: float
+    """Embedding throughput of the run that finished the build (photos embedded / embedding time)."""
+    providers: dict[str, str]
+    """ONNX Runtime execution provider per graph, as actually used."""
+    faiss_version: str = faiss.__version__
+
+
+class HasFingerprint(Protocol):
+    """Anything that names a bundle by fingerprint (an `index.embedder.Embedder`)."""
+
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result."""
+
+    id: int
+    score: float
+    row: MetadataRow
+
+
+def read_info(folder: Path) -> IndexInfo:
+    """Read and check `index.json`. Raises IndexStoreError naming the file and what is wrong (an
+    unfinished build is named as such)."""
+    folder = Path(folder)
+    path = folder / INFO_FILE
+    if not path.is_file():
+        if (folder / PARTIAL_DIR).is_dir():
+            raise IndexStoreError(
+                f"{folder}: unfinished build (no {INFO_FILE}); finish it with `retina-index build ... --resume`"
+            )
+        raise IndexStoreError(f"{folder}: not an index (no {INFO_FILE})")
+    try:
+        info = IndexInfo.model_validate_json(path.read_text())
+    except ValidationError as error:
+        raise IndexStoreError(f"{path}: invalid index description: {error}") from None
+    if info.schema_version != INDEX_SCHEMA_VERSION:
+        raise IndexStoreError(
+            f"{path}: schema version {info.schema_version}, this software reads {INDEX_SCHEMA_VERSION}; "
+            "rebuild the index"
+        )
+    return info
+
+
+def write_info(folder: Path, info: IndexInfo) -> None:
+    """Write `index.json` atomically: the commit of an index's files."""
+    write_text_atomic(Path(folder) / INFO_FILE, info.model_dump_json(indent=1) + "\n")
+
+
+def open_index(
+    folder: Path, bundle: HasFingerprint | str | None, device: Literal["auto", "cpu"] = "auto"
+) -> IndexStore:
+    """Open an index for the bundle `bundle` (an Embedder, or a bundle fingerprint; None skips the check).
+
+    Raises IndexStoreError when the index was built with another bundle (naming both fingerprints), is
+    unfinished, or its files disagree with each other.
+    """
+    folder = Path(folder)
+    info = read_info(folder)
+    if bundle is not None:
+        expected = bundle if isinstance(bundle, str) else bundle.fingerprint
+        if expected != info.bundle_fingerprint:
+            raise IndexStoreError(
+                f"{folder} was built with bundle {info.bundle_fingerprint} ({info.bundle_path}), but the bundle "
+                f"given is {expected}: vectors of different models are not comparable; use the bundle it was "
+                "built with or rebuild the index"
+            )
+    try:
+        image = VectorIndex.load(folder / info.files.image, device)
+        record = VectorIndex.load(folder / info.files.record, device)
+        metadata = MetadataTable.open(folder / info.files.metadata)
+    except (VectorIndexError, MetadataError) as error:
+        raise IndexStoreError(f"{folder}: {error}") from None
+    counts = {"image.faiss": image.ntotal, "record.faiss": record.ntotal, "metadata": len(metadata)}
+    if len(set(counts.values()) | {info.counts.indexed}) != 1:
+        raise IndexStoreError(
+            f"{folder}: files disagree: {INFO_FILE} says {info.counts.indexed} indexed, found "
+            + ", ".join(f"{name} {count}" for name, count in counts.items())
+        )
+    return IndexStore(folder, info, image, record, metadata)
+
+
+class IndexStore:
+    """An open index: search, add and remove by id, save atomically.
+
+    Searches may run from several threads at once; `add`, `remove` and `save` take a lock against each
+    other but must not overlap with searches (an online service changes nothing; changes are offline).
+    """
+
+    def __init__(
+        self, folder: Path, info: IndexInfo, image: VectorIndex, record: VectorIndex, metadata: MetadataTable
+    ) -> None:
+        self.folder = Path(folder)
+        self.info = info
+        self.image = image
+        self.record = record
+        self.metadata = metadata
+        self._write_lock = threading.Lock()
+
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed photographs."""
+        return self.image.ntotal
+
+    def vectors(self, against: Against) -> VectorIndex:
+        """The vector index searched for `against`: "image" or "record"."""
+        if against not in AGAINST:
+            raise IndexStoreError(f"against must be one of {', '.join(AGAINST)}, not {against!r}")
+        return self.image if against == "image" else self.record
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        against: Against = "image",
+        filters: Filters | None = None,
+        params: SearchParams | None = None,
+    ) -> list[list[Hit]]:
+        """The `k` nearest indexed photographs of each query vector (L2-normalised, (D,) or (N, D)),
+        restricted by `filters`; `params` default to the ones chosen at build time."""
+        index = self.vectors(against)
+        allowed = self.metadata.allowed_ids(filters)
+        scores, ids = index.search(queries, k, params or self.info.indexes[against].search, allowed)
+        rows = self.metadata.get(ids[ids >= 0].tolist())
+        return [
+            [Hit(int(i), float(s), rows[int(i)]) for s, i in zip(score_row, id_row, strict=True) if int(i) in rows]
+            for score_row, id_row in zip(scores, ids, strict=True)
+        ]
+
+    def add(
+        self, ids: np.ndarray, image_vectors: np.ndarray, record_vectors: np.ndarray, rows: list[MetadataRow]
+    ) -> None:
+        """Add photographs: their ids, image and record embeddings (L2-normalised) and metadata rows (in
+        the same order, `rows[i].id == ids[i]`). Ids and image_ids must be new. Call `save` to persist."""
+        identifiers = np.asarray(ids, dtype=np.int64).reshape(-1)
+        n = len(identifiers)
+        if not (len(image_vectors) == len(record_vectors) == len(rows) == n):
+            raise IndexStoreError(
+                f"add: {n} ids, {len(image_vectors)} image vectors, {len(record_vectors)} record vectors, "
+                f"{len(rows)} rows: they must be equal"
+            )
+        if [row.id for row in rows] != identifiers.tolist():
+            raise IndexStoreError("add: rows[i].id must equal ids[i]")
+        for name, vectors in (("image", image_vectors), ("record", record_vectors)):
+            norms = np.linalg.norm(np.asarray(vectors, dtype=np.float32).reshape(n, -1), axis=1)
+            if n and np.abs(norms - 1.0).max() > NORM_TOLERANCE:
+                raise IndexStoreError(
+                    f"add: {name} vectors must be L2-normalised (norms {norms.min():.3f}..{norms.max():.3f})"
+                )
+        with self._write_lock:
+            try:
+                self.metadata.insert(rows)  # checks that ids and image_ids are new, atomically
+            except MetadataError as error:
+                raise IndexStoreError(f"add: {error}") from None
+            try:
+                self.image.add(image_vectors, identifiers)
+                self.record.add(record_vectors, identifiers)
+            except VectorIndexError as error:
+                self.image.remove(identifiers)
+                self.metadata.delete(identifiers.tolist())
+                raise IndexStoreError(f"add: {error}") from None
+            self._update_counts()
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove photographs by id from both vector indexes and the metadata. Raises IndexStoreError,
+        changing nothing, when an id is not in the index. Call `save` to persist."""
+        identifiers = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+        with self._write_lock:
+            present = set(self.metadata.get(identifiers.tolist()))
+            unknown = [int(i) for i in identifiers if int(i) not in present]
+            if unknown:
+                more = " ..." if len(unknown) > 10 else ""
+                raise IndexStoreError(f"remove: ids not in the index: {unknown[:10]}{more}")
+            self.image.remove(identifiers)
+            self.record.remove(identifiers)
+            removed = self.metadata.delete(identifiers.tolist())
+            self._update_counts()
+        return removed
+
+    def _update_counts(self) -> None:
+        counts = self.info.counts.model_copy(update={"indexed": self.image.ntotal})
+        indexes = {
+            name: info.model_copy(update={"ntotal": self.vectors(name).ntotal})
+            for name, info in self.info.indexes.items()
+        }
+        self.info = self.info.model_copy(update={"counts": counts, "indexes": indexes})
+
+    def save(self) -> None:
+        """Persist the index atomically: the next generation's files, then `index.json` (the commit),
+        then the previous generation's files are deleted."""
+        with self._write_lock:
+            generation = self.info.generation + 1
+            files = files_for(generation)
+            old = self.info.files
+            for name in files.model_dump().values():  # leftovers of a save that crashed before its commit
+                with contextlib.suppress(FileNotFoundError):
+                    (self.folder / name).unlink()
+            self.image.save(self.folder / files.image)
+            self.record.save(self.folder / files.record)
+            with atomic_target(self.folder / files.metadata) as temp:
+                self.metadata.write(temp)
+            info = self.info.model_copy(update={"generation": generation, "files": files, "updated": now_iso()})
+            write_info(self.folder, info)
+            self.info = info
+            self.metadata.close()
+            self.metadata = MetadataTable.open(self.folder / files.metadata)
+            for name in old.model_dump().values():
+                with contextlib.suppress(FileNotFoundError):
+                    (self.folder / name).unlink()
