@@ -149,3 +149,18 @@ def test_two_processes_see_the_global_batch(data: tuple[Path, Path], tmp_path: P
     assert len(single) == len(ddp) == 2
     for a, b in zip(single, ddp, strict=True):
         assert b["contrastive_image_text"] == pytest.approx(a["contrastive_image_text"], abs=1e-4)
+
+
+def test_grade_balanced_sampling_draws_more_rare_grades() -> None:
+    import numpy as np
+
+    from training.data import epoch_order, sampling_weights
+
+    grades = np.array([0] * 930 + [4] * 70)
+    assert sampling_weights(grades, 0.0) is None
+    weights = sampling_weights(grades, 0.5)
+    assert weights is not None and weights.sum() == pytest.approx(1.0)
+    drawn = grades[epoch_order(len(grades), seed=0, epoch=0, weights=weights)]
+    # count^-0.5 weighting: share of grade 4 = 70*70^-0.5 / (70*70^-0.5 + 930*930^-0.5) ~ 0.215
+    assert 0.17 < (drawn == 4).mean() < 0.26
+    assert np.array_equal(drawn, grades[epoch_order(len(grades), seed=0, epoch=0, weights=weights)])

@@ -156,6 +156,9 @@ def fit(
     max_minutes: Annotated[float | None, typer.Option(help="Stop (and checkpoint) after this much time.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N steps (0: each epoch).")] = 0,
+    balance: Annotated[
+        float, typer.Option(help="Grade-balanced sampling: draw rows with probability count(grade)^-balance (0: off).")
+    ] = 0.0,
 ) -> None:
     """Train the multimodal model (or the CLIP baseline) on an archive's training split."""
     from training.train import STATE_FILE, FitOptions, RunFiles
@@ -171,7 +174,7 @@ def fit(
     options = FitOptions(
         config=config, archive=archive, splits=splits, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
         precision=precision, seed=seed, init=init, max_minutes=max_minutes, max_steps=max_steps,
-        checkpoint_every=checkpoint_every,
+        checkpoint_every=checkpoint_every, balance=balance,
     )
     with _progress() as progress:
         loading = progress.add_task("decoding photographs", total=None, rate="")

@@ -44,6 +44,7 @@ from training.data import (
     fingerprint,
     global_batches,
     load_split,
+    sampling_weights,
     stored_narrative,
     training_narrative,
 )
@@ -79,6 +80,7 @@ class FitOptions(BaseModel):
     max_minutes: float | None = Field(default=None, gt=0)
     checkpoint_every: int = Field(default=0, ge=0)
     max_steps: int | None = Field(default=None, ge=1)
+    balance: float = Field(default=0.0, ge=0, le=1)
 
 
 @dataclass
@@ -358,6 +360,7 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
     builder = BatchBuilder(train, tokenizer, config.vision.mean, config.vision.std, config.text.max_length)
+    weights = sampling_weights(train.icdr, options.balance)
     model.train()
     started = time.perf_counter()
     budget = options.max_minutes * 60 if options.max_minutes else None
@@ -365,7 +368,7 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
     with files.metrics.open("a") if rank == 0 else nullcontext() as metrics_log:
         while position["step"] < total_steps:
             epoch = position["epoch"]
-            batches = list(global_batches(len(train), global_batch, options.seed, epoch))
+            batches = list(global_batches(len(train), global_batch, options.seed, epoch, weights))
             for rows in batches[position["step_in_epoch"] :]:
                 if position["step"] >= total_steps:
                     break
