@@ -106,6 +106,21 @@ class Tokens:
     truncated: list[bool] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class GradeInput:
+    """What one grading request gives: any subset of a photograph, a clinical text and structured data."""
+
+    image: Image.Image | None = None
+    text: str | None = None
+    structured: Structured | None = None
+
+    @property
+    def modalities(self) -> list[str]:
+        """The modalities given, of "image", "text", "structured"."""
+        given = (("image", self.image), ("text", self.text), ("structured", self.structured))
+        return [name for name, value in given if value is not None]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 for stability, returned as float32."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
@@ -235,31 +250,48 @@ class Embedder:
     ) -> Grades:
         """ICDR and SDRG probabilities from any subset (at least one) of a photograph, a clinical text and
         structured data. Absent modalities are hidden from the joint transformer by its presence flags."""
-        modalities = [m for m, v in (("image", image), ("text", text), ("structured", structured)) if v is not None]
-        if not modalities:
-            raise ValueError("grade needs at least one of image, text or structured data")
-        if image is not None:
-            pixels = batch_model_inputs([image], self.image_spec)
-        else:
-            pixels = np.zeros((1, 3, self.image_spec.size, self.image_spec.size), np.float32)
-        tokens = self.tokenize([text]) if text is not None else self._absent_text(1)
-        if structured is not None:
-            tabular = self.manifest.feature_spec.transform([structured])
-        else:
-            tabular = np.zeros((1, self._tabular_width), np.float32)
+        return self.grade_many([GradeInput(image=image, text=text, structured=structured)])[0]
+
+    def grade_many(self, inputs: Sequence[GradeInput]) -> list[Grades]:
+        """`grade` for several inputs in one grader run; each input may give a different subset of
+        modalities (the presence flags are per row). Raises ValueError for an input with no modality or
+        an empty text."""
+        if not inputs:
+            return []
+        n = len(inputs)
+        for i, item in enumerate(inputs):
+            if not item.modalities:
+                raise ValueError(f"input {i}: grading needs at least one of image, text or structured data")
+        size = self.image_spec.size
+        pixels = np.zeros((n, 3, size, size), np.float32)
+        with_image = [i for i, item in enumerate(inputs) if item.image is not None]
+        if with_image:
+            pixels[with_image] = batch_model_inputs([inputs[i].image for i in with_image], self.image_spec)
+        tokens = self._mixed_tokens([item.text for item in inputs])
+        tabular = np.zeros((n, self._tabular_width), np.float32)
+        with_structured = [i for i, item in enumerate(inputs) if item.structured is not None]
+        if with_structured:
+            tabular[with_structured] = self.manifest.feature_spec.transform(
+                [inputs[i].structured for i in with_structured]
+            )
         icdr, sdrg, record = self._run_grader(
-            pixels, tokens, tabular, image=np.array([image is not None]), text=np.array([text is not None]),
-            tabular_present=np.array([structured is not None]),
+            pixels, tokens, tabular,
+            image=np.array([item.image is not None for item in inputs]),
+            text=np.array([item.text is not None for item in inputs]),
+            tabular_present=np.array([item.structured is not None for item in inputs]),
         )
-        return Grades(
-            icdr_probabilities=icdr[0],
-            sdrg_probabilities=sdrg[0],
-            record_embedding=record[0],
-            modalities=modalities,
-            icdr_names=tuple(self.manifest.icdr_names),
-            sdrg_names=tuple(self.manifest.sdrg_names),
-            text_truncated=bool(tokens.truncated and tokens.truncated[0]),
-        )
+        return [
+            Grades(
+                icdr_probabilities=icdr[i],
+                sdrg_probabilities=sdrg[i],
+                record_embedding=record[i],
+                modalities=item.modalities,
+                icdr_names=tuple(self.manifest.icdr_names),
+                sdrg_names=tuple(self.manifest.sdrg_names),
+                text_truncated=tokens.truncated[i],
+            )
+            for i, item in enumerate(inputs)
+        ]
 
     def tokenize(self, texts: Sequence[str], first_index: int = 0) -> Tokens:
         """Texts -> the text encoder's input (the ids the training tokenizer gives: [CLS] ... [SEP],
@@ -303,6 +335,25 @@ class Embedder:
         # from the joint transformer, so its value does not matter.
         pad = np.full((n, 1), self.manifest.text.pad_token_id, dtype=np.int64)
         return Tokens(input_ids=pad, attention_mask=np.ones((n, 1), dtype=np.int64), truncated=[False] * n)
+
+    def _mixed_tokens(self, texts: Sequence[str | None]) -> Tokens:
+        """Tokens for a batch where some rows have no text: those rows get the absent-text row (one pad
+        token, mask 1) padded to the batch's length with mask 0."""
+        given = [i for i, text in enumerate(texts) if text is not None]
+        if not given:
+            return self._absent_text(len(texts))
+        encoded = self.tokenize([texts[i] for i in given])
+        length = encoded.input_ids.shape[1]
+        pad_id = self.manifest.text.pad_token_id
+        input_ids = np.full((len(texts), length), pad_id, dtype=np.int64)
+        attention_mask = np.zeros((len(texts), length), dtype=np.int64)
+        attention_mask[:, 0] = 1
+        truncated = [False] * len(texts)
+        for row, i in enumerate(given):
+            input_ids[i] = encoded.input_ids[row]
+            attention_mask[i] = encoded.attention_mask[row]
+            truncated[i] = encoded.truncated[row]
+        return Tokens(input_ids=input_ids, attention_mask=attention_mask, truncated=truncated)
 
     def _check_pixels(self, pixels: np.ndarray) -> np.ndarray:
         size = self.image_spec.size

@@ -14,7 +14,7 @@ from bundle_factory import TinyBundle, tiny_bundle
 from PIL import Image
 
 from index.brset import read_archive
-from index.embedder import CPU, CUDA, Embedder, Grades
+from index.embedder import CPU, CUDA, Embedder, GradeInput, Grades
 from index.preprocess import batch_model_inputs, decode_image
 from index.records import FundusRecord
 from training.data import load_photo, normalise, stored_narrative
@@ -196,3 +196,25 @@ def test_one_embedder_serves_several_threads(embedder: Embedder, sample) -> None
             np.testing.assert_allclose(job.result().vectors, expected_texts, atol=1e-6)
         for job in image_jobs:
             np.testing.assert_allclose(job.result(), expected_images, atol=1e-6)
+
+
+def test_grade_many_mixes_modality_subsets_in_one_batch(embedder: Embedder, sample) -> None:
+    records, images, texts = sample
+    inputs = [
+        GradeInput(text=texts[0]),
+        GradeInput(image=images[1]),
+        GradeInput(image=images[2], text=OVERLONG, structured=records[2].model_dump()),
+        GradeInput(structured=records[3]),
+        GradeInput(text="no retinopathy"),
+    ]
+    batched = embedder.grade_many(inputs)
+    assert [g.modalities for g in batched] == [i.modalities for i in inputs]
+    assert [g.text_truncated for g in batched] == [False, False, True, False, False]
+    for item, grades in zip(inputs, batched, strict=True):
+        alone = embedder.grade(image=item.image, text=item.text, structured=item.structured)
+        np.testing.assert_allclose(grades.icdr_probabilities, alone.icdr_probabilities, atol=ATOL)
+        np.testing.assert_allclose(grades.sdrg_probabilities, alone.sdrg_probabilities, atol=ATOL)
+        np.testing.assert_allclose(grades.record_embedding, alone.record_embedding, atol=ATOL)
+    assert embedder.grade_many([]) == []
+    with pytest.raises(ValueError, match="input 1"):
+        embedder.grade_many([GradeInput(text="no retinopathy"), GradeInput()])

@@ -1,0 +1,134 @@
+"""Request and response models of the HTTP API (they are also its OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from index.metadata import Filters, Labels
+
+Against = Literal["image", "record"]
+Modality = Literal["image", "text", "structured"]
+
+
+class TextSearchRequest(BaseModel):
+    """`POST /search/text`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(description="A clinical description, e.g. 'moderate NPDR with hard exudates, left eye'.")
+    k: int = Field(default=10, ge=1, description="How many neighbours (at most the service's max_k).")
+    filters: Filters | None = Field(default=None, description="Only return archived cases that match.")
+    against: Against = Field(
+        default="image",
+        description="image: the photographs' own embeddings (what they show); record: photo + structured data.",
+    )
+
+
+class StructuredFields(BaseModel):
+    """Structured patient data a grading request may give (all optional; unknown fields are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patient_age: float | None = Field(default=None, ge=0, le=120)
+    patient_sex: Literal["female", "male"] | None = None
+    exam_eye: Literal["left", "right"] | None = None
+    diabetes: bool | None = None
+    diabetes_time_y: float | None = Field(default=None, ge=0, le=100)
+    insulin: bool | None = None
+    camera: str | None = Field(default=None, max_length=200)
+    comorbidities: str | None = Field(default=None, max_length=2000)
+
+
+class GradeProbability(BaseModel):
+    """One grade of a scale and its probability."""
+
+    grade: int
+    name: str
+    probability: float
+
+
+class GradePrediction(BaseModel):
+    """The most probable grade of a scale, and the probability of every grade."""
+
+    grade: int
+    name: str
+    probabilities: list[GradeProbability]
+
+
+class Predicted(BaseModel):
+    """Predicted ICDR and SDRG grades, and whether that means referable DR (ICDR >= 2)."""
+
+    icdr: GradePrediction
+    sdrg: GradePrediction
+    referable: bool
+    referable_probability: float = Field(description="P(ICDR >= 2)")
+
+
+class Neighbour(BaseModel):
+    """One archived case near the query."""
+
+    id: int
+    image_id: str
+    score: float = Field(description="Cosine similarity to the query (1 is identical).")
+    labels: Labels
+    narrative: str | None
+    image_url: str
+
+
+class SearchResponse(BaseModel):
+    """Neighbours of a query and the grades predicted from it."""
+
+    neighbours: list[Neighbour]
+    predicted: Predicted
+    against: Against
+    index_size: int
+    text_truncated: bool = False
+    notes: list[str] = Field(default_factory=list, description="What a person should know about this answer.")
+    took_ms: float
+
+
+class GradeResponse(BaseModel):
+    """`POST /grade`: the grades from the modalities given."""
+
+    icdr: GradePrediction
+    sdrg: GradePrediction
+    referable: bool
+    referable_probability: float
+    modalities: list[Modality]
+    text_truncated: bool = False
+    notes: list[str] = Field(default_factory=list)
+    took_ms: float
+
+
+class Health(BaseModel):
+    """`GET /healthz`."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    """`GET /readyz`: what is loaded, or why not yet."""
+
+    ready: bool
+    detail: str | None = None
+    bundle: str | None = None
+    bundle_fingerprint: str | None = None
+    index: str | None = None
+    index_fingerprint: str | None = Field(default=None, description="The bundle fingerprint the index was built with.")
+    index_size: int | None = None
+    index_kinds: dict[str, str] | None = None
+    providers: dict[str, str] | None = None
+    faiss_device: str | None = None
+    embedding_dim: int | None = None
+    max_text_tokens: int | None = None
+    icdr_names: list[str] | None = None
+    sdrg_names: list[str] | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error: a message a person can act on, and for invalid fields, where each problem is."""
+
+    detail: str
+    errors: list[dict[str, str]] | None = None

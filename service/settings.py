@@ -1,0 +1,44 @@
+"""Service settings: from `retina-serve` flags, or from environment variables prefixed `RETINA_`
+(`RETINA_BUNDLE`, `RETINA_INDEX`, `RETINA_API_KEY`, `RETINA_MAX_UPLOAD_MB`, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MEGABYTE = 1024 * 1024
+
+
+class ServiceSettings(BaseSettings):
+    """Everything the service can be configured with; every field has an environment variable
+    `RETINA_<FIELD>` (e.g. `RETINA_MAX_UPLOAD_MB=5`)."""
+
+    model_config = SettingsConfigDict(env_prefix="RETINA_", extra="ignore")
+
+    bundle: Path | None = Field(default=None, description="The bundle folder (`retina-train export`).")
+    index: Path | None = Field(default=None, description="The index folder (`retina-index build`).")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, description="uvicorn worker processes, each with its own model copy.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="ONNX Runtime threads per graph (None: one per core).")
+    api_key: SecretStr | None = Field(
+        default=None, description="When set, every route but /healthz needs it (X-API-Key header or cookie)."
+    )
+    max_upload_mb: float = Field(default=20.0, gt=0, description="Largest accepted request body, in MB.")
+    max_image_pixels: int = Field(default=60_000_000, ge=1, description="Larger images are refused (bombs).")
+    max_text_chars: int = Field(default=20_000, ge=1, description="Longer texts are refused with 422.")
+    max_k: int = Field(default=100, ge=1, description="The largest `k` a search may ask for.")
+    batch_max: int = Field(default=16, ge=1, description="Most requests merged into one model run (1: no batching).")
+    batch_wait_ms: float = Field(
+        default=2.0, ge=0, description="How long a model run waits for more requests to join its batch."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """`max_upload_mb` in bytes."""
+        return int(self.max_upload_mb * MEGABYTE)
