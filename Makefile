@@ -9,6 +9,7 @@ DEMO_N ?= 3000
 DEMO_SEED ?= 1
 DEMO_EPOCHS ?= 6
 DEMO_MINUTES ?= 8
+DEMO_PORT ?= 8000
 
 RESULTS_DIR ?= runs/results
 RESULTS_MINUTES ?= 15
@@ -34,26 +35,11 @@ lint: setup
 	$(PY) -m ruff check training index service tests scripts
 
 # The embedded default: synthetic archive -> splits -> `tiny` trained and evaluated -> ONNX bundle -> FAISS
-# index -> an example query. The web service joins this target with issue 5 (see README, "Status").
+# index -> the service at http://127.0.0.1:$(DEMO_PORT)/. Stages already built for the same inputs (checked
+# by fingerprint) are reused, so a second `make demo` is serving within a minute.
 demo: setup
-	test -d $(DEMO_DIR)/archive || $(VENV)/bin/retina-train synth --out $(DEMO_DIR)/archive --n $(DEMO_N) \
-		--seed $(DEMO_SEED) --size 224 --contact-sheet $(DEMO_DIR)/contact_sheet.png
-	$(VENV)/bin/retina-index describe $(DEMO_DIR)/archive
-	$(VENV)/bin/retina-train split $(DEMO_DIR)/archive --out $(DEMO_DIR)/splits.json
-	test -f $(DEMO_DIR)/run/checkpoint/model.safetensors || $(VENV)/bin/retina-train fit --config tiny \
-		--archive $(DEMO_DIR)/archive --splits $(DEMO_DIR)/splits.json --out $(DEMO_DIR)/run \
-		--epochs $(DEMO_EPOCHS) --max-minutes $(DEMO_MINUTES)
-	test -f $(DEMO_DIR)/run/eval-test/metrics.json || $(VENV)/bin/retina-train evaluate --run $(DEMO_DIR)/run \
-		--archive $(DEMO_DIR)/archive --splits $(DEMO_DIR)/splits.json
-	test -f $(DEMO_DIR)/bundle/manifest.json || $(VENV)/bin/retina-train export --run $(DEMO_DIR)/run \
-		--archive $(DEMO_DIR)/archive --splits $(DEMO_DIR)/splits.json --out $(DEMO_DIR)/bundle
-	test -f $(DEMO_DIR)/index/index.json || $(VENV)/bin/retina-index build --bundle $(DEMO_DIR)/bundle \
-		--archive $(DEMO_DIR)/archive --out $(DEMO_DIR)/index
-	$(VENV)/bin/retina-index query --index $(DEMO_DIR)/index -k 5 \
-		--text "Left eye of a 60-year-old woman with diabetes: proliferative diabetic retinopathy with new vessels."
-	@echo "demo: stopped after the last stage that exists today: archive, splits, training, evaluation"
-	@echo "demo: ($(DEMO_DIR)/run/eval-test/report.md), ONNX bundle and FAISS index. The web service (issue 5)"
-	@echo "demo: is not built yet; query the index with: $(VENV)/bin/retina-index query --index $(DEMO_DIR)/index --text '...'"
+	$(VENV)/bin/retina-train demo --dir $(DEMO_DIR) --n $(DEMO_N) --seed $(DEMO_SEED) --epochs $(DEMO_EPOCHS) \
+		--max-minutes $(DEMO_MINUTES) --host 127.0.0.1 --port $(DEMO_PORT)
 
 # The README's Results table: ours (`tiny`) against the CLIP baseline, same archive, same time budget.
 results: setup

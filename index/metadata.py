@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from index.records import PATHOLOGY_FIELDS, Eye, FundusRecord, Sex
 
@@ -92,6 +92,12 @@ class Filters(BaseModel):
     exam_eye: EyeName | None = None
     age_min: float | None = None
     age_max: float | None = None
+
+    @model_validator(mode="after")
+    def _age_range_is_ordered(self) -> Filters:
+        if self.age_min is not None and self.age_max is not None and self.age_min > self.age_max:
+            raise ValueError(f"age_min ({self.age_min:g}) is more than age_max ({self.age_max:g})")
+        return self
 
     def is_empty(self) -> bool:
         """True when no condition is set."""

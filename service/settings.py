@@ -16,7 +16,7 @@ class ServiceSettings(BaseSettings):
     """Everything the service can be configured with; every field has an environment variable
     `RETINA_<FIELD>` (e.g. `RETINA_MAX_UPLOAD_MB=5`)."""
 
-    model_config = SettingsConfigDict(env_prefix="RETINA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="RETINA_", extra="ignore", env_ignore_empty=True)
 
     bundle: Path | None = Field(default=None, description="The bundle folder (`retina-train export`).")
     index: Path | None = Field(default=None, description="The index folder (`retina-index build`).")

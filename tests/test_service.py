@@ -17,8 +17,10 @@ from PIL import Image
 from service_server import Served, serve, tiny_index
 
 from index.brset import read_archive
+from index.embedder import Embedder
 from index.metadata import MetadataTable
-from index.store import read_info
+from index.preprocess import decode_image
+from index.store import open_index, read_info
 from service.settings import ServiceSettings
 
 QUERY = "Left eye of a 61-year-old woman: moderate non-proliferative diabetic retinopathy with hard exudates."
@@ -107,13 +109,20 @@ def test_text_search_filters_and_record_embeddings(served: Served) -> None:
         assert any("match the filters" in note for note in body["notes"])
 
 
-def test_image_search_finds_the_photograph_itself(served: Served, photo: tuple[int, bytes]) -> None:
+def test_image_search_matches_the_bare_model(served: Served, photo: tuple[int, bytes],
+                                             paths: tuple[Path, Path, Path]) -> None:
     photo_id, data = photo
     response = _post_image(served.url, "/search/image", data, k="5", filters='{"exam_eye": null}')
     assert response.status_code == 200, response.text
-    first = response.json()["neighbours"][0]
-    assert first["id"] == photo_id and first["score"] > 0.999
-    assert response.json()["predicted"]["sdrg"]["name"]
+    embedder = Embedder(paths[0], device="cpu")
+    expected = open_index(paths[1], embedder).search(embedder.embed_images([decode_image(data)]), 5)[0]
+    neighbours = response.json()["neighbours"]
+    assert [n["id"] for n in neighbours] == [hit.id for hit in expected]
+    assert [n["score"] for n in neighbours] == pytest.approx([hit.score for hit in expected], abs=1e-5)
+    assert photo_id in [n["id"] for n in neighbours] and neighbours[0]["score"] > 0.999
+    grades = embedder.grade(image=decode_image(data))
+    predicted = response.json()["predicted"]["icdr"]["probabilities"]
+    assert [p["probability"] for p in predicted] == pytest.approx(grades.icdr_probabilities.tolist(), abs=1e-5)
 
 
 def test_grade_from_each_modality_subset(served: Served, photo: tuple[int, bytes]) -> None:
@@ -186,6 +195,8 @@ def _bad_inputs(url: str, photo: bytes) -> list[tuple[str, httpx.Response, int, 
         ("unknown filter", post(text, json={"text": QUERY, "filters": {"colour": "red"}}), 422, "unknown"),
         ("unknown field", post(text, json={"text": QUERY, "top": 3}), 422, "unknown"),
         ("bad grade filter", post(text, json={"text": QUERY, "filters": {"icdr": ["two"]}}), 422, "icdr"),
+        ("age range reversed", post(text, json={"text": QUERY, "filters": {"age_min": 70, "age_max": 40}}), 422,
+         "age_min"),
         ("not JSON", post(text, content=b"{text", headers={"content-type": "application/json"}), 422, "JSON"),
         ("grade without input", post(url + "/grade", data={"text": ""}), 422, "at least one"),
         ("bad structured", post(url + "/grade", data={"text": QUERY, "structured": '{"age": 3}'}), 422, "unknown"),

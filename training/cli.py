@@ -302,5 +302,62 @@ def bench(
         print(f"{config:15s} fp32 {fp32:7.1f} samples/s   bf16 {bf16:7.1f} samples/s   bf16/fp32 {bf16 / fp32:4.2f}x")
 
 
+@app.command("bench-embed")
+def bench_embed(
+    out_dir: Annotated[Path, typer.Option(help="Folder for the ONNX towers and the reference embeddings.")],
+    config: Annotated[str, typer.Option(help="Model config (random init): tiny, paper, or a JSON path.")] = "tiny",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report to this JSON file.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images or texts per batch.")] = 16,
+    seconds: Annotated[float, typer.Option(min=0.0, help="Time budget per measurement.")] = 5.0,
+    export: Annotated[bool, typer.Option(help="Export the image and text towers to ONNX.")] = True,
+) -> None:
+    """Embedding throughput in PyTorch (eager fp32, bf16 autocast), FLOPs per item and matmul GFLOP/s, and
+    the towers exported to ONNX: the PyTorch half of `retina-index bench`."""
+    from training.embed_bench import run_embed_bench, write_report
+
+    try:
+        report = run_embed_bench(config, out_dir, batch_size=batch_size, seconds=seconds, export=export)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    if json_path is not None:
+        write_report(report, json_path)
+    towers = report["towers"]
+    for tower, data in towers.items():  # type: ignore[union-attr]
+        for engine in data["engines"]:
+            console.print(
+                f"{config} {tower}: {engine['engine']} {engine['items_per_second']:.1f} items/s, "
+                f"cosine {engine['min_cosine']:.5f}, {data['gflop_per_item']:.2f} GFLOP/item"
+            )
+
+
 if __name__ == "__main__":
     app()
+
+
+@app.command()
+def demo(
+    folder: Annotated[Path, typer.Option("--dir", help="The demo folder (created; reused later).")] = Path("demo"),
+    n: Annotated[int, typer.Option(min=10, help="Synthetic records.")] = 3000,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic archive.")] = 1,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of `tiny`.")] = 6,
+    max_minutes: Annotated[float, typer.Option(help="Training time budget, minutes.")] = 8.0,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the service when ready.")] = True,
+    host: Annotated[str, typer.Option(help="Address the service listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the service.")] = 8000,
+) -> None:
+    """The embedded default, end to end: synthetic archive, splits, `tiny` trained and evaluated, ONNX
+    bundle, FAISS index, then the service. Stages already built for the same inputs (by fingerprint) are
+    reused, so a second run is serving within a minute."""
+    from training.demo import DemoError, DemoOptions, prepare
+    from training.demo import serve as start_service
+
+    started = time.perf_counter()
+    try:
+        paths = prepare(DemoOptions(root=folder, n=n, seed=seed, epochs=epochs, max_minutes=max_minutes), console)
+    except DemoError as error:
+        raise _fail(str(error)) from None
+    seconds = time.perf_counter() - started
+    console.print(f"demo ready in {seconds:.0f} s: evaluation report {paths.evaluation}/report.md")
+    if serve:
+        console.print(f"[bold]serving the demo at http://{host}:{port}/ (Ctrl+C to stop)[/bold]")
+        start_service(paths, host, port)

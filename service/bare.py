@@ -1,0 +1,57 @@
+"""The bare model, in process and without HTTP: what the service's overhead and throughput are measured
+against (`retina-serve bench --bundle B --index I`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from index.embedder import Embedder, GradeInput
+from index.store import open_index
+from service.loadtest import QUERIES
+
+
+@dataclass(frozen=True)
+class BareResult:
+    """Text search (embed + grade + search) on the bare model."""
+
+    single_p50_ms: float  # one query at a time
+    batched_queries_per_s: float  # batches of `batch_size` queries
+    batch_size: int
+
+
+def measure_bare_text_search(
+    bundle: Path, index: Path, seconds: float = 10.0, batch_size: int = 16, k: int = 10, device: str = "auto"
+) -> BareResult:
+    """Time what one `/search/text` does, with no server: one query at a time (p50 latency) and in
+    batches of `batch_size` (queries/s), `seconds` each."""
+    embedder = Embedder(bundle, device=device)  # type: ignore[arg-type]
+    store = open_index(index, embedder)
+
+    def run(texts: list[str]) -> None:
+        vectors = embedder.embed_texts(texts, batch_size=len(texts)).vectors
+        embedder.grade_many([GradeInput(text=text) for text in texts])
+        store.search(vectors, k)
+
+    run([QUERIES[0]])  # warm-up
+    single: list[float] = []
+    deadline = time.perf_counter() + seconds
+    i = 0
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        run([QUERIES[i % len(QUERIES)]])
+        single.append(time.perf_counter() - started)
+        i += 1
+    done = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run([QUERIES[(done + j) % len(QUERIES)] for j in range(batch_size)])
+        done += batch_size
+    return BareResult(
+        single_p50_ms=float(np.percentile(np.array(single) * 1000, 50)),
+        batched_queries_per_s=done / (time.perf_counter() - started),
+        batch_size=batch_size,
+    )

@@ -1,0 +1,60 @@
+"""`retina-train demo`: stages are reused by fingerprint and rebuilt when stale."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from service_server import tiny_index
+
+from training import demo
+from training.demo import DemoError, DemoOptions, prepare
+
+
+@pytest.fixture()
+def built(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A demo folder holding the session's tiny archive, splits, run, bundle and index (n=64, seed 1)."""
+    tiny, index = tiny_index(tmp_path_factory)
+    root = tmp_path / "demo"
+    root.mkdir()
+    shutil.copytree(tiny.archive, root / "archive")
+    shutil.copy2(tiny.splits, root / "splits.json")
+    shutil.copytree(tiny.run, root / "run")
+    shutil.copytree(tiny.bundle, root / "bundle")
+    shutil.copytree(index, root / "index")
+    evaluation = root / "run" / "eval-test"
+    evaluation.mkdir(exist_ok=True)
+    (evaluation / "metrics.json").write_text("{}")
+    return root
+
+
+@pytest.fixture()
+def stages(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The stages the demo runs (recorded, not executed)."""
+    ran: list[str] = []
+    monkeypatch.setattr(demo, "_run", lambda console, title, command: ran.append(title))
+    return ran
+
+
+def test_everything_built_for_the_same_inputs_is_reused(built: Path, stages: list[str]) -> None:
+    paths = prepare(DemoOptions(root=built, n=64, seed=1))
+    assert stages == []
+    assert paths.index == built / "index" and paths.bundle == built / "bundle"
+
+
+def test_an_index_built_with_another_bundle_is_rebuilt(built: Path, stages: list[str]) -> None:
+    info_path = built / "index" / "index.json"
+    info = json.loads(info_path.read_text())
+    info["bundle_fingerprint"] = "0000000000000000"
+    info_path.write_text(json.dumps(info))
+    prepare(DemoOptions(root=built, n=64, seed=1))
+    assert stages == ["6/6 FAISS index of the archive"]
+    assert not (built / "index").exists()  # the stale index was removed before the rebuild
+
+
+def test_an_archive_generated_differently_is_refused(built: Path, stages: list[str]) -> None:
+    with pytest.raises(DemoError, match="make clean"):
+        prepare(DemoOptions(root=built, n=3000, seed=1))
+    assert stages == []

@@ -1,0 +1,70 @@
+"""MicroBatcher: concurrent submissions merge into batches; one bad input fails only its own request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batching import MicroBatcher
+
+
+def _double(items: Sequence[int]) -> list[int]:
+    if any(item < 0 for item in items):
+        raise ValueError("negative input")
+    return [2 * item for item in items]
+
+
+async def _submit_all(batcher: MicroBatcher[int, int], items: list[int]) -> list[int | BaseException]:
+    batcher.start()
+    try:
+        return await asyncio.gather(*(batcher.submit(item) for item in items), return_exceptions=True)
+    finally:
+        await batcher.stop()
+
+
+def test_concurrent_requests_are_merged_up_to_max_batch() -> None:
+    sizes: list[int] = []
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher("double", _double, pool, max_batch=8, max_wait_s=0.05,
+                               on_batch=lambda name, size, seconds: sizes.append(size))
+        results = asyncio.run(_submit_all(batcher, list(range(20))))
+    assert results == [2 * i for i in range(20)]
+    assert sum(sizes) == 20 and max(sizes) == 8 and len(sizes) < 20
+
+
+def test_one_bad_input_fails_only_its_request() -> None:
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher("double", _double, pool, max_batch=8, max_wait_s=0.05)
+        results = asyncio.run(_submit_all(batcher, [1, -1, 3]))
+    assert results[0] == 2 and results[2] == 6
+    assert isinstance(results[1], ValueError) and "negative" in str(results[1])
+
+
+def test_a_model_failure_reaches_every_request_of_the_batch() -> None:
+    def broken(items: Sequence[int]) -> list[int]:
+        raise RuntimeError("onnxruntime failed")
+
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher("broken", broken, pool, max_batch=4, max_wait_s=0.05)
+        results = asyncio.run(_submit_all(batcher, [1, 2]))
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_batch_size_one_disables_batching_and_bad_sizes_are_refused() -> None:
+    sizes: list[int] = []
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher("double", _double, pool, max_batch=1, on_batch=lambda n, s, t: sizes.append(s))
+        assert asyncio.run(_submit_all(batcher, [1, 2, 3])) == [2, 4, 6]
+        with pytest.raises(ValueError, match="max_batch"):
+            MicroBatcher("x", _double, pool, max_batch=0)
+    assert sizes == [1, 1, 1]
+
+
+def test_submit_before_start_is_an_error() -> None:
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher("double", _double, pool)
+        with pytest.raises(RuntimeError, match="not started"):
+            asyncio.run(batcher.submit(1))
