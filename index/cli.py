@@ -146,6 +146,45 @@ def query(
         console.print("no results (do the filters exclude everything?)")
 
 
+@app.command()
+def bench(
+    models: Annotated[str, typer.Option(help="Model configs (random init), comma-separated.")] = "tiny,paper",
+    sizes: Annotated[str, typer.Option(help="Index sizes to search, comma-separated (1e4,1e5,1e6).")] = "1e4,1e5,1e6",
+    kinds: Annotated[
+        str, typer.Option(help="Index kinds to search: flat, auto (choose_kind's pick), ivf, hnsw, ivfpq.")
+    ] = "flat,auto,ivf,hnsw",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images or texts per embedding batch.")] = 16,
+    seconds: Annotated[float, typer.Option(min=0.0, help="Time budget per measurement.")] = 5.0,
+    queries: Annotated[int, typer.Option(min=1, help="Single-query searches per index (at most).")] = 300,
+    search_threads: Annotated[
+        str, typer.Option(help="FAISS thread counts to time searches with, comma-separated (default: all, then 1).")
+    ] = "",
+    dim: Annotated[int, typer.Option(min=2, help="Width of the searched vectors.")] = 256,
+    index: Annotated[
+        Path | None, typer.Option(help="Draw the search vectors from a mixture fitted to this index's embeddings.")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Save every number to this JSON file.")] = None,
+    skip_embed: Annotated[bool, typer.Option("--skip-embed", help="Skip the embedding benchmark.")] = False,
+    skip_search: Annotated[bool, typer.Option("--skip-search", help="Skip the search benchmark.")] = False,
+) -> None:
+    """Benchmark this machine: embedding throughput per engine (PyTorch, ONNX Runtime, OpenVINO; cosine to
+    fp32, roofline) and single-query search latency and recall@10 at each size, against the targets."""
+    from index.bench import BenchOptions, parse_list, parse_sizes, parse_threads, run_bench, write_json
+
+    try:
+        options = BenchOptions(
+            models=parse_list(models), sizes=parse_sizes(sizes), kinds=parse_list(kinds), batch_size=batch_size,
+            seconds=seconds, queries=queries, search_threads=parse_threads(search_threads), dim=dim,
+            index=index, skip_embed=skip_embed, skip_search=skip_search,
+        )
+        report = run_bench(options, console, Console(width=200))
+    except (ValueError, RuntimeError, IndexStoreError) as error:
+        raise _fail(str(error)) from None
+    if json_path is not None:
+        write_json(report, json_path)
+        console.print(f"wrote {json_path}")
+
+
 def _text(value: object) -> str:
     if value is None:
         return "-"

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 from PIL import Image
 
@@ -81,6 +82,7 @@ class Engine:
     def load(self) -> None:
         """Open the bundle and the index (blocking). Failures are kept in `error` for /readyz."""
         started = time.perf_counter()
+        faiss.omp_set_num_threads(self.settings.faiss_threads)
         try:
             if self.settings.bundle is None or self.settings.index is None:
                 raise NotReady("no bundle or index configured: start with --bundle BUNDLE --index INDEX")

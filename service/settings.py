@@ -25,6 +25,11 @@ class ServiceSettings(BaseSettings):
     workers: int = Field(default=1, ge=1, description="uvicorn worker processes, each with its own model copy.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(default=None, ge=1, description="ONNX Runtime threads per graph (None: one per core).")
+    faiss_threads: int = Field(
+        default=1, ge=1,
+        description="OpenMP threads of one FAISS search. 1: searches of concurrent requests run side by side and "
+        "never wait for a thread the model holds (measured: IVF p50 0.40 ms with 1 thread, 0.69 ms with 2).",
+    )
     api_key: SecretStr | None = Field(
         default=None, description="When set, every route but /healthz needs it (X-API-Key header or cookie)."
     )

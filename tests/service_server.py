@@ -16,7 +16,10 @@ import pytest
 import uvicorn
 from bundle_factory import TinyBundle, tiny_bundle
 
+from index.brset import read_archive
 from index.build import BuildOptions, build_index
+from index.metadata import MetadataTable
+from index.store import read_info
 from service.app import create_app
 from service.settings import ServiceSettings
 
@@ -48,6 +51,15 @@ def tiny_index(factory: pytest.TempPathFactory) -> tuple[TinyBundle, Path]:
         build_index(BuildOptions(bundle=tiny.bundle, archive=tiny.archive, out=out, batch_size=16, device="cpu"))
         _indexes["tiny"] = out
     return tiny, _indexes["tiny"]
+
+
+def indexed_photo(index: Path, archive: Path) -> tuple[int, bytes]:
+    """The first indexed photograph of an index: (its id, its file's bytes)."""
+    info = read_info(index)
+    table = MetadataTable.open(index / info.files.metadata)
+    first_id = int(table.ids()[0])
+    row = table.get([first_id])[first_id]
+    return first_id, (Path(read_archive(archive, check_photos=False).root) / row.path).read_bytes()
 
 
 @contextmanager

@@ -233,6 +233,4 @@ def test_grade(ready: Stack) -> None:
     status, body = _request(f"{ready.base_url}/grade", data=data, headers={"Content-Type": content_type})
     assert status == 200, f"HTTP {status}: {body[:1000]!r}\n{ready.logs()}"
     answer = json.loads(body)
-    # The grades sit under `predicted` as in the search responses, or at the top level.
-    icdr = answer.get("predicted", answer)["icdr"]
-    assert icdr["grade"] in range(5), body[:1000]
+    assert answer["icdr"]["grade"] in range(5) and answer["modalities"] == ["image"], body[:1000]

@@ -14,11 +14,9 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_server import Served, serve, tiny_index
+from service_server import Served, indexed_photo, serve, tiny_index
 
-from index.brset import read_archive
 from index.embedder import Embedder
-from index.metadata import MetadataTable
 from index.preprocess import decode_image
 from index.store import open_index, read_info
 from service.settings import ServiceSettings
@@ -44,13 +42,9 @@ def served(paths: tuple[Path, Path, Path]) -> Iterator[Served]:
 
 @pytest.fixture(scope="module")
 def photo(paths: tuple[Path, Path, Path]) -> tuple[int, bytes]:
-    """An indexed archive photograph: (its id in the index, its JPEG bytes)."""
+    """An indexed archive photograph: (its id in the index, its bytes)."""
     _, index, archive = paths
-    info = read_info(index)
-    table = MetadataTable.open(index / info.files.metadata)
-    first_id = int(table.ids()[0])
-    row = table.get([first_id])[first_id]
-    return first_id, (Path(read_archive(archive, check_photos=False).root) / row.path).read_bytes()
+    return indexed_photo(index, archive)
 
 
 def _jpeg(image: Image.Image) -> bytes:

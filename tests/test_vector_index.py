@@ -230,7 +230,9 @@ def test_bad_input_is_refused(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -
 def test_choose_kind_rules() -> None:
     gib = 1 << 30
     assert choose_kind(10_000, 512, memory_budget_bytes=16 * gib) == "flat"
-    assert choose_kind(1_000_000, 512, memory_budget_bytes=16 * gib) == "flat"  # 2 GB of raw vectors
+    assert choose_kind(20_000, 512, memory_budget_bytes=16 * gib) == "flat"
+    assert choose_kind(20_001, 512, memory_budget_bytes=16 * gib) == "ivf"  # flat would be too slow a query
+    assert choose_kind(1_000_000, 512, memory_budget_bytes=16 * gib) == "ivf"  # 2 GB of raw vectors
     assert choose_kind(100_000_000, 512, memory_budget_bytes=64 * gib) == "ivfpq"  # 205 GB raw
     assert choose_kind(100_000_000, 512, memory_budget_bytes=1024 * gib) == "ivf"  # fits, too many for flat
     assert choose_kind(5_000_000, 256, memory_budget_bytes=64 * gib) == "ivf"
@@ -239,6 +241,7 @@ def test_choose_kind_rules() -> None:
     # nlist: ~4 sqrt(n) as a power of two, >= 39 training points per list, fixed sizes for big n
     assert ivf_nlist(10_000) == 256
     assert ivf_nlist(100_000) == 1024
+    assert ivf_nlist(1_000_000) == 4096
     assert ivf_nlist(5_000_000) == 16_384
     assert ivf_nlist(100_000_000) == 65_536
     assert ivf_nlist(60) == 1 and ivf_nlist(1000) == 25

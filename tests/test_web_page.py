@@ -14,11 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service_server import Served, serve, tiny_index
+from service_server import Served, indexed_photo, serve, tiny_index
 
-from index.brset import read_archive
-from index.metadata import MetadataTable
-from index.store import read_info
 from service.settings import ServiceSettings
 
 CHROMIUM = Path(os.environ.get("RETINA_CHROMIUM", "/usr/bin/chromium"))
@@ -62,11 +59,7 @@ def served(paths: tuple[Path, Path, Path]) -> Iterator[Served]:
 def photo(paths: tuple[Path, Path, Path]) -> tuple[int, bytes]:
     """An indexed archive photograph: (its id in the index, its bytes)."""
     _, index, archive = paths
-    info = read_info(index)
-    table = MetadataTable.open(index / info.files.metadata)
-    first_id = int(table.ids()[0])
-    row = table.get([first_id])[first_id]
-    return first_id, (Path(read_archive(archive, check_photos=False).root) / row.path).read_bytes()
+    return indexed_photo(index, archive)
 
 
 @pytest.fixture(scope="module")
