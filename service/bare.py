@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from index.embedder import Embedder, GradeInput
@@ -24,10 +25,13 @@ class BareResult:
 
 
 def measure_bare_text_search(
-    bundle: Path, index: Path, seconds: float = 10.0, batch_size: int = 16, k: int = 10, device: str = "auto"
+    bundle: Path, index: Path, seconds: float = 10.0, batch_size: int = 16, k: int = 10, device: str = "auto",
+    faiss_threads: int = 1,
 ) -> BareResult:
     """Time what one `/search/text` does, with no server: one query at a time (p50 latency) and in
-    batches of `batch_size` (queries/s), `seconds` each."""
+    batches of `batch_size` (queries/s), `seconds` each. FAISS runs with `faiss_threads` OpenMP threads,
+    as the service does (its default is 1: more OpenMP threads spin against ONNX Runtime's own)."""
+    faiss.omp_set_num_threads(faiss_threads)
     embedder = Embedder(bundle, device=device)  # type: ignore[arg-type]
     store = open_index(index, embedder)
 

@@ -2,8 +2,10 @@
 
 On a CPU, one ONNX Runtime run of 8 texts costs far less than 8 runs of one (fixed per-run overhead,
 better matrix shapes), so under load the service answers more requests per second when it batches.
-A `MicroBatcher` owns one model call: the first request waits at most `max_wait_s` for others to join,
-up to `max_batch`; the batch then runs in a worker thread, off the event loop. Batches run one at a time
+A `MicroBatcher` owns one model call: a batch takes every request already queued (up to `max_batch`),
+waiting at most `max_wait_s` for more, and runs in a worker thread, off the event loop. With no wait
+(the service's default), requests that arrive while a batch runs form the next batch, so a lone request
+is never delayed and batches grow with the load. Batches run one at a time
 per batcher (ONNX Runtime already uses every core for one run; two at once would only compete).
 """
 
@@ -35,7 +37,7 @@ class MicroBatcher(Generic[In, Out]):
         run_batch: Callable[[Sequence[In]], Sequence[Out]],
         executor: Executor,
         max_batch: int = 16,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
         on_batch: Callable[[str, int, float], None] | None = None,
     ) -> None:
         """`on_batch(name, batch size, seconds)` is called after each run (for metrics)."""

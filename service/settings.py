@@ -39,7 +39,10 @@ class ServiceSettings(BaseSettings):
     max_k: int = Field(default=100, ge=1, description="The largest `k` a search may ask for.")
     batch_max: int = Field(default=16, ge=1, description="Most requests merged into one model run (1: no batching).")
     batch_wait_ms: float = Field(
-        default=2.0, ge=0, description="How long a model run waits for more requests to join its batch."
+        default=0.0, ge=0,
+        description="How long a model run waits for more requests to join its batch. 0: none; requests that "
+        "arrive while a batch runs form the next one (measured: 2 ms of waiting cost 2 ms of latency at one "
+        "client and gained nothing at 16).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
