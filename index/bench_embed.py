@@ -77,21 +77,22 @@ def cpu_model() -> str:
     return f"{name} ({', '.join(present) or 'no AVX-512'})"
 
 
-def throughput(call: Callable[[], object], items: int, seconds: float, min_repeats: int = 2) -> float:
-    """items/s: one untimed warm-up call, then calls until `seconds` have passed (at least `min_repeats`)."""
+def throughput(call: Callable[[], object], items: int, seconds: float, min_repeats: int = 2) -> tuple[float, int]:
+    """(items/s, calls timed): one untimed warm-up call, then calls until `seconds` have passed (at least
+    `min_repeats`)."""
     call()
     repeats = 0
     started = time.perf_counter()
     while repeats < min_repeats or time.perf_counter() - started < seconds:
         call()
         repeats += 1
-    return items * repeats / (time.perf_counter() - started)
+    return items * repeats / (time.perf_counter() - started), repeats
 
 
 def peak_rate(call: Callable[[], object], seconds: float, rounds: int = PEAK_ROUNDS) -> float:
     """Calls/s of the best of `rounds` short timings (a peak: the rounds that other processes slowed
     down are discarded)."""
-    return max(throughput(call, 1, seconds / rounds, min_repeats=2) for _ in range(rounds))
+    return max(throughput(call, 1, seconds / rounds, min_repeats=2)[0] for _ in range(rounds))
 
 
 def numpy_matmul_gflops(size: int = MATMUL_SIZE, seconds: float = 1.0) -> float:
@@ -245,7 +246,7 @@ def time_ort(tower: Tower, path: Path, engine: str, precision: str, seconds: flo
             session.run(None, tower.feeds)
 
         got = session.run(None, tower.feeds)[0]
-    rate = throughput(call, tower.batch, seconds)
+    rate, _ = throughput(call, tower.batch, seconds)
     return EngineResult(engine, precision, rate, min_cosine(got, tower.reference), note)
 
 
@@ -353,7 +354,7 @@ def time_openvino(compiled, tower: Tower, engine: str, precision: str, seconds: 
 
     call()
     got = np.concatenate([o for o in outputs if o is not None])
-    rate = throughput(call, tower.batch, seconds)
+    rate, _ = throughput(call, tower.batch, seconds)
     return EngineResult(engine, precision, rate, min_cosine(got, tower.reference), note)
 
 

@@ -29,6 +29,7 @@ from index.vector_index import (
     VectorIndex,
     choose_kind,
     ivf_nlist,
+    recall_at_k,
     train_size,
     tune_search_params,
 )
@@ -230,17 +231,6 @@ class SearchResult:
         out = asdict(self)
         out["meets_target"] = self.meets_target()
         return out
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean share of each row's true top-k ids (>= 0) that `found` also holds ("k-recall@k", as
-    `index.vector_index.measure_recall` computes it)."""
-    hits = total = 0
-    for true_row, found_row in zip(truth, found, strict=True):
-        wanted = set(true_row[true_row >= 0].tolist())
-        total += len(wanted)
-        hits += len(wanted.intersection(found_row.tolist()))
-    return 1.0 if total == 0 else hits / total
 
 
 def time_single_queries(

@@ -527,9 +527,12 @@ def measure_recall(
     else:
         ids = np.arange(len(exact), dtype=np.int64) if exact_ids is None else exact_ids
         truth = exact_search(exact, ids, queries, k)
-    found = index.search(queries, k, params)[1]
-    hits = 0
-    total = 0
+    return recall_at_k(index.search(queries, k, params)[1], truth)
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each row's true top-k ids (>= 0) that `found` also holds ("k-recall@k")."""
+    hits = total = 0
     for true_row, found_row in zip(truth, found, strict=True):
         wanted = set(true_row[true_row >= 0].tolist())
         total += len(wanted)

@@ -15,7 +15,6 @@ import importlib.util
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from index.bench_embed import throughput
 from index.bundle import IMAGE_ENCODER, TEXT_ENCODER
 from training.export import ImageEncoder, TextEncoder, _export_graph
 from training.model.factory import create_model
@@ -66,18 +66,6 @@ def bench_inputs(model: RetinaAlignModel, batch_size: int, seed: int = 0) -> dic
 def cosine_rows(a: Tensor, b: Tensor) -> Tensor:
     """Row-wise cosine similarity of two (N, D) tensors."""
     return nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
-
-
-def throughput(call: Callable[[], object], items: int, seconds: float, min_repeats: int = 2) -> tuple[float, int]:
-    """(items/s, batches timed): one untimed warm-up call, then calls until `seconds` have passed
-    (at least `min_repeats`)."""
-    call()
-    repeats = 0
-    started = time.perf_counter()
-    while repeats < min_repeats or time.perf_counter() - started < seconds:
-        call()
-        repeats += 1
-    return items * repeats / (time.perf_counter() - started), repeats
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = MATMUL_SIZE, seconds: float = 2.0) -> float:
