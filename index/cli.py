@@ -185,6 +185,72 @@ def bench(
         console.print(f"wrote {json_path}")
 
 
+@app.command("import")
+def import_(
+    images: Annotated[Path, typer.Option(help="The folder of photographs (not searched recursively).")],
+    labels: Annotated[Path, typer.Option(help="The label file (CSV, TSV or semicolon-separated).")],
+    out: Annotated[Path, typer.Option(help="The BRSET-layout archive folder to write (new or empty).")],
+    map_: Annotated[
+        str,
+        typer.Option("--map", help="auto, a built-in mapping (eyepacs, aptos2019, idrid, messidor2) or a JSON file."),
+    ] = "auto",
+    link: Annotated[bool, typer.Option("--link", help="Hard-link the photos instead of copying them.")] = False,
+    symlink: Annotated[bool, typer.Option("--symlink", help="Symlink the photos instead of copying them.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT.")] = False,
+) -> None:
+    """Turn a folder of photographs plus a label spreadsheet into a BRSET-layout archive (labels.csv,
+    fundus_photos/, import_report.json). Photos are copied (or linked), never modified; unreadable files,
+    duplicate ids, rows without a photo and photos without a row are reported, not fatal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from index.importer import ArchiveImportError, LinkMode, import_archive
+
+    if link and symlink:
+        raise _fail("give at most one of --link and --symlink")
+    mode: LinkMode = "hardlink" if link else "symlink" if symlink else "copy"
+    columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("import", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        try:
+            report = import_archive(images, labels, out, mapping=map_, link=mode, overwrite=overwrite,
+                                    progress=advance)
+        except ArchiveImportError as error:
+            raise _fail(str(error)) from None
+        except OSError as error:
+            raise _fail(f"import failed: {error}") from None
+    table = Table(title=f"archive {out}", show_header=False)
+    table.add_row("mapping", report.mapping)
+    table.add_row("columns", ", ".join(f"{column} -> {field}" for column, field in report.columns_used.items()))
+    if report.columns_ignored:
+        table.add_row("ignored columns", ", ".join(report.columns_ignored))
+    table.add_row("rows", f"{report.rows:,}")
+    table.add_row("imported", f"{report.imported:,} photographs ({report.link}), {report.patients:,} patients")
+    table.add_row("skipped files", f"{len(report.skipped):,}")
+    table.add_row("duplicate ids", f"{len(report.duplicates):,}")
+    table.add_row("rows without photo", f"{len(report.rows_without_photo):,}")
+    table.add_row("photos without row", f"{len(report.photos_without_row):,}")
+    table.add_row("rejected rows", f"{len(report.rejected_rows):,}")
+    table.add_row("rejected values", f"{sum(group.count for group in report.rejected_values):,}")
+    table.add_row("ICDR grades", ", ".join(f"{grade}: {count:,}" for grade, count in report.icdr_counts.items()))
+    console.print(table)
+    for skipped in report.skipped:
+        console.print(f"skipped {skipped.file}: {skipped.reason}", highlight=False, soft_wrap=True)
+    for problem in report.duplicates + report.rows_without_photo + report.rejected_rows:
+        console.print(f"line {problem.line}: {problem.image_id or '-'}: {problem.reason}", highlight=False,
+                      soft_wrap=True)
+    if report.photos_without_row:
+        shown = ", ".join(report.photos_without_row[:10])
+        more = len(report.photos_without_row) - 10
+        console.print(f"photos without a row: {shown}" + (f" (+{more:,} more)" if more > 0 else ""), highlight=False)
+    for group in report.rejected_values:
+        console.print(f"rejected {group.count:,} x {group.column}={group.value!r} ({group.reason})", highlight=False)
+    console.print(f"report: {out / 'import_report.json'}", highlight=False)
+
+
 def _text(value: object) -> str:
     if value is None:
         return "-"
