@@ -156,3 +156,9 @@ def test_ddp_infonce_sees_the_global_batch_with_gradients(tmp_path: Path) -> Non
     torch.testing.assert_close((out[0][0] + out[1][0]) / 2, full.detach())
     torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]) / 2, full_a.grad)
     torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]) / 2, full_b.grad)
+
+
+def test_class_weights_of_a_scale_without_labels_are_uniform() -> None:
+    assert class_weights([0, 0, 0, 0, 0]).tolist() == [1.0] * 5  # e.g. SDRG on an EyePACS import
+    with pytest.raises(ValueError, match="non-negative"):
+        class_weights([3, -1, 0, 0, 0])

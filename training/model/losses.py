@@ -73,12 +73,13 @@ def weighted_cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | Non
 def class_weights(counts: Sequence[int], scheme: Literal["inverse_sqrt", "inverse", "none"] = "inverse_sqrt") -> Tensor:
     """Class weights from training-split counts: 1/sqrt(n) or 1/n, scaled so a sample weighs 1 on average.
 
-    A class never seen gets weight 0 (it has no rows to weigh anyway).
+    A class never seen gets weight 0 (it has no rows to weigh anyway). A scale with no labels at all (an
+    archive without SDRG grades, e.g. EyePACS) gets uniform weights: every row of it is ignored by the loss.
     """
     n = torch.as_tensor(list(counts), dtype=torch.float64)
-    if (n < 0).any() or n.sum() <= 0:
-        raise ValueError(f"class counts must be non-negative with a positive total, got {list(counts)}")
-    if scheme == "none":
+    if (n < 0).any():
+        raise ValueError(f"class counts must be non-negative, got {list(counts)}")
+    if scheme == "none" or n.sum() == 0:
         return torch.ones(len(n), dtype=torch.float32)
     power = 0.5 if scheme == "inverse_sqrt" else 1.0
     w = torch.where(n > 0, n.clamp(min=1) ** -power, torch.zeros_like(n))
