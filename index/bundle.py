@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from index.preprocess import ImageSpec
+from index.preprocess import Illumination, ImageSpec
 from index.tabular import FeatureSpec
 
 SCHEMA_VERSION = 1
@@ -47,10 +47,13 @@ class ImageSettings(BaseModel):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_fov: bool = True
+    illumination: Illumination = "none"
 
     def spec(self) -> ImageSpec:
         """The numpy preprocessing spec for `index.preprocess`."""
-        return ImageSpec(size=self.size, mean=self.mean, std=self.std, crop_fov=self.crop_fov)
+        return ImageSpec(
+            size=self.size, mean=self.mean, std=self.std, crop_fov=self.crop_fov, illumination=self.illumination
+        )
 
 
 class TextSettings(BaseModel):

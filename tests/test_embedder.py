@@ -74,7 +74,7 @@ def test_image_embeddings_match_pytorch(embedder: Embedder, run: LoadedRun, samp
     pixels = batch_model_inputs(images, embedder.image_spec)
     # The service's preprocessing (numpy, constants from the bundle) is the training preprocessing.
     archive = read_archive(tiny.archive)
-    trained = np.stack([load_photo(archive.photo_path(r.image_id), embedder.image_spec.size) for r in records])
+    trained = np.stack([load_photo(archive.photo_path(r.image_id), embedder.image_spec) for r in records])
     config = run.model.config.vision
     np.testing.assert_allclose(pixels, normalise(torch.from_numpy(trained), config.mean, config.std).numpy(),
                                atol=1e-6)

@@ -152,6 +152,13 @@ def test_a_newer_schema_version_is_refused(copy: Path) -> None:
         read_manifest(copy)
 
 
+def test_a_bundle_from_before_illumination_settings_loads_without_them(copy: Path) -> None:
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    assert manifest["image"].pop("illumination") == "none"
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert read_manifest(copy).image.spec().illumination == "none"
+
+
 def test_not_a_bundle_folder(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="not a bundle"):
         read_manifest(tmp_path)

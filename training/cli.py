@@ -159,6 +159,10 @@ def fit(
     balance: Annotated[
         float, typer.Option(help="Grade-balanced sampling: draw rows with probability count(grade)^-balance (0: off).")
     ] = 0.0,
+    illumination: Annotated[
+        str | None,
+        typer.Option(help="Photograph illumination normalisation: none or local-contrast (default: the config's)."),
+    ] = None,
 ) -> None:
     """Train the multimodal model (or the CLIP baseline) on an archive's training split."""
     from training.train import STATE_FILE, FitOptions, RunFiles
@@ -166,6 +170,8 @@ def fit(
 
     if precision not in ("bf16", "fp32"):
         raise _fail(f"--precision must be bf16 or fp32, not {precision!r}")
+    if illumination not in (None, "none", "local-contrast"):
+        raise _fail(f"--illumination must be none or local-contrast, not {illumination!r}")
     files = RunFiles(out)
     if resume and not (files.checkpoint / STATE_FILE).is_file():
         raise _fail(f"--resume: {out} has no checkpoint to resume from")
@@ -174,7 +180,7 @@ def fit(
     options = FitOptions(
         config=config, archive=archive, splits=splits, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
         precision=precision, seed=seed, init=init, max_minutes=max_minutes, max_steps=max_steps,
-        checkpoint_every=checkpoint_every, balance=balance,
+        checkpoint_every=checkpoint_every, balance=balance, illumination=illumination,
     )
     with _progress() as progress:
         loading = progress.add_task("decoding photographs", total=None, rate="")

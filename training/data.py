@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from index.brset import Archive
 from index.narratives import write_narrative
-from index.preprocess import crop_to_square, decode_image
+from index.preprocess import ImageSpec, decode_image, model_pixels
 from index.records import FundusRecord
 from index.tabular import FeatureSpec
 from training.model.losses import IGNORE_INDEX
@@ -45,16 +44,16 @@ class SplitData:
         return len(self.records)
 
 
-def load_photo(path: Path, size: int) -> np.ndarray:
-    """One archive photograph as a (size, size, 3) uint8 array (decode, FOV crop, square, resize)."""
-    square = crop_to_square(decode_image(path))
-    return np.asarray(square.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0))
+def load_photo(path: Path, image_spec: ImageSpec) -> np.ndarray:
+    """One archive photograph as a (size, size, 3) uint8 array, prepared exactly as serving prepares it
+    (`index.preprocess.model_pixels`: decode, FOV crop, square, resize, illumination)."""
+    return model_pixels(decode_image(path), image_spec)
 
 
 def load_split(
     archive: Archive,
     image_ids: Sequence[str],
-    size: int,
+    image_spec: ImageSpec,
     spec: FeatureSpec,
     on_progress: Callable[[int], None] | None = None,
 ) -> SplitData:
@@ -72,7 +71,7 @@ def load_split(
         paths.append(path)
 
     def load(path: Path) -> np.ndarray:
-        array = load_photo(path, size)
+        array = load_photo(path, image_spec)
         if on_progress:
             on_progress(1)
         return array
@@ -81,7 +80,7 @@ def load_split(
         images = list(pool.map(load, paths))
     return SplitData(
         records=records,
-        images=np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+        images=np.stack(images) if images else np.zeros((0, image_spec.size, image_spec.size, 3), np.uint8),
         tabular=spec.transform(records),
         icdr=np.array([IGNORE_INDEX if r.dr_icdr is None else r.dr_icdr for r in records], dtype=np.int64),
         sdrg=np.array([IGNORE_INDEX if r.dr_sdrg is None else r.dr_sdrg for r in records], dtype=np.int64),

@@ -246,8 +246,7 @@ def evaluate_deepeyenet(run_dir: Path, root: Path, split: str = "test", batch_si
     if not cases:
         raise ValueError(f"{root}: no DeepEyeNet {split} case has its photograph")
     config = run.model.config
-    size = config.vision.image_size
-    images = np.stack([load_photo(c.image_path, size) for c in cases])
+    images = np.stack([load_photo(c.image_path, config.vision.image_spec()) for c in cases])
     texts = [f"{c.description} Keywords: {', '.join(c.keywords)}." for c in cases]
     image_rows, text_rows = [], []
     for rows in _batches(len(cases), batch_size):

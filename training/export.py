@@ -327,7 +327,7 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
             icdr_names=list(ICDR_NAMES),
             sdrg_names=list(SDRG_NAMES),
             image=ImageSettings(size=config.vision.image_size, mean=tuple(config.vision.mean),
-                                std=tuple(config.vision.std)),
+                                std=tuple(config.vision.std), illumination=config.vision.illumination),
             text=TextSettings(max_length=config.text.max_length, pad_token_id=config.text.pad_token_id),
             feature_spec=run.spec,
             data_fingerprint=run.info["fingerprint"],

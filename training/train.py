@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
 from index.brset import Archive, read_archive
+from index.preprocess import Illumination
 from index.tabular import FeatureSpec, fit_feature_spec
 from training.data import (
     BatchBuilder,
@@ -48,6 +49,7 @@ from training.data import (
     stored_narrative,
     training_narrative,
 )
+from training.model.config import ModelConfig
 from training.model.factory import create_model, load_config
 from training.model.losses import class_weights
 from training.model.model import RetinaAlignModel
@@ -81,6 +83,7 @@ class FitOptions(BaseModel):
     checkpoint_every: int = Field(default=0, ge=0)
     max_steps: int | None = Field(default=None, ge=1)
     balance: float = Field(default=0.0, ge=0, le=1)
+    illumination: Illumination | None = None
 
 
 @dataclass
@@ -191,6 +194,15 @@ def _prepare_text_and_tabular(
     spec = fit_feature_spec(train_records)
     files.feature_spec.write_text(spec.model_dump_json(indent=1))
     return tokenizer, spec
+
+
+def _model_config(options: FitOptions) -> ModelConfig:
+    """The config named by --config, with --illumination (when given) in place of the config's own."""
+    config = load_config(options.config)
+    if options.illumination is None:
+        return config
+    vision = config.vision.model_copy(update={"illumination": options.illumination})
+    return config.model_copy(update={"vision": vision})
 
 
 def _init_weights(model: RetinaAlignModel, init: Path) -> None:
@@ -307,7 +319,7 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
         if rank == 0:
             _write_json(files.run_json, info)
 
-    model = create_model(options.config, tabular_width=spec.width, tokenizer=tokenizer)
+    model = create_model(_model_config(options), tabular_width=spec.width, tokenizer=tokenizer)
     if options.init is not None and not resume:
         _init_weights(model, Path(options.init))
     config = model.config
@@ -320,7 +332,7 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
             on_load(progress_load.count, len(splits["train"]))  # type: ignore[attr-defined]
 
     progress_load.count = 0  # type: ignore[attr-defined]
-    train = load_split(archive, splits["train"], config.vision.image_size, spec, progress_load)
+    train = load_split(archive, splits["train"], config.vision.image_spec(), spec, progress_load)
     scheme = config.losses.class_weighting
     model.set_class_weights(
         class_weights(np.bincount(train.icdr[train.icdr >= 0], minlength=config.num_icdr), scheme),
@@ -458,7 +470,7 @@ def load_run(run: Path, device: str = "cpu") -> LoadedRun:
 
 def split_for_evaluation(archive: Archive, ids: list[str], run: LoadedRun) -> SplitData:
     """Load a split with the run's image size and feature spec."""
-    return load_split(archive, ids, run.model.config.vision.image_size, run.spec)
+    return load_split(archive, ids, run.model.config.vision.image_spec(), run.spec)
 
 
 def seed_everything(seed: int) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from index.preprocess import Illumination, ImageSpec
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -24,6 +26,8 @@ class VisionConfig(_Strict):
     `pretrained_file` (a local .safetensors/.pth/.bin in timm's format) wins over the hub; with
     `pretrained` false the tower starts from random init. `timm_kwargs` are passed to
     `timm.create_model` (e.g. `depth`, `embed_dim`, `num_heads`, `patch_size`, `drop_path_rate`).
+    `illumination` (`none` or `local-contrast`) is the optional photograph normalisation of
+    `index.preprocess`; the bundle carries it so that serving prepares photographs the same way.
     """
 
     model_name: str = "vit_base_patch16_224"
@@ -33,6 +37,11 @@ class VisionConfig(_Strict):
     timm_kwargs: dict[str, Any] = Field(default_factory=dict)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    illumination: Illumination = "none"
+
+    def image_spec(self) -> ImageSpec:
+        """The numpy preprocessing both training and the exported bundle apply to a photograph."""
+        return ImageSpec(size=self.image_size, mean=self.mean, std=self.std, illumination=self.illumination)
 
 
 class TextConfig(_Strict):
