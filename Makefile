@@ -7,7 +7,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 DEMO_N ?= 3000
 DEMO_SEED ?= 1
-DEMO_EPOCHS ?= 6
+DEMO_EPOCHS ?= 12
 DEMO_MINUTES ?= 8
 DEMO_PORT ?= 8000
 
@@ -46,9 +46,9 @@ results: setup
 	test -d $(RESULTS_DIR)/archive || $(VENV)/bin/retina-train synth --out $(RESULTS_DIR)/archive --n 3000 --seed 1 --size 224
 	$(VENV)/bin/retina-train split $(RESULTS_DIR)/archive --out $(RESULTS_DIR)/splits.json --seed 0
 	$(VENV)/bin/retina-train fit --config tiny --archive $(RESULTS_DIR)/archive --splits $(RESULTS_DIR)/splits.json \
-		--out $(RESULTS_DIR)/tiny --epochs 12 --batch-size 32 --balance 0.5 --max-minutes $(RESULTS_MINUTES)
+		--out $(RESULTS_DIR)/tiny --epochs 32 --batch-size 32 --balance 0.5 --max-minutes $(RESULTS_MINUTES)
 	$(VENV)/bin/retina-train fit --config clip-baseline --archive $(RESULTS_DIR)/archive --splits $(RESULTS_DIR)/splits.json \
-		--out $(RESULTS_DIR)/clip-baseline --epochs 28 --batch-size 32 --balance 0.5 --max-minutes $(RESULTS_MINUTES)
+		--out $(RESULTS_DIR)/clip-baseline --epochs 64 --batch-size 32 --balance 0.5 --max-minutes $(RESULTS_MINUTES)
 	$(VENV)/bin/retina-train evaluate --run $(RESULTS_DIR)/tiny --archive $(RESULTS_DIR)/archive --splits $(RESULTS_DIR)/splits.json
 	$(VENV)/bin/retina-train evaluate --run $(RESULTS_DIR)/clip-baseline --archive $(RESULTS_DIR)/archive --splits $(RESULTS_DIR)/splits.json
 	$(VENV)/bin/retina-train compare $(RESULTS_DIR)/tiny $(RESULTS_DIR)/clip-baseline

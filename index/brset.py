@@ -39,7 +39,16 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from index.records import ICDR_NAMES, SDRG_NAMES, Assessment, Eye, FundusRecord, Sex
+from index.records import (
+    ASSESSMENT_FIELDS,
+    ICDR_NAMES,
+    PATHOLOGY_FIELDS,
+    SDRG_NAMES,
+    Assessment,
+    Eye,
+    FundusRecord,
+    Sex,
+)
 
 LABEL_FILE_NAMES: tuple[str, ...] = ("labels.csv", "labels_brset.csv")
 """Label file names: BRSET v1.0.0, then v1.0.1."""
@@ -357,23 +366,9 @@ _PARSERS: dict[str, Parser] = {
     "quality_adequate": _make_code_parser({"adequate": True, "inadequate": False}, "Adequate or Inadequate"),
     "narrative": _parse_narrative,
 }
-for _field in ("optic_disc", "vessels", "macula", "focus", "illumination", "image_field", "artifacts"):
+for _field in ASSESSMENT_FIELDS:
     _PARSERS[_field] = _make_code_parser(_ASSESSMENT_CODES, "1 (normal) or 2 (abnormal)")
-for _field in (
-    "diabetic_retinopathy",
-    "macular_edema",
-    "scar",
-    "nevus",
-    "amd",
-    "vascular_occlusion",
-    "hypertensive_retinopathy",
-    "drusen",
-    "hemorrhage",
-    "retinal_detachment",
-    "myopic_fundus",
-    "increased_cup_disc",
-    "other",
-):
+for _field in PATHOLOGY_FIELDS:
     _PARSERS[_field] = _make_code_parser({"0": False, "1": True}, "0 or 1")
 
 

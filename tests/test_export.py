@@ -100,7 +100,8 @@ def test_int8_export_through_the_cli(tiny: TinyBundle, tmp_path: Path) -> None:
     texts = ["moderate non-proliferative diabetic retinopathy with hard exudates", "no retinopathy"]
     cosine = (fp32.embed_texts(texts).vectors * int8.embed_texts(texts).vectors).sum(axis=1)
     assert cosine.min() >= MIN_COSINE
-    pixels = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    side = fp32.image_spec.size
+    pixels = np.random.default_rng(0).normal(size=(2, 3, side, side)).astype(np.float32)
     assert (fp32.embed_pixels(pixels) * int8.embed_pixels(pixels)).sum(axis=1).min() >= MIN_COSINE
 
 

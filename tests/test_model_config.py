@@ -31,9 +31,16 @@ def test_clip_baseline_shares_tiny_towers_and_trains_image_text_only() -> None:
     tiny, clip = load_config("tiny"), load_config("clip-baseline")
     assert clip.vision == tiny.vision and clip.text == tiny.text and clip.embed_dim == tiny.embed_dim
     losses = [f"contrastive_{a}_{b}" for a, b in CONTRASTIVE_PAIRS]
-    losses += ["image_reconstruction", "text_mlm", "icdr", "sdrg"]
+    grading = ["icdr", "sdrg", "icdr_image_only", "sdrg_image_only"]
+    losses += ["image_reconstruction", "text_mlm", *grading]
     assert {name for name in losses if getattr(clip.losses, name) > 0} == {"contrastive_image_text"}
-    assert {name for name in losses if getattr(tiny.losses, name) > 0} == set(losses)
+    # tiny's 15-minute CPU budget: every contrastive pair and grading loss, the reconstruction losses off
+    # (README, Results: they cost more steps than they gave at that budget).
+    assert {name for name in losses if getattr(tiny.losses, name) > 0} == {
+        *(f"contrastive_{a}_{b}" for a, b in CONTRASTIVE_PAIRS), *grading
+    }
+    paper = load_config("paper")
+    assert paper.losses.image_reconstruction > 0 and paper.losses.text_mlm > 0
     assert not clip.losses.needs_fusion and clip.grading == "zero_shot"
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
 
 from training.model import RetinaAlignModel, create_model, load_config
-from training.model.config import ModalityDropoutConfig
+from training.model.config import ModalityDropoutConfig, ModelConfig
 from training.tokenizer import load_tokenizer, train_wordpiece
 
 TEXTS = [
@@ -23,6 +23,7 @@ TEXTS = [
     "Moderate non-proliferative diabetic retinopathy, dot and blot haemorrhages.",
 ]
 TABULAR_WIDTH = 24
+IMAGE_SIZE = load_config("tiny").vision.image_size
 ALL_LOSSES = {
     "contrastive_image_text",
     "contrastive_image_tabular",
@@ -41,13 +42,20 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     return train_wordpiece(TEXTS * 2, 300, tmp_path_factory.mktemp("tok"))
 
 
+def every_loss_config() -> ModelConfig:
+    """`tiny` with the reconstruction losses on (its budget setting has them off), as `paper` trains."""
+    config = load_config("tiny").model_dump()
+    config["losses"] |= {"image_reconstruction": 0.5, "text_mlm": 0.5, "icdr_image_only": 0.0, "sdrg_image_only": 0.0}
+    return ModelConfig.model_validate(config)
+
+
 @pytest.fixture(scope="module")
 def tiny(tokenizer) -> RetinaAlignModel:
     torch.manual_seed(0)
-    return create_model("tiny", tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+    return create_model(every_loss_config(), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
 
 
-def _batch(tokenizer, size: int = 4, image_size: int = 224, seed: int = 0) -> dict[str, torch.Tensor]:
+def _batch(tokenizer, size: int = 4, image_size: int = IMAGE_SIZE, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     text = tokenizer([TEXTS[i % len(TEXTS)] for i in range(size)], padding=True, return_tensors="pt")
     return {
@@ -85,6 +93,31 @@ def test_each_modality_subset_trains(tiny, tokenizer, keys: tuple[str, ...], exp
     losses = tiny(subset)
     assert set(losses) == expected | {"total"}
     losses["total"].backward()
+
+
+def test_image_only_grading_is_the_loss_of_grading_the_photograph_alone(tokenizer) -> None:
+    config = load_config("tiny").model_dump()
+    config["losses"] |= {"icdr_image_only": 1.0, "sdrg_image_only": 0.5}
+    torch.manual_seed(0)
+    model = create_model(ModelConfig.model_validate(config), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+    model.set_class_weights(torch.tensor([0.5, 1.0, 1.0, 2.0, 2.0]), torch.ones(5))
+    batch = _batch(tokenizer)
+    model.train()  # tiny has no dropout inside the towers or the fusion: train and eval passes agree
+    losses = model(batch)
+    assert {"icdr_image_only", "sdrg_image_only", "icdr", "sdrg"} <= set(losses)
+    with torch.no_grad():
+        alone = model.fuse(pixels=batch["pixels"])
+    expected = torch.nn.functional.cross_entropy(
+        alone.icdr_logits, batch["icdr"], weight=model.icdr_class_weights, ignore_index=-100
+    )
+    torch.testing.assert_close(losses["icdr_image_only"].detach(), expected, rtol=1e-4, atol=1e-5)
+    total = sum(w * losses[n] for n, w in (("icdr_image_only", 1.0), ("sdrg_image_only", 0.5)))
+    assert float(losses["total"]) > float(total.detach())
+    # Only the image path feeds it: no text-tower gradient comes from this loss alone.
+    model.zero_grad()
+    losses["icdr_image_only"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.text.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in model.image.parameters())
 
 
 def test_embeddings_are_unit_norm_with_the_shared_width(tiny, tokenizer) -> None:
@@ -165,7 +198,7 @@ def test_runs_under_bf16_autocast(tiny, tokenizer) -> None:
     tiny.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = tiny(_batch(tokenizer, size=2))
-        image = tiny.encode_image(torch.randn(2, 3, 224, 224))
+        image = tiny.encode_image(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE))
     assert all(torch.isfinite(v) for v in losses.values())
     losses["total"].backward()
     assert image.shape == (2, 128)
@@ -197,7 +230,7 @@ def test_clip_baseline_trains_image_text_contrastive_only(tokenizer) -> None:
     assert trained == {"image", "text", "image_proj", "text_proj", "logit_scales"}
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert [n for n, p in model.logit_scales.named_parameters() if p.requires_grad] == ["image_text"]
-    image = model.encode_image(torch.randn(2, 3, 224, 224))
+    image = model.encode_image(torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE))
     text = tokenizer(TEXTS, padding=True, return_tensors="pt")
     prompts = model.encode_text(text["input_ids"], text["attention_mask"])
     assert model.zero_shot_logits(image, prompts).shape == (2, 4)

@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_server import Served, indexed_photo, serve, tiny_index
+from service_server import Served, serve
 
 from index.embedder import Embedder
 from index.preprocess import decode_image
@@ -25,26 +25,12 @@ QUERY = "Left eye of a 61-year-old woman: moderate non-proliferative diabetic re
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """(bundle, index, archive)."""
-    tiny, index = tiny_index(tmp_path_factory)
-    return tiny.bundle, index, tiny.archive
-
-
-@pytest.fixture(scope="module")
 def served(paths: tuple[Path, Path, Path]) -> Iterator[Served]:
     bundle, index, _ = paths
     settings = ServiceSettings(bundle=bundle, index=index, device="cpu", max_upload_mb=1.0,
                                max_image_pixels=4_000_000, max_text_chars=2_000, max_k=50)
     with serve(settings) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def photo(paths: tuple[Path, Path, Path]) -> tuple[int, bytes]:
-    """An indexed archive photograph: (its id in the index, its bytes)."""
-    _, index, archive = paths
-    return indexed_photo(index, archive)
 
 
 def _jpeg(image: Image.Image) -> bytes:

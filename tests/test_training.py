@@ -65,8 +65,8 @@ def test_fit_writes_a_complete_run(data: tuple[Path, Path], tmp_path: Path) -> N
     steps = _log(run)
     assert [s["step"] for s in steps] == [1, 2]
     assert all(s["total"] == s["total"] and s["total"] > 0 for s in steps)  # finite, positive
-    assert {"contrastive_image_text", "contrastive_text_record", "image_reconstruction", "text_mlm",
-            "icdr", "sdrg"} <= set(steps[0])
+    assert {"contrastive_image_text", "contrastive_text_record", "icdr", "sdrg", "icdr_image_only",
+            "sdrg_image_only"} <= set(steps[0])
     again = runner.invoke(app, ["fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(run)])
     assert again.exit_code == 2 and "--resume" in again.output
 

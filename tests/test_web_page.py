@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from service_server import Served, indexed_photo, serve, tiny_index
+from service_server import Served, serve
 
 from service.settings import ServiceSettings
 
@@ -42,24 +42,10 @@ sync_api = pytest.importorskip(
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """(bundle, index, archive)."""
-    tiny, index = tiny_index(tmp_path_factory)
-    return tiny.bundle, index, tiny.archive
-
-
-@pytest.fixture(scope="module")
 def served(paths: tuple[Path, Path, Path]) -> Iterator[Served]:
     bundle, index, _ = paths
     with serve(ServiceSettings(bundle=bundle, index=index, device="cpu", max_upload_mb=5.0)) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def photo(paths: tuple[Path, Path, Path]) -> tuple[int, bytes]:
-    """An indexed archive photograph: (its id in the index, its bytes)."""
-    _, index, archive = paths
-    return indexed_photo(index, archive)
 
 
 @pytest.fixture(scope="module")

@@ -345,7 +345,7 @@ def demo(
     folder: Annotated[Path, typer.Option("--dir", help="The demo folder (created; reused later).")] = Path("demo"),
     n: Annotated[int, typer.Option(min=10, help="Synthetic records.")] = 3000,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic archive.")] = 1,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of `tiny`.")] = 6,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of `tiny`.")] = 12,
     max_minutes: Annotated[float, typer.Option(help="Training time budget, minutes.")] = 8.0,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the service when ready.")] = True,
     host: Annotated[str, typer.Option(help="Address the service listens on.")] = "127.0.0.1",

@@ -39,7 +39,7 @@ class DemoOptions:
     n: int = 3000
     seed: int = 1
     size: int = 224
-    epochs: int = 6
+    epochs: int = 12
     max_minutes: float = 8.0
 
 

@@ -122,6 +122,9 @@ class LossConfig(_Strict):
     `contrastive_text_record` aligns the text embedding with the record embedding (image + tabular
     through the joint transformer), so that text -> record retrieval works. `class_weighting` sets the
     ICDR/SDRG class weights from the training split's counts (`losses.class_weights`).
+    `icdr_image_only` / `sdrg_image_only` add the same grading losses on the joint transformer run over
+    the photograph's tokens alone, every step: what `/grade` sees for a photograph, and the only grading
+    signal the narrative (which states the grade) cannot shortcut.
     """
 
     contrastive_image_text: float = Field(default=1.0, ge=0)
@@ -132,6 +135,8 @@ class LossConfig(_Strict):
     text_mlm: float = Field(default=0.5, ge=0)
     icdr: float = Field(default=1.0, ge=0)
     sdrg: float = Field(default=1.0, ge=0)
+    icdr_image_only: float = Field(default=0.0, ge=0)
+    sdrg_image_only: float = Field(default=0.0, ge=0)
     image_mask_ratio: float = Field(default=0.75, gt=0, lt=1)
     text_mask_prob: float = Field(default=0.15, gt=0, lt=1)
     init_logit_scale: float = math.log(1 / 0.07)
@@ -141,7 +146,12 @@ class LossConfig(_Strict):
     @property
     def needs_fusion(self) -> bool:
         """Whether training uses the joint transformer at all (the CLIP baseline does not)."""
-        return self.contrastive_text_record > 0 or self.icdr > 0 or self.sdrg > 0
+        return self.contrastive_text_record > 0 or self.grades_with_heads
+
+    @property
+    def grades_with_heads(self) -> bool:
+        """Whether any grading loss trains the ICDR/SDRG heads."""
+        return self.icdr > 0 or self.sdrg > 0 or self.icdr_image_only > 0 or self.sdrg_image_only > 0
 
 
 class ModalityDropoutConfig(_Strict):
@@ -179,6 +189,6 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.grading == "heads" and self.losses.icdr == 0 and self.losses.sdrg == 0:
+        if self.grading == "heads" and not self.losses.grades_with_heads:
             raise ValueError("grading 'heads' needs a positive icdr or sdrg loss weight; use 'zero_shot'")
         return self

@@ -254,6 +254,13 @@ class RetinaAlignModel(nn.Module):
             for name, target in graded:
                 logits = fused.icdr_logits if name == "icdr" else fused.sdrg_logits
                 losses[name] = weighted_cross_entropy(logits, target, getattr(self, f"{name}_class_weights"))
+        image_only = [(n, batch[n]) for n in ("icdr", "sdrg") if getattr(weights, f"{n}_image_only") > 0 and n in batch]
+        if image_only and image_states is not None:
+            fused = self._fuse_states(image_states, None, None, None, present={})
+            for name, target in image_only:
+                logits = fused.icdr_logits if name == "icdr" else fused.sdrg_logits
+                weights_of_class = getattr(self, f"{name}_class_weights")
+                losses[f"{name}_image_only"] = weighted_cross_entropy(logits, target, weights_of_class)
         if not losses:
             keys = sorted(batch)
             raise ValueError(f"the batch (keys {keys}) gives no loss under config {self.config.name!r}")
