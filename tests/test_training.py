@@ -124,6 +124,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_init_from_weights_of_another_architecture_fails_clearly(data: tuple[Path, Path], tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"image.trunk.pos_embed": torch.zeros(1, 197, 192)}, str(tmp_path / "other.safetensors"))
+    result = runner.invoke(app, [
+        "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "run"),
+        "--init", str(tmp_path / "other.safetensors"), "--max-steps", "1",
+    ])
+    assert result.exit_code == 2
+    output = " ".join(result.output.split())
+    assert "do not fit config 'tiny'" in output and "image.trunk.pos_embed: (1, 197, 192) in the file" in output
+    assert not (tmp_path / "run").exists(), "a failed --init must not leave a run folder behind"
+
+
 def test_two_processes_see_the_global_batch(data: tuple[Path, Path], tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (gloo): the logged loss of a step equals the single-process loss on
     the same global batch, because embeddings are all-gathered for the contrastive loss."""

@@ -210,7 +210,21 @@ def _init_weights(model: RetinaAlignModel, init: Path) -> None:
     path = init / CHECKPOINT_DIR / MODEL_FILE if init.is_dir() else init
     if not path.is_file():
         raise FileNotFoundError(f"--init {init}: no {MODEL_FILE} found (expected a run folder or a file)")
-    model.load_state_dict(load_file(str(path)), strict=True)
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        examples = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in reshaped[:2]]
+        examples += [f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]]
+        hint = f" (--config {init / 'config.json'})" if (init / "config.json").is_file() else ""
+        raise ValueError(
+            f"--init {init}: its weights do not fit config {model.config.name!r} ({len(reshaped)} of another "
+            f"shape, {len(missing)} missing, {len(unexpected)} unexpected; e.g. {'; '.join(examples)}). "
+            f"Fine-tune with the config those weights were trained with{hint}."
+        )
+    model.load_state_dict(state, strict=True)
 
 
 def _save_checkpoint(
@@ -284,6 +298,7 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
     if files.run_json.exists() and not resume:
         raise FileExistsError(f"{files.root} already holds a run without a checkpoint; choose another --out")
     torch.manual_seed(options.seed)
+    created_here = not files.root.exists()
 
     archive = read_archive(options.archive)
     splits = load_splits(options.splits)
@@ -321,7 +336,12 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
 
     model = create_model(_model_config(options), tabular_width=spec.width, tokenizer=tokenizer)
     if options.init is not None and not resume:
-        _init_weights(model, Path(options.init))
+        try:
+            _init_weights(model, Path(options.init))
+        except (ValueError, FileNotFoundError):
+            if rank == 0 and created_here:
+                shutil.rmtree(files.root, ignore_errors=True)  # nothing trained: leave no run to resume
+            raise
     config = model.config
     if rank == 0:
         files.config.write_text(config.model_dump_json(indent=1))
