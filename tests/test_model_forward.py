@@ -112,7 +112,7 @@ def test_image_only_grading_is_the_loss_of_grading_the_photograph_alone(tokenize
     )
     torch.testing.assert_close(losses["icdr_image_only"].detach(), expected, rtol=1e-4, atol=1e-5)
     total = sum(w * losses[n] for n, w in (("icdr_image_only", 1.0), ("sdrg_image_only", 0.5)))
-    assert float(losses["total"]) > float(total.detach())
+    assert float(losses["total"].detach()) > float(total.detach())
     # Only the image path feeds it: no text-tower gradient comes from this loss alone.
     model.zero_grad()
     losses["icdr_image_only"].backward()
