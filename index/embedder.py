@@ -146,10 +146,12 @@ def choose_providers(device: Device) -> list[str]:
 class Embedder:
     """A bundle's three ONNX graphs (image encoder, text encoder, grader), its tokenizer and its specs."""
 
-    def __init__(self, bundle: Path, device: Device = "auto", threads: int | None = None) -> None:
+    def __init__(self, bundle: Path, device: Device = "auto", threads: int | None = None, spin: bool = True) -> None:
         """Load and verify the bundle at `bundle` (checksums, schema) and open its graphs.
 
         `threads`: ONNX Runtime intra-op threads per graph (None: ONNX Runtime's default, one per core).
+        `spin`: let ONNX Runtime's worker threads spin between runs: the lowest latency when nothing else
+        needs the cores (batch jobs); off in the service, whose event loop and searches share them.
         Raises BundleError for a bad bundle, ValueError for a bad device.
         """
         self.bundle = Path(bundle)
@@ -164,6 +166,8 @@ class Embedder:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or 0
         options.log_severity_level = 3
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.providers: dict[str, str] = {}
         for name in GRAPHS:

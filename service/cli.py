@@ -76,6 +76,9 @@ def bench(
     index: Annotated[Path | None, typer.Option(help="The index the service runs (for the bare comparison).")] = None,
     api_key: Annotated[str | None, typer.Option(envvar="RETINA_API_KEY", help="The service's API key.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the numbers to this JSON file.")] = None,
+    ort_spinning: Annotated[
+        bool, typer.Option(help="Let the bare model's ONNX Runtime spin (as the server's RETINA_ORT_SPINNING).")
+    ] = False,
 ) -> None:
     """Load-test a running service: requests/s, p50/p95/p99 latency and errors per route, and the
     server's resident memory over the run. With --bundle and --index, also the service's overhead over
@@ -127,7 +130,8 @@ def bench(
 
         single = load(1, min(duration, 10.0), ["text"], "1 client (overhead)")
         console.print("timing the bare model in process (no HTTP)...")
-        bare = measure_bare_text_search(bundle, index, seconds=min(duration, 10.0), batch_size=concurrency)
+        bare = measure_bare_text_search(bundle, index, seconds=min(duration, 10.0), batch_size=concurrency,
+                                        ort_spinning=ort_spinning)
         service_p50 = float(single.routes["text"]["p50_ms"])  # type: ignore[arg-type]
         service_rate = float(result.routes["text"]["requests_per_s"]) if "text" in result.routes else float("nan")  # type: ignore[arg-type]
         overhead = service_p50 - bare.single_p50_ms

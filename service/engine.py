@@ -63,7 +63,12 @@ class Engine:
         self.error: str | None = None
         self._loaded = threading.Event()
         self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._search_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="search")
+        # OpenMP thread counts are per calling thread: each search thread sets its own, or FAISS would
+        # start one OpenMP team per core in every search and fight the model thread for the cores.
+        self._search_pool = ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="search", initializer=faiss.omp_set_num_threads,
+            initargs=(settings.faiss_threads,),
+        )
         self.decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         wait_s = settings.batch_wait_ms / 1000
         batch = settings.batch_max
@@ -82,11 +87,13 @@ class Engine:
     def load(self) -> None:
         """Open the bundle and the index (blocking). Failures are kept in `error` for /readyz."""
         started = time.perf_counter()
-        faiss.omp_set_num_threads(self.settings.faiss_threads)
         try:
             if self.settings.bundle is None or self.settings.index is None:
                 raise NotReady("no bundle or index configured: start with --bundle BUNDLE --index INDEX")
-            embedder = Embedder(Path(self.settings.bundle), device=self.settings.device, threads=self.settings.threads)
+            embedder = Embedder(
+                Path(self.settings.bundle), device=self.settings.device, threads=self.settings.threads,
+                spin=self.settings.ort_spinning,
+            )
             store = open_index(Path(self.settings.index), embedder)
         except Exception as error:  # every load failure is reported by /readyz, never raised into uvicorn
             self.error = str(error)

@@ -58,6 +58,17 @@ def _unit(vectors: np.ndarray) -> bool:
     return bool(np.allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5))
 
 
+def test_onnx_runtime_spinning_is_chosen_per_embedder(tiny: TinyBundle, embedder: Embedder) -> None:
+    quiet = Embedder(tiny.bundle, device="cpu", spin=False)
+    for session in quiet._sessions.values():
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for session in embedder._sessions.values():  # the default: ONNX Runtime's own (spinning), no entry set
+        with pytest.raises(RuntimeError, match="does not have configuration"):
+            session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    np.testing.assert_allclose(quiet.embed_texts(["no retinopathy"]).vectors,
+                               embedder.embed_texts(["no retinopathy"]).vectors, atol=1e-6)
+
+
 def test_providers_and_identity(tiny: TinyBundle, embedder: Embedder) -> None:
     assert embedder.providers == {name: CPU for name in ("image_encoder.onnx", "text_encoder.onnx", "grader.onnx")}
     assert embedder.fingerprint == embedder.manifest.fingerprint and embedder.dim == embedder.manifest.embedding_dim
