@@ -7,7 +7,7 @@ TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= demo
 DEMO_N ?= 3000
 DEMO_SEED ?= 1
-DEMO_EPOCHS ?= 12
+DEMO_EPOCHS ?= 16
 DEMO_MINUTES ?= 8
 DEMO_PORT ?= 8000
 

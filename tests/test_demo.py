@@ -54,6 +54,26 @@ def test_an_index_built_with_another_bundle_is_rebuilt(built: Path, stages: list
     assert not (built / "index").exists()  # the stale index was removed before the rebuild
 
 
+def test_a_run_of_an_older_tiny_is_retrained(built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    current = tmp_path / "current-run"
+    shutil.copytree(built / "run", current)
+    config_path = built / "run" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["vision"]["image_size"] = 224  # e.g. a demo made before `tiny` moved to 112 px
+    config_path.write_text(json.dumps(config))
+    ran: list[str] = []
+
+    def fake_run(console: object, title: str, command: list[str]) -> None:
+        ran.append(title)
+        if title.startswith("3/6"):  # "training": the stale run must be gone, then today's appears
+            assert not (built / "run").exists()
+            shutil.copytree(current, built / "run")
+
+    monkeypatch.setattr(demo, "_run", fake_run)
+    prepare(DemoOptions(root=built, n=64, seed=1))
+    assert ran == ["3/6 training tiny"]
+
+
 def test_an_archive_generated_differently_is_refused(built: Path, stages: list[str]) -> None:
     with pytest.raises(DemoError, match="make clean"):
         prepare(DemoOptions(root=built, n=3000, seed=1))

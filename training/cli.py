@@ -345,8 +345,9 @@ def demo(
     folder: Annotated[Path, typer.Option("--dir", help="The demo folder (created; reused later).")] = Path("demo"),
     n: Annotated[int, typer.Option(min=10, help="Synthetic records.")] = 3000,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic archive.")] = 1,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of `tiny`.")] = 12,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of `tiny`.")] = 16,
     max_minutes: Annotated[float, typer.Option(help="Training time budget, minutes.")] = 8.0,
+    balance: Annotated[float, typer.Option(min=0, max=1, help="Grade-balanced sampling (as `fit --balance`).")] = 0.5,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the service when ready.")] = True,
     host: Annotated[str, typer.Option(help="Address the service listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the service.")] = 8000,
@@ -359,7 +360,8 @@ def demo(
 
     started = time.perf_counter()
     try:
-        paths = prepare(DemoOptions(root=folder, n=n, seed=seed, epochs=epochs, max_minutes=max_minutes), console)
+        options = DemoOptions(root=folder, n=n, seed=seed, epochs=epochs, max_minutes=max_minutes, balance=balance)
+        paths = prepare(options, console)
     except DemoError as error:
         raise _fail(str(error)) from None
     seconds = time.perf_counter() - started

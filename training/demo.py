@@ -25,6 +25,7 @@ from index.brset import read_archive
 from index.bundle import BundleError, read_manifest
 from index.store import IndexStoreError, read_info
 from training.data import fingerprint
+from training.model.factory import load_config
 from training.splits import load_splits
 from training.synth.archive import read_synth_manifest
 
@@ -39,8 +40,9 @@ class DemoOptions:
     n: int = 3000
     seed: int = 1
     size: int = 224
-    epochs: int = 12
+    epochs: int = 16
     max_minutes: float = 8.0
+    balance: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,18 @@ def _run_fingerprint(run: Path) -> str | None:
     return str(json.loads(path.read_text()).get("fingerprint"))
 
 
+def _trained_with_current_tiny(run: Path) -> bool:
+    """Whether the run's model config is the built-in `tiny` as it is now (towers, widths, losses), so a
+    demo made before `tiny` changed is retrained rather than served with the old model."""
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    current = load_config("tiny").model_dump(mode="json")
+    compared = ("embed_dim", "vision", "fusion", "losses", "modality_dropout")
+    return all(saved.get(key) == current[key] for key in compared)
+
+
 def _bundle_fingerprints(bundle: Path) -> tuple[str, str] | None:
     """(data fingerprint, bundle fingerprint) of a bundle that verifies, else None."""
     try:
@@ -157,14 +171,15 @@ def prepare(options: DemoOptions, console: Console | None = None) -> DemoPaths:
         _run(console, "2/6 patient-level splits", [train, "split", str(paths.archive), "--out", str(paths.splits)])
     data = fingerprint(read_archive(paths.archive, check_photos=False), load_splits(paths.splits))
 
-    if _run_fingerprint(paths.run) == data:
-        _reuse(console, "training run", f"{paths.run} was trained on this archive and split")
+    if _run_fingerprint(paths.run) == data and _trained_with_current_tiny(paths.run):
+        _reuse(console, "training run", f"{paths.run} was trained on this archive and split with today's `tiny`")
     else:
         if paths.run.exists():
             shutil.rmtree(paths.run)
         _run(console, "3/6 training tiny", [
             train, "fit", "--config", "tiny", "--archive", str(paths.archive), "--splits", str(paths.splits),
             "--out", str(paths.run), "--epochs", str(options.epochs), "--max-minutes", str(options.max_minutes),
+            "--balance", str(options.balance),
         ])
     checkpoint = paths.run / "checkpoint" / "model.safetensors"
     metrics = paths.evaluation / "metrics.json"
