@@ -251,16 +251,11 @@ class RetinaAlignModel(nn.Module):
             available = {k: v for k, v in available.items() if v is not None}
             present = self._modality_dropout(list(available), next(iter(available.values())))
             fused = self._fuse_states(image_states, text_states, attention_mask, tabular_hidden, present)
-            for name, target in graded:
-                logits = fused.icdr_logits if name == "icdr" else fused.sdrg_logits
-                losses[name] = weighted_cross_entropy(logits, target, getattr(self, f"{name}_class_weights"))
+            losses |= self._grading_losses(fused, graded)
         image_only = [(n, batch[n]) for n in ("icdr", "sdrg") if getattr(weights, f"{n}_image_only") > 0 and n in batch]
         if image_only and image_states is not None:
             fused = self._fuse_states(image_states, None, None, None, present={})
-            for name, target in image_only:
-                logits = fused.icdr_logits if name == "icdr" else fused.sdrg_logits
-                weights_of_class = getattr(self, f"{name}_class_weights")
-                losses[f"{name}_image_only"] = weighted_cross_entropy(logits, target, weights_of_class)
+            losses |= self._grading_losses(fused, image_only, suffix="_image_only")
         if not losses:
             keys = sorted(batch)
             raise ValueError(f"the batch (keys {keys}) gives no loss under config {self.config.name!r}")
@@ -268,6 +263,16 @@ class RetinaAlignModel(nn.Module):
         return losses
 
     # --- internals --------------------------------------------------------------------------------
+
+    def _grading_losses(
+        self, fused: FusionOutput, targets: list[tuple[str, Tensor]], suffix: str = ""
+    ) -> dict[str, Tensor]:
+        """Class-weighted cross-entropy of the ICDR / SDRG heads, named `<grade><suffix>`."""
+        losses: dict[str, Tensor] = {}
+        for name, target in targets:
+            logits = fused.icdr_logits if name == "icdr" else fused.sdrg_logits
+            losses[f"{name}{suffix}"] = weighted_cross_entropy(logits, target, getattr(self, f"{name}_class_weights"))
+        return losses
 
     def _freeze_untrained(self) -> None:
         """Stop gradients to parameters that no configured loss trains (the baseline's fusion, ...).
