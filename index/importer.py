@@ -30,9 +30,17 @@ from collections import Counter
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from index.atomic import fsync_dir
 from index.brset import MISSING_TOKENS, PHOTO_SUFFIXES, PHOTOS_DIR, write_labels_csv
@@ -49,6 +57,10 @@ AUTO = "auto"
 """`--map auto`: pick the built-in mapping whose required columns are all present."""
 
 LinkMode = Literal["copy", "hardlink", "symlink"]
+ColumnNames = Annotated[
+    list[str], Field(min_length=1), BeforeValidator(lambda value: [value] if isinstance(value, str) else value)
+]
+"""One spreadsheet column name, or several (the first present is used); a single name may be given bare."""
 
 _BOOL_FIELDS = frozenset({*PATHOLOGY_FIELDS, "insulin", "diabetes", "quality_adequate"})
 _GRADE_FIELDS = frozenset({"dr_icdr", "dr_sdrg"})
@@ -89,18 +101,13 @@ class FieldRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    column: list[str] = Field(min_length=1)
+    column: ColumnNames
     """Accepted column names (header match is case-insensitive and trimmed); the first present is used."""
     field: str
     required: bool = False
     """Auto-detection needs this column; an import with `required` columns absent is an error."""
     values: dict[str, Any] | None = None
     """Cell text (case-insensitive, trimmed) -> value; a cell not listed (and not empty/NA) is rejected."""
-
-    @field_validator("column", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
     @field_validator("field")
     @classmethod
@@ -142,17 +149,12 @@ class Mapping(BaseModel):
 
     name: str = Field(min_length=1)
     description: str = ""
-    image_column: list[str] = Field(min_length=1)
+    image_column: ColumnNames
     """Accepted names of the column naming the photo (with or without a file extension)."""
     extensions: list[str] = list(PHOTO_SUFFIXES)
     """Suffixes tried, in order, when a cell has no photo extension (`10_left` -> `10_left.jpeg`)."""
     fields: list[FieldRule] = []
     patient: PatientRule | None = None
-
-    @field_validator("image_column", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
     @field_validator("extensions")
     @classmethod
