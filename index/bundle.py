@@ -82,6 +82,7 @@ class Manifest(BaseModel):
     text: TextSettings
     feature_spec: FeatureSpec
     data_fingerprint: str
+    weights_sha256: str | None = None  # the exported checkpoint (None in bundles written before it was recorded)
     metrics: dict[str, Any] = Field(default_factory=dict)
     opset: int
     exporter: str

@@ -363,3 +363,35 @@ def test_summarise_order_and_compare_table() -> None:
     value_b = dict(summarise(metrics_b))["ICDR accuracy"]
     accuracy_line = next(line for line in lines if line.startswith("| ICDR accuracy |"))
     assert f"{value_a:.4f}" in accuracy_line and f"{value_b - value_a:+.4f}" in accuracy_line
+
+
+def test_self_retrieval_excludes_the_query_and_reports_grade_hits_and_spread() -> None:
+    from training.evaluation.metrics import self_retrieval
+
+    # Two tight clusters (grades 0 and 2) and one grade-3 row near grade 2; each row's own vector is
+    # the closest one to it, so a metric that forgot to exclude the query would score every P@1 as 1.
+    centre0, centre2 = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    rows = [centre0 + [0, 0, 0.01 * i] for i in range(3)] + [centre2 + [0, 0, 0.01 * i] for i in range(3)]
+    rows.append(np.array([0.0, 0.9, 0.44]))
+    embeddings = np.array(rows) / np.linalg.norm(rows, axis=1, keepdims=True)
+    labels = [0, 0, 0, 2, 2, 2, 3]
+    result = self_retrieval(embeddings, labels, ks=(1, 2), per_class_k=2)
+    assert result["gallery_size"] == 6 and result["queries"] == 7
+    assert result["per_class_P@2"] == {"0": 1.0, "2": 1.0, "3": 0.0}
+    assert result["P@1"] == pytest.approx(6 / 7)
+    assert result["macro_P@2"] == pytest.approx(2 / 3)
+    # referable queries (grades 2 and 3): their 2 nearest are all referable
+    assert result["positive_queries"] == 4 and result["positive_P@2"] == 1.0
+    similarity = result["similarity"]
+    assert similarity["first"] >= similarity["at_2"] and similarity["gap"] == pytest.approx(
+        similarity["first"] - similarity["at_2"])
+    with pytest.raises(ValueError, match="at least two rows"):
+        self_retrieval(embeddings[:1], labels[:1])
+
+
+def test_self_retrieval_skips_queries_without_a_grade() -> None:
+    from training.evaluation.metrics import self_retrieval
+
+    embeddings = np.eye(4)
+    result = self_retrieval(embeddings, [0, -1, 0, 1], ks=(1,), per_class_k=1)
+    assert result["queries"] == 3 and result["per_class_queries"] == {"0": 2, "1": 1}

@@ -162,3 +162,23 @@ def test_class_weights_of_a_scale_without_labels_are_uniform() -> None:
     assert class_weights([0, 0, 0, 0, 0]).tolist() == [1.0] * 5  # e.g. SDRG on an EyePACS import
     with pytest.raises(ValueError, match="non-negative"):
         class_weights([3, -1, 0, 0, 0])
+
+
+def test_supervised_contrastive_rewards_grade_clusters_and_skips_rows_without_positives() -> None:
+    from training.model.losses import supervised_contrastive_loss
+
+    labels = torch.tensor([0, 0, 1, 1, 2, -100])
+    centres = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    clustered = torch.cat([centres[[0, 0, 1, 1, 2]], torch.nn.functional.normalize(torch.randn(1, 16), dim=-1)])
+    shuffled = clustered[[0, 2, 1, 3, 4, 5]]  # same vectors, grades no longer sharing theirs
+    good = supervised_contrastive_loss(clustered, labels, 10.0)
+    bad = supervised_contrastive_loss(shuffled, labels, 10.0)
+    assert good < 0.5 < bad
+    # rows 4 (grade 2 alone) and 5 (missing grade) have no positive and do not count: 4 rows are scored
+    per_row = -torch.log(torch.tensor(1.0))  # a perfectly clustered pair at infinite scale scores 0
+    assert supervised_contrastive_loss(clustered, labels, 1e4) <= per_row + 1e-3
+    nothing = supervised_contrastive_loss(clustered[4:], labels[4:], 10.0)
+    assert nothing == 0 and not torch.isnan(nothing)
+    embeddings = clustered.clone().requires_grad_(True)
+    supervised_contrastive_loss(embeddings, labels, 10.0).backward()
+    assert embeddings.grad is not None and embeddings.grad[:4].abs().sum() > 0

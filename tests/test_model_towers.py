@@ -150,3 +150,30 @@ def test_bert_checkpoint_with_a_missing_key_is_refused(tmp_path: Path) -> None:
 def test_text_tower_from_scratch_uses_the_tokenizer_vocabulary() -> None:
     tower = TextTower(TextConfig(tokenizer="train", bert_config=BERT, vocab_size=77))
     assert tower.vocab_size == 77 and tower.word_embeddings.shape == (77, 32)
+
+
+def test_a_convolutional_stem_feeds_the_transformer_its_feature_map() -> None:
+    from training.model.config import StemConfig
+
+    config = VisionConfig(model_name="vit_tiny_patch16_224", image_size=64, pretrained=False,
+                          timm_kwargs={"depth": 1, "patch_size": 2},
+                          stem=StemConfig(model_name="lcnet_050", out_index=3))
+    tower = ImageTower(config)
+    assert type(tower.trunk.patch_embed).__name__ == "HybridEmbed"
+    # lcnet_050's stage 3 has stride 16 (4x4 cells at 64 px), the 2x2 patch projection makes a 2x2 grid
+    assert tower.grid_size == (2, 2) and tower.num_patches == 4 and tower.patch_size == 32
+    tokens = tower(torch.randn(2, 3, 64, 64))
+    assert tokens.shape == (2, 1 + 4, tower.width)
+    tokens.sum().backward()
+    stem_grads = [p.grad for p in tower.trunk.patch_embed.backbone.parameters()]
+    assert all(g is not None for g in stem_grads) and any(g.abs().sum() > 0 for g in stem_grads)
+
+
+def test_a_stem_starts_from_random_init_even_when_pretrained_is_asked(caplog: pytest.LogCaptureFixture) -> None:
+    from training.model.config import StemConfig
+
+    config = VisionConfig(model_name="vit_tiny_patch16_224", image_size=64, pretrained=True,
+                          timm_kwargs={"depth": 1, "patch_size": 2}, stem=StemConfig())
+    with caplog.at_level(logging.WARNING):
+        ImageTower(config)
+    assert "convolutional stem starts from random init" in caplog.text

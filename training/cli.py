@@ -143,15 +143,25 @@ def fit(
     archive: Annotated[Path, typer.Option(help="A BRSET-layout archive folder.")],
     splits: Annotated[Path, typer.Option(help="splits.json from `retina-train split`.")],
     out: Annotated[Path, typer.Option(help="Run folder to write (or to resume).")],
-    config: Annotated[str, typer.Option(help="Model config: tiny, paper, clip-baseline, or a JSON path.")] = "tiny",
+    config: Annotated[
+        str | None,
+        typer.Option(help="Model config: a built-in name (tiny, tiny-synth, paper, ...), zoo:NAME, or a JSON path "
+                     "(default: the --init run's own config, else tiny)."),
+    ] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the training split.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Global batch size (all processes together).")] = 32,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = 5e-4,
-    precision: Annotated[str, typer.Option(help="bf16 (autocast; fast on AMX CPUs and GPUs) or fp32.")] = "bf16",
+    precision: Annotated[
+        str,
+        typer.Option(help="auto (bf16 where the GPU or CPU does bf16 natively: AMX, AVX-512 BF16; else fp32), "
+                     "bf16 (autocast) or fp32."),
+    ] = "auto",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
     init: Annotated[
-        Path | None, typer.Option(help="Start from earlier weights: a run folder or a model.safetensors.")
+        str | None,
+        typer.Option(help="Start from earlier weights: a run folder, a model.safetensors, or a shipped model "
+                     "(zoo:tiny-synth)."),
     ] = None,
     max_minutes: Annotated[float | None, typer.Option(help="Stop (and checkpoint) after this much time.")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimiser steps.")] = None,
@@ -167,9 +177,18 @@ def fit(
     """Train the multimodal model (or the CLIP baseline) on an archive's training split."""
     from training.train import STATE_FILE, FitOptions, RunFiles
     from training.train import fit as run_fit
+    from training.zoo import ZooError, resolve_run
 
-    if precision not in ("bf16", "fp32"):
-        raise _fail(f"--precision must be bf16 or fp32, not {precision!r}")
+    try:
+        init_path = resolve_run(init) if init is not None else None
+    except ZooError as error:
+        raise _fail(str(error)) from None
+    if config is None:
+        own = init_path / "config.json" if init_path is not None and init_path.is_dir() else None
+        config = str(own) if own is not None and own.is_file() else "tiny"
+
+    if precision not in ("auto", "bf16", "fp32"):
+        raise _fail(f"--precision must be auto, bf16 or fp32, not {precision!r}")
     if illumination not in (None, "none", "local-contrast"):
         raise _fail(f"--illumination must be none or local-contrast, not {illumination!r}")
     files = RunFiles(out)
@@ -179,7 +198,7 @@ def fit(
         raise _fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     options = FitOptions(
         config=config, archive=archive, splits=splits, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
-        precision=precision, seed=seed, init=init, max_minutes=max_minutes, max_steps=max_steps,
+        precision=precision, seed=seed, init=init_path, max_minutes=max_minutes, max_steps=max_steps,
         checkpoint_every=checkpoint_every, balance=balance, illumination=illumination,
     )
     with _progress() as progress:
@@ -207,17 +226,20 @@ def fit(
     state = "finished" if info["finished"] else "stopped early (resume with --resume)"
     console.print(
         f"{out}: {state} after {info['steps']}/{info['total_steps']} steps, "
-        f"{info['samples_per_second']:.1f} samples/s ({info['precision']}, {info['device']})"
+        f"{info['samples_per_second']:.1f} samples/s ({info['precision']}, {info['device']}; "
+        f"{info['precision_reason']})"
     )
 
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Option(help="A run folder from `retina-train fit`.")],
+    run: Annotated[str, typer.Option(help="A run folder from `retina-train fit`, or a shipped model (zoo:NAME).")],
     archive: Annotated[Path, typer.Option(help="The BRSET-layout archive the run was trained on.")],
     splits: Annotated[Path, typer.Option(help="splits.json.")],
     split: Annotated[str, typer.Option(help="Which split to evaluate on.")] = "test",
-    out: Annotated[Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT; for zoo:NAME, ./eval-NAME-SPLIT).")
+    ] = None,
     deepeyenet: Annotated[
         Path | None, typer.Option(help="Also run zero-shot text<->image retrieval on a DeepEyeNet folder.")
     ] = None,
@@ -227,17 +249,24 @@ def evaluate(
     from training.evaluate import evaluate as run_evaluate
     from training.evaluate import evaluate_deepeyenet
     from training.evaluation.metrics import format_number, summarise
+    from training.zoo import ZooError, is_zoo_name, resolve_run
 
     try:
+        run_dir = resolve_run(run)
+    except ZooError as error:
+        raise _fail(str(error)) from None
+    if out is None and is_zoo_name(run):  # a shipped model's folder stays as its checksums say
+        out = Path(f"eval-{run.split(':', 1)[1]}-{split}")
+    try:
         with console.status("evaluating"):
-            metrics = run_evaluate(run, archive, splits, split, out)
+            metrics = run_evaluate(run_dir, archive, splits, split, out)
             if deepeyenet is not None:
-                metrics["zero_shot"] = evaluate_deepeyenet(run, deepeyenet)
+                metrics["zero_shot"] = evaluate_deepeyenet(run_dir, deepeyenet)
     except (ArchiveError, ValueError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     for name, value in summarise(metrics):
         print(f"{name:45s} {format_number(value)}")
-    target = out or run / f"eval-{split}"
+    target = out or run_dir / f"eval-{split}"
     if deepeyenet is not None:
         (target / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     console.print(f"wrote {target}/metrics.json and report.md")
@@ -245,7 +274,7 @@ def evaluate(
 
 @app.command()
 def export(
-    run: Annotated[Path, typer.Option(help="A run folder from `retina-train fit`.")],
+    run: Annotated[str, typer.Option(help="A run folder from `retina-train fit`, or a shipped model (zoo:NAME).")],
     archive: Annotated[Path, typer.Option(help="The archive the run was trained on (parity is checked on it).")],
     splits: Annotated[Path, typer.Option(help="splits.json.")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write (replaced if it exists).")],
@@ -255,14 +284,19 @@ def export(
     """Export a run to a bundle (ONNX graphs, tokenizer, manifest), checked against PyTorch."""
     from index.bundle import read_manifest
     from training.export import ExportError, export_bundle
+    from training.zoo import ZooError, resolve_run
 
     if precision not in ("fp32", "int8"):
         raise _fail(f"--precision must be fp32 or int8, not {precision!r}")
-    if not run.is_dir():
+    try:
+        run_dir = resolve_run(run)
+    except ZooError as error:
+        raise _fail(str(error)) from None
+    if not run_dir.is_dir():
         raise _fail(f"--run {run}: no such run folder")
     try:
         with console.status(f"exporting {run} ({precision}) and checking ONNX Runtime against PyTorch"):
-            report = export_bundle(run, archive, splits, out, precision=precision, split=split)  # type: ignore[arg-type]
+            report = export_bundle(run_dir, archive, splits, out, precision=precision, split=split)  # type: ignore[arg-type]
     except ExportError as error:
         raise _fail(f"export failed the parity check, no bundle written:\n{error}") from None
     except (ArchiveError, ValueError, KeyError, OSError) as error:
@@ -299,9 +333,14 @@ def bench(
     steps: Annotated[int, typer.Option(help="Timed steps per measurement.")] = 6,
 ) -> None:
     """Training throughput: samples/s of a full step in fp32 and bf16 autocast, per config."""
+    import torch
+
     from training.bench import machine_line, time_training_step
+    from training.hardware import choose_precision
 
     print(f"machine: {machine_line()}; batch {batch_size}, random init, random data, text length 64")
+    choice = choose_precision("auto", torch.device("cpu"))
+    print(f"--precision auto would pick {choice.precision} here ({choice.reason})")
     for config in configs or ["tiny", "clip-baseline"]:
         timings = {p: time_training_step(config, p, batch_size, steps) for p in ("fp32", "bf16")}
         fp32, bf16 = timings["fp32"].samples_per_second, timings["bf16"].samples_per_second
@@ -336,31 +375,34 @@ def bench_embed(
             )
 
 
-if __name__ == "__main__":
-    app()
-
 
 @app.command()
 def demo(
     folder: Annotated[Path, typer.Option("--dir", help="The demo folder (created; reused later).")] = Path("demo"),
     n: Annotated[int, typer.Option(min=10, help="Synthetic records.")] = 3000,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic archive.")] = 1,
-    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of `tiny`.")] = 16,
-    max_minutes: Annotated[float, typer.Option(help="Training time budget, minutes.")] = 8.0,
+    model: Annotated[str, typer.Option(help="The shipped model to serve (zoo:NAME).")] = "zoo:tiny-synth",
+    train: Annotated[
+        bool, typer.Option("--train/--no-train", help="Train `tiny` from scratch on the demo archive instead.")
+    ] = False,
+    epochs: Annotated[int, typer.Option(min=1, help="With --train: training epochs of `tiny`.")] = 16,
+    max_minutes: Annotated[float, typer.Option(help="With --train: training time budget, minutes.")] = 8.0,
     balance: Annotated[float, typer.Option(min=0, max=1, help="Grade-balanced sampling (as `fit --balance`).")] = 0.5,
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the service when ready.")] = True,
     host: Annotated[str, typer.Option(help="Address the service listens on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the service.")] = 8000,
 ) -> None:
-    """The embedded default, end to end: synthetic archive, splits, `tiny` trained and evaluated, ONNX
-    bundle, FAISS index, then the service. Stages already built for the same inputs (by fingerprint) are
-    reused, so a second run is serving within a minute."""
+    """The embedded default, end to end: synthetic archive, splits, the shipped model (zoo:tiny-synth)
+    exported to an ONNX bundle, FAISS index, then the service; with --train, `tiny` is trained and evaluated
+    on the archive first. Stages already built for the same inputs (by fingerprint) are reused, so a second
+    run is serving within seconds."""
     from training.demo import DemoError, DemoOptions, prepare
     from training.demo import serve as start_service
 
     started = time.perf_counter()
     try:
-        options = DemoOptions(root=folder, n=n, seed=seed, epochs=epochs, max_minutes=max_minutes, balance=balance)
+        options = DemoOptions(root=folder, n=n, seed=seed, model=model, train=train, epochs=epochs,
+                              max_minutes=max_minutes, balance=balance)
         paths = prepare(options, console)
     except DemoError as error:
         raise _fail(str(error)) from None
@@ -369,3 +411,53 @@ def demo(
     if serve:
         console.print(f"[bold]serving the demo at http://{host}:{port}/ (Ctrl+C to stop)[/bold]")
         start_service(paths, host, port)
+
+
+@app.command()
+def zoo(
+    out: Annotated[Path, typer.Option(help="Folder of the recipe's archives, runs, bundle and model card.")],
+    config: Annotated[str, typer.Option(help="Model config to train.")] = "tiny-synth",
+    n: Annotated[int, typer.Option(min=100, help="Records of the synthetic training archive.")] = 30_000,
+    seed: Annotated[int, typer.Option(help="Seed of the training archive.")] = 7001,
+    heldout_n: Annotated[int, typer.Option(min=10, help="Records of the held-out archive.")] = 3_000,
+    heldout_seed: Annotated[int, typer.Option(help="Seed of the held-out archive (never used in training).")] = 7002,
+    size: Annotated[int, typer.Option(help="Photograph side of both archives, pixels.")] = 224,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training split.")] = 3,
+    batch_size: Annotated[int, typer.Option(min=2, help="Global batch size.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
+    balance: Annotated[float, typer.Option(min=0, max=1, help="Grade-balanced sampling (as `fit --balance`).")] = 0.5,
+    precision: Annotated[str, typer.Option(help="auto, bf16 or fp32 (as `fit --precision`).")] = "auto",
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Training time budget per run; the same command resumes a stopped run.")
+    ] = None,
+    baseline: Annotated[
+        bool, typer.Option(help="Also train and evaluate the CLIP-style baseline the same way.")
+    ] = False,
+    release: Annotated[
+        str | None, typer.Option(help="Ship the result as zoo:NAME (training/zoo/models/NAME, with checksums).")
+    ] = None,
+) -> None:
+    """The recipe of a shipped model: synthetic training and held-out archives, training, held-out
+    evaluation, export, model card (and with --release, the shipped copy). Runs on a GPU when there is one;
+    a stopped or interrupted recipe continues where it stopped when run again."""
+    from training.stages import StageError
+    from training.zoo import ZooError
+    from training.zoo.recipe import ZooOptions, run_recipe
+
+    if precision not in ("auto", "bf16", "fp32"):
+        raise _fail(f"--precision must be auto, bf16 or fp32, not {precision!r}")
+    options = ZooOptions(
+        out=out, config=config, n=n, seed=seed, heldout_n=heldout_n, heldout_seed=heldout_seed, size=size,
+        epochs=epochs, batch_size=batch_size, lr=lr, balance=balance, precision=precision, max_minutes=max_minutes,
+        baseline=baseline, release=release,
+    )
+    started = time.perf_counter()
+    try:
+        paths = run_recipe(options, console)
+    except (StageError, ZooError) as error:
+        raise _fail(str(error)) from None
+    console.print(f"recipe done in {time.perf_counter() - started:.0f} s: {paths.root}/MODEL_CARD.md")
+
+
+if __name__ == "__main__":
+    app()

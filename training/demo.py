@@ -1,20 +1,21 @@
-"""The embedded-default demo: synthetic archive -> splits -> `tiny` trained and evaluated -> ONNX bundle ->
-FAISS index -> the service, each stage skipped when its output is already there *for the same inputs*.
+"""The embedded-default demo: synthetic archive -> splits -> ONNX bundle of the shipped model -> FAISS index
+-> the service, each stage skipped when its output is already there *for the same inputs*.
 
-Stages are keyed by fingerprints, not by file existence: a run is reused when it was trained on this
-archive and split (`run.json` fingerprint), a bundle when it was exported from that run's data
-(`manifest.json` data_fingerprint), an index when it was built with that bundle (`index.json`
-bundle_fingerprint). Anything stale is rebuilt. Each stage runs the project's own command, with its own
-progress bar, so what the demo does is what a user would type.
+By default the demo serves the shipped pretrained model (`zoo:tiny-synth`, see `training.zoo`): nothing is
+trained. `--train` keeps the older path that trains `tiny` from scratch on the demo archive (and
+evaluates it) before exporting.
+
+Stages are keyed by fingerprints, not by file existence: a trained run is reused when it was trained on
+this archive and split (`run.json` fingerprint) with today's `tiny`, a bundle when it was exported from
+exactly these weights (the manifest's `weights_sha256`), an index when it was built with that bundle
+(`index.json` bundle_fingerprint). Anything stale is rebuilt. Each stage runs the project's own
+command, with its own progress bar, so what the demo does is what a user would type.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,24 +23,32 @@ from pathlib import Path
 from rich.console import Console
 
 from index.brset import read_archive
-from index.bundle import BundleError, read_manifest
+from index.bundle import BundleError, read_manifest, sha256_of
 from index.store import IndexStoreError, read_info
 from training.data import fingerprint
 from training.model.factory import load_config
 from training.splits import load_splits
+from training.stages import StageError, reuse_stage, run_stage, tool
 from training.synth.archive import read_synth_manifest
+from training.zoo import ZooError, resolve_run
 
 DEMO_QUERY = "Left eye of a 60-year-old woman with diabetes: proliferative diabetic retinopathy with new vessels."
+DEFAULT_MODEL = "zoo:tiny-synth"
+
+DemoError = StageError
+"""A stage failed or the demo folder holds something it cannot use; the message says what."""
 
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """Where the demo lives and how big it is."""
+    """Where the demo lives, how big it is, and which model it serves (shipped, or trained here)."""
 
     root: Path
     n: int = 3000
     seed: int = 1
     size: int = 224
+    model: str = DEFAULT_MODEL
+    train: bool = False
     epochs: int = 16
     max_minutes: float = 8.0
     balance: float = 0.5
@@ -47,9 +56,10 @@ class DemoOptions:
 
 @dataclass(frozen=True)
 class DemoPaths:
-    """The folders and files of a demo."""
+    """The folders and files of a demo; `run` is the shipped model's folder or the run trained here."""
 
     root: Path
+    run: Path
 
     @property
     def archive(self) -> Path:
@@ -62,14 +72,9 @@ class DemoPaths:
         return self.root / "splits.json"
 
     @property
-    def run(self) -> Path:
-        """The training run."""
-        return self.root / "run"
-
-    @property
     def evaluation(self) -> Path:
-        """The test-split evaluation."""
-        return self.root / "run" / "eval-test"
+        """The model's evaluation (the shipped model's held-out one, or the test split of a trained run)."""
+        return self.run / "eval-test"
 
     @property
     def bundle(self) -> Path:
@@ -80,32 +85,6 @@ class DemoPaths:
     def index(self) -> Path:
         """The FAISS index of the archive."""
         return self.root / "index"
-
-
-class DemoError(Exception):
-    """A stage failed or the demo folder holds something it cannot use; the message says what."""
-
-
-def _tool(name: str) -> str:
-    """The path of a console script of this installation (retina-train, retina-index, retina-serve)."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if found is None:
-        raise DemoError(f"{name} is not installed (pip install -e '.[train,serve]')")
-    return found
-
-
-def _run(console: Console, title: str, command: list[str]) -> None:
-    console.rule(f"[bold]{title}")
-    started = time.perf_counter()
-    completed = subprocess.run(command, check=False)
-    if completed.returncode != 0:
-        raise DemoError(f"{title} failed (exit {completed.returncode}): {' '.join(command)}")
-    console.print(f"{title}: done in {time.perf_counter() - started:.0f} s")
-
-
-def _reuse(console: Console, title: str, why: str) -> None:
-    console.print(f"[green]reuse[/green] {title}: {why}")
 
 
 def _archive_matches(paths: DemoPaths, options: DemoOptions) -> bool:
@@ -140,43 +119,34 @@ def _trained_with_current_tiny(run: Path) -> bool:
     return all(saved.get(key) == current[key] for key in compared)
 
 
-def _bundle_fingerprints(bundle: Path) -> tuple[str, str] | None:
-    """(data fingerprint, bundle fingerprint) of a bundle that verifies, else None."""
+def _exported_weights(bundle: Path) -> tuple[str | None, str] | None:
+    """(weights sha256, bundle fingerprint) of a bundle that verifies, else None."""
     try:
         manifest = read_manifest(bundle)
     except BundleError:
         return None
-    return manifest.data_fingerprint, manifest.fingerprint
+    return manifest.weights_sha256, manifest.fingerprint
 
 
-def prepare(options: DemoOptions, console: Console | None = None) -> DemoPaths:
-    """Build (or reuse) every stage of the demo; returns its paths. Raises DemoError."""
-    console = console or Console(stderr=True)
-    paths = DemoPaths(Path(options.root))
-    paths.root.mkdir(parents=True, exist_ok=True)
-    train, index = _tool("retina-train"), _tool("retina-index")
+def _model_run(paths_root: Path, options: DemoOptions) -> Path:
+    """The run folder the demo exports: the trained run's folder, or the verified shipped model."""
+    if options.train:
+        return paths_root / "run"
+    try:
+        return resolve_run(options.model)
+    except ZooError as error:
+        raise DemoError(str(error)) from None
 
-    if _archive_matches(paths, options):
-        _reuse(console, "archive", f"{paths.archive} ({options.n} images, seed {options.seed})")
-    else:
-        if paths.archive.exists():
-            shutil.rmtree(paths.archive)
-        _run(console, "1/6 synthetic archive", [
-            train, "synth", "--out", str(paths.archive), "--n", str(options.n), "--seed", str(options.seed),
-            "--size", str(options.size), "--contact-sheet", str(paths.root / "contact_sheet.png"),
-        ])
-    if paths.splits.is_file():
-        _reuse(console, "splits", str(paths.splits))
-    else:
-        _run(console, "2/6 patient-level splits", [train, "split", str(paths.archive), "--out", str(paths.splits)])
-    data = fingerprint(read_archive(paths.archive, check_photos=False), load_splits(paths.splits))
 
+def _train(console: Console, paths: DemoPaths, options: DemoOptions, data: str, step: str) -> None:
+    """Train `tiny` on the demo archive and evaluate it (the `--train` path)."""
+    train = tool("retina-train")
     if _run_fingerprint(paths.run) == data and _trained_with_current_tiny(paths.run):
-        _reuse(console, "training run", f"{paths.run} was trained on this archive and split with today's `tiny`")
+        reuse_stage(console, "training run", f"{paths.run} was trained on this archive and split with today's `tiny`")
     else:
         if paths.run.exists():
             shutil.rmtree(paths.run)
-        _run(console, "3/6 training tiny", [
+        run_stage(console, f"{step} training tiny", [
             train, "fit", "--config", "tiny", "--archive", str(paths.archive), "--splits", str(paths.splits),
             "--out", str(paths.run), "--epochs", str(options.epochs), "--max-minutes", str(options.max_minutes),
             "--balance", str(options.balance),
@@ -184,22 +154,51 @@ def prepare(options: DemoOptions, console: Console | None = None) -> DemoPaths:
     checkpoint = paths.run / "checkpoint" / "model.safetensors"
     metrics = paths.evaluation / "metrics.json"
     if metrics.is_file() and metrics.stat().st_mtime >= checkpoint.stat().st_mtime:
-        _reuse(console, "evaluation", str(metrics))
+        reuse_stage(console, "evaluation", str(metrics))
     else:
-        _run(console, "4/6 evaluation on the test split", [
+        run_stage(console, f"{step} evaluation on the test split", [
             train, "evaluate", "--run", str(paths.run), "--archive", str(paths.archive), "--splits", str(paths.splits),
         ])
 
-    exported = _bundle_fingerprints(paths.bundle)
-    fresh = exported is not None and paths.bundle.stat().st_mtime >= checkpoint.stat().st_mtime
-    if exported is not None and fresh and exported[0] == data:
-        _reuse(console, "bundle", f"{paths.bundle} (fingerprint {exported[1]})")
+
+def prepare(options: DemoOptions, console: Console | None = None) -> DemoPaths:
+    """Build (or reuse) every stage of the demo; returns its paths. Raises DemoError."""
+    console = console or Console(stderr=True)
+    root = Path(options.root)
+    paths = DemoPaths(root, _model_run(root, options))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    train, index = tool("retina-train"), tool("retina-index")
+    total = 6 if options.train else 5
+
+    if _archive_matches(paths, options):
+        reuse_stage(console, "archive", f"{paths.archive} ({options.n} images, seed {options.seed})")
     else:
-        _run(console, "5/6 ONNX export with parity check", [
+        if paths.archive.exists():
+            shutil.rmtree(paths.archive)
+        run_stage(console, f"1/{total} synthetic archive", [
+            train, "synth", "--out", str(paths.archive), "--n", str(options.n), "--seed", str(options.seed),
+            "--size", str(options.size), "--contact-sheet", str(paths.root / "contact_sheet.png"),
+        ])
+    if paths.splits.is_file():
+        reuse_stage(console, "splits", str(paths.splits))
+    else:
+        run_stage(console, f"2/{total} patient-level splits",
+                  [train, "split", str(paths.archive), "--out", str(paths.splits)])
+    if options.train:
+        data = fingerprint(read_archive(paths.archive, check_photos=False), load_splits(paths.splits))
+        _train(console, paths, options, data, f"3/{total}")
+
+    weights = sha256_of(paths.run / "checkpoint" / "model.safetensors")
+    exported = _exported_weights(paths.bundle)
+    source = "the run trained here" if options.train else options.model
+    if exported is not None and exported[0] == weights:
+        reuse_stage(console, "bundle", f"{paths.bundle} holds {source} (fingerprint {exported[1]})")
+    else:
+        run_stage(console, f"{total - 1}/{total} ONNX export of {source} with parity check", [
             train, "export", "--run", str(paths.run), "--archive", str(paths.archive), "--splits", str(paths.splits),
             "--out", str(paths.bundle),
         ])
-        exported = _bundle_fingerprints(paths.bundle)
+        exported = _exported_weights(paths.bundle)
         if exported is None:  # pragma: no cover - export verifies its own output
             raise DemoError(f"{paths.bundle}: the export wrote no valid bundle")
 
@@ -208,11 +207,11 @@ def prepare(options: DemoOptions, console: Console | None = None) -> DemoPaths:
     except IndexStoreError:
         built_with = None
     if built_with == exported[1]:
-        _reuse(console, "index", f"{paths.index} was built with bundle {built_with}")
+        reuse_stage(console, "index", f"{paths.index} was built with bundle {built_with}")
     else:
         if paths.index.exists():
             shutil.rmtree(paths.index)
-        _run(console, "6/6 FAISS index of the archive", [
+        run_stage(console, f"{total}/{total} FAISS index of the archive", [
             index, "build", "--bundle", str(paths.bundle), "--archive", str(paths.archive), "--out", str(paths.index),
         ])
     return paths
@@ -222,6 +221,6 @@ def serve(paths: DemoPaths, host: str, port: int, exec_: Callable[[str, list[str
     """Replace this process with `retina-serve` on the demo's bundle and index."""
     import os
 
-    command = [_tool("retina-serve"), "--bundle", str(paths.bundle), "--index", str(paths.index),
+    command = [tool("retina-serve"), "--bundle", str(paths.bundle), "--index", str(paths.index),
                "--host", host, "--port", str(port)]
     (exec_ or os.execv)(command[0], command)

@@ -29,6 +29,7 @@ from training.evaluation.metrics import (
     category_retrieval,
     grading_metrics,
     referable_metrics,
+    self_retrieval,
     top_k,
 )
 from training.evaluation.report import plot_confusion, plot_loss_curves, plot_retrieval_grid, write_report
@@ -159,6 +160,7 @@ def compute_metrics(records: Sequence[FundusRecord], embeddings: Embeddings, fac
         metrics["category"][f"text-{gallery_name}"] = category_retrieval(
             embeddings.text, gallery, icdr, icdr, ks=KS, names=[f"ICDR {g}" for g in range(5)]
         )
+    metrics["image_image"] = self_retrieval(embeddings.image, icdr, ks=KS, names=[f"ICDR {g}" for g in range(5)])
     metrics["icdr"] = grading_metrics(icdr, embeddings.icdr_probabilities, list(ICDR_NAMES))
     metrics["sdrg"] = grading_metrics(sdrg, embeddings.sdrg_probabilities, list(SDRG_NAMES))
     metrics["referable"] = referable_metrics(icdr, embeddings.icdr_probabilities)

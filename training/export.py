@@ -49,7 +49,7 @@ from training.data import BatchBuilder, stored_narrative
 from training.evaluation.metrics import instance_recall, summarise
 from training.model.model import RetinaAlignModel
 from training.splits import load_splits
-from training.train import LoadedRun, load_run, split_for_evaluation
+from training.train import MODEL_FILE, LoadedRun, load_run, split_for_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,7 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
             text=TextSettings(max_length=config.text.max_length, pad_token_id=config.text.pad_token_id),
             feature_spec=run.spec,
             data_fingerprint=run.info["fingerprint"],
+            weights_sha256=sha256_of(run.files.checkpoint / MODEL_FILE),
             metrics=dict(summarise(metrics)),
             opset=OPSET,
             exporter=EXPORTER,

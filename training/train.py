@@ -49,6 +49,7 @@ from training.data import (
     stored_narrative,
     training_narrative,
 )
+from training.hardware import choose_precision, describe_machine
 from training.model.config import ModelConfig
 from training.model.factory import create_model, load_config
 from training.model.losses import class_weights
@@ -76,7 +77,7 @@ class FitOptions(BaseModel):
     lr: float = Field(default=5e-4, gt=0)
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     seed: int = 0
     init: Path | None = None
     max_minutes: float | None = Field(default=None, gt=0)
@@ -293,6 +294,7 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
     photographs are decoded.
     """
     rank, world_size, device = _distributed()
+    precision = choose_precision(options.precision, device)
     files = RunFiles(Path(options.out))
     resume = (files.checkpoint / STATE_FILE).is_file()
     if files.run_json.exists() and not resume:
@@ -411,7 +413,7 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
                 batch = {k: v.to(device) for k, v in builder.batch(rows[mine], texts, jitter_params).items()}
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(position["step"], total_steps, options.lr, warmup)
-                with autocast_context(options.precision, device):
+                with autocast_context(precision.precision, device):
                     losses = trained(batch)
                 optimizer.zero_grad(set_to_none=True)
                 losses["total"].backward()
@@ -457,8 +459,10 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
         train_images=len(train),
         training_seconds=round(position["seconds"], 1),
         samples_per_second=round(position["step"] * global_batch / max(position["seconds"], 1e-9), 2),
-        precision=options.precision,
+        precision=precision.precision,
+        precision_reason=precision.reason,
         device=str(device),
+        machine=describe_machine(device),
         threads=torch.get_num_threads(),
     )
     if rank == 0:

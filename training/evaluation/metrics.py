@@ -296,6 +296,72 @@ def category_retrieval(
     return result
 
 
+def self_retrieval(
+    embeddings: Any,
+    labels: Sequence[int] | np.ndarray,
+    ks: Sequence[int] = DEFAULT_KS,
+    names: Sequence[str] | None = None,
+    per_class_k: int = 10,
+    positive_from: int = REFERABLE_ICDR,
+    chunk_size: int = DEFAULT_CHUNK,
+    tie_tol: float = DEFAULT_TIE_TOL,
+) -> dict[str, Any]:
+    """Retrieval inside one set (image -> image): every row queries all the other rows, itself excluded.
+
+    `P@k` / `macro_P@{per_class_k}` / `per_class_P@{per_class_k}` as in `category_retrieval` (a hit shares
+    the query's label; queries with a missing label are skipped). `positive_P@{per_class_k}`: for the
+    queries whose label is >= `positive_from` (referable DR for ICDR), the share of their nearest items
+    that are positive too. `similarity`: the mean score of the 1st and of the `per_class_k`-th neighbour
+    and their mean gap, so one can tell whether scores spread enough for a person to read them.
+    """
+    rows_all = _as_matrix("embeddings", embeddings)
+    all_labels = np.asarray(labels, dtype=np.int64)
+    n = rows_all.shape[0]
+    if all_labels.shape != (n,):
+        raise ValueError("one label per row")
+    if n < 2:
+        raise ValueError("self retrieval needs at least two rows")
+    kept = np.flatnonzero(all_labels >= 0)
+    depth = min(max(_check_ks(ks) + [per_class_k]), n - 1)
+    all_ks = sorted({min(k, depth) for k in _check_ks(ks)} | {min(per_class_k, depth)})
+    precision = {k: np.zeros(len(kept)) for k in all_ks}
+    positive_share = np.zeros(len(kept))
+    first, last = np.zeros(len(kept)), np.zeros(len(kept))
+    for start in range(0, len(kept), chunk_size):
+        rows = kept[start : start + chunk_size]
+        sims = rows_all[rows] @ rows_all.T
+        sims[np.arange(len(rows)), rows] = -np.inf  # the query itself is not in its gallery
+        order = np.argsort(-sims, axis=1)[:, : depth + 1]
+        sorted_sims = np.take_along_axis(sims, order, axis=1)
+        neighbour_labels = all_labels[order]
+        sorted_rel = neighbour_labels == all_labels[rows, None]
+        for k in all_ks:
+            precision[k][start : start + len(rows)] = _expected_precision(sorted_sims, sorted_rel, k, tie_tol)
+        top = min(per_class_k, depth)
+        positive_share[start : start + len(rows)] = (neighbour_labels[:, :top] >= positive_from).mean(axis=1)
+        first[start : start + len(rows)] = sorted_sims[:, 0]
+        last[start : start + len(rows)] = sorted_sims[:, top - 1]
+    kept_labels = all_labels[kept]
+    result: dict[str, Any] = {"queries": int(len(kept)), "gallery_size": int(n - 1)}
+    for k in _check_ks(ks):
+        result[f"P@{k}"] = float(precision[min(k, depth)].mean()) if len(kept) else None
+    k = min(per_class_k, depth)
+    classes = sorted(set(int(label) for label in kept_labels))
+    per_class = {_label_name(c, names): float(precision[k][kept_labels == c].mean()) for c in classes}
+    result[f"per_class_P@{per_class_k}"] = per_class
+    result[f"macro_P@{per_class_k}"] = float(np.mean(list(per_class.values()))) if classes else None
+    result["per_class_queries"] = {_label_name(c, names): int((kept_labels == c).sum()) for c in classes}
+    positives = kept_labels >= positive_from
+    result[f"positive_P@{per_class_k}"] = float(positive_share[positives].mean()) if positives.any() else None
+    result["positive_queries"] = int(positives.sum())
+    result["similarity"] = {
+        "first": float(first.mean()) if len(kept) else None,
+        f"at_{per_class_k}": float(last.mean()) if len(kept) else None,
+        "gap": float((first - last).mean()) if len(kept) else None,
+    }
+    return result
+
+
 def _expected_precision(
     sorted_sims: np.ndarray, sorted_rel: np.ndarray, k: int, tie_tol: float
 ) -> np.ndarray:
@@ -469,7 +535,8 @@ def summarise(metrics: dict[str, Any]) -> list[tuple[str, float | None]]:
     """The headline numbers of a combined metrics dict, in a fixed order (None where undefined).
 
     Order: instance R@k / fit_R@1 / ceiling@1 per setting and direction; category P@k / mAP /
-    macro P@10 per setting; ICDR and SDRG accuracy / macro-F1 / kappa; referable AUROC, sensitivity,
+    macro P@10 per setting; image->image P@k, macro P@10, referable P@10 and the similarity gap;
+    ICDR and SDRG accuracy / macro-F1 / kappa; referable AUROC, sensitivity,
     specificity and the specificity at the target-sensitivity operating point.
     """
     rows: list[tuple[str, float | None]] = []
@@ -481,6 +548,14 @@ def summarise(metrics: dict[str, Any]) -> list[tuple[str, float | None]]:
         rows.append((f"category {setting} mAP", result["mAP"]))
         for k in _ks_of(result, "macro_P"):
             rows.append((f"category {setting} macro P@{k}", result[f"macro_P@{k}"]))
+    if "image_image" in metrics:
+        result = metrics["image_image"]
+        rows.extend((f"image->image P@{k}", result[f"P@{k}"]) for k in _ks_of(result, "P"))
+        for k in _ks_of(result, "macro_P"):
+            rows.append((f"image->image macro P@{k}", result[f"macro_P@{k}"]))
+        for k in _ks_of(result, "positive_P"):
+            rows.append((f"image->image referable P@{k} (referable queries)", result[f"positive_P@{k}"]))
+        rows.append(("image->image similarity gap 1st-10th", result["similarity"]["gap"]))
     for task in ("icdr", "sdrg"):
         if task in metrics:
             result = metrics[task]

@@ -20,6 +20,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class StemConfig(_Strict):
+    """A convolutional stem in front of the vision transformer (timm's `HybridEmbed`): a timm CNN cut at
+    one of its feature stages, whose feature map the transformer's patch projection (`timm_kwargs`
+    `patch_size`, in feature-map cells) turns into tokens.
+
+    Early convolutions see small lesions (microaneurysms are 2-4 px at 224 px) that a 16 px linear patch
+    projection trained from scratch learns slowly; a CPU-friendly CNN (e.g. `lcnet_050`) keeps the input at
+    224 px for about the cost of a plain ViT at 112 px.
+    """
+
+    model_name: str = "lcnet_050"
+    out_index: int = Field(default=3, ge=0)
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 class VisionConfig(_Strict):
     """The image tower: a timm model, its input size and normalisation, and where its weights come from.
 
@@ -28,6 +43,8 @@ class VisionConfig(_Strict):
     `timm.create_model` (e.g. `depth`, `embed_dim`, `num_heads`, `patch_size`, `drop_path_rate`).
     `illumination` (`none` or `local-contrast`) is the optional photograph normalisation of
     `index.preprocess`; the bundle carries it so that serving prepares photographs the same way.
+    `stem` (optional) puts a small timm CNN in front of the transformer in place of its linear patch
+    embedding (a hybrid ViT); the stem always starts from random init.
     """
 
     model_name: str = "vit_base_patch16_224"
@@ -38,6 +55,7 @@ class VisionConfig(_Strict):
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     illumination: Illumination = "none"
+    stem: StemConfig | None = None
 
     def image_spec(self) -> ImageSpec:
         """The numpy preprocessing both training and the exported bundle apply to a photograph."""
@@ -124,7 +142,9 @@ class LossConfig(_Strict):
     ICDR/SDRG class weights from the training split's counts (`losses.class_weights`).
     `icdr_image_only` / `sdrg_image_only` add the same grading losses on the joint transformer run over
     the photograph's tokens alone, every step: what `/grade` sees for a photograph, and the only grading
-    signal the narrative (which states the grade) cannot shortcut.
+    signal the narrative (which states the grade) cannot shortcut. `image_grade_contrastive` pulls image
+    embeddings of the same ICDR grade together (supervised contrastive, `losses.supervised_contrastive_loss`),
+    so that searching by a photograph finds the same disease, not just a look-alike.
     """
 
     contrastive_image_text: float = Field(default=1.0, ge=0)
@@ -137,6 +157,7 @@ class LossConfig(_Strict):
     sdrg: float = Field(default=1.0, ge=0)
     icdr_image_only: float = Field(default=0.0, ge=0)
     sdrg_image_only: float = Field(default=0.0, ge=0)
+    image_grade_contrastive: float = Field(default=0.0, ge=0)
     image_mask_ratio: float = Field(default=0.75, gt=0, lt=1)
     text_mask_prob: float = Field(default=0.15, gt=0, lt=1)
     init_logit_scale: float = math.log(1 / 0.07)

@@ -28,9 +28,17 @@ def list_configs() -> list[str]:
 
 
 def load_config(name_or_path: str | Path | ModelConfig) -> ModelConfig:
-    """A built-in config by name, or a config JSON file by path (a `ModelConfig` passes through)."""
+    """A built-in config by name, a config JSON file by path, or `zoo:NAME` (a shipped model's config); a
+    `ModelConfig` passes through."""
     if isinstance(name_or_path, ModelConfig):
         return name_or_path
+    if str(name_or_path).startswith("zoo:"):  # a shipped model's config (its files are verified first)
+        from training.zoo import ZooError, resolve_run
+
+        try:
+            name_or_path = resolve_run(str(name_or_path)) / "config.json"
+        except ZooError as err:
+            raise ValueError(str(err)) from err
     path = Path(name_or_path)
     if not path.is_file():
         if str(name_or_path) not in list_configs():

@@ -56,6 +56,39 @@ def contrastive_loss(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tenso
     return (loss_ab + loss_ba) / 2
 
 
+def gather_labels(labels: Tensor) -> Tensor:
+    """Concatenate a label tensor from every rank along dim 0 (no gradients); identity when not distributed."""
+    _, size = world()
+    if size == 1:
+        return labels
+    parts = [torch.empty_like(labels) for _ in range(size)]
+    dist.all_gather(parts, labels.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def supervised_contrastive_loss(embeddings: Tensor, labels: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020, "SupCon" L_out) over the global batch.
+
+    Each row with a known label (not -100) is pulled towards every other row of its label and pushed from
+    the rest: the mean over its positives of -log softmax over all other rows. Rows without a positive in
+    the global batch do not count; with none at all the loss is a graph-keeping 0.
+    """
+    embeddings = embeddings.float()
+    rank, _ = world()
+    all_embeddings, all_labels = gather_with_grad(embeddings), gather_labels(labels)
+    own = torch.arange(embeddings.shape[0], device=embeddings.device) + rank * embeddings.shape[0]
+    is_self = torch.zeros(embeddings.shape[0], all_embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+    is_self[torch.arange(embeddings.shape[0]), own] = True
+    logits = (logit_scale * embeddings @ all_embeddings.T).masked_fill(is_self, float("-inf"))
+    log_prob = logits.log_softmax(dim=-1)
+    known = labels != IGNORE_INDEX
+    positive = (labels[:, None] == all_labels[None, :]) & known[:, None] & ~is_self
+    counts = positive.sum(dim=1)
+    per_row = -log_prob.masked_fill(~positive, 0.0).sum(dim=1) / counts.clamp(min=1)
+    scored = counts > 0
+    return (per_row * scored).sum() / scored.sum().clamp(min=1)
+
+
 def weighted_cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | None = None) -> Tensor:
     """Cross-entropy averaged with class weights (like `F.cross_entropy(weight=...)`), ignoring -100.
 

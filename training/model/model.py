@@ -45,6 +45,7 @@ from training.model.losses import (
     normalize_patches,
     patchify,
     random_patch_mask,
+    supervised_contrastive_loss,
     weighted_cross_entropy,
 )
 from training.model.tabular import TabularEncoder
@@ -57,6 +58,8 @@ CONTRASTIVE_PAIRS: tuple[tuple[str, str], ...] = (
     ("text", "record"),
 )
 """Embedding pairs aligned by InfoNCE; the loss of (a, b) is `contrastive_{a}_{b}`."""
+IMAGE_GRADE_SCALE = "image_grade"
+"""The logit scale of the supervised contrastive loss between image embeddings of one ICDR grade."""
 
 
 class MaskedImageDecoder(nn.Module):
@@ -139,8 +142,11 @@ class RetinaAlignModel(nn.Module):
             else None
         )
         self.mlm_head = MlmHead(self.text.width, self.text.vocab_size) if losses.text_mlm > 0 else None
+        scales = [f"{a}_{b}" for a, b in CONTRASTIVE_PAIRS]
+        if losses.image_grade_contrastive > 0:  # only then: older checkpoints keep loading strictly
+            scales.append(IMAGE_GRADE_SCALE)
         self.logit_scales = nn.ParameterDict(
-            {f"{a}_{b}": nn.Parameter(torch.tensor(losses.init_logit_scale)) for a, b in CONTRASTIVE_PAIRS}
+            {name: nn.Parameter(torch.tensor(losses.init_logit_scale)) for name in scales}
         )
         self.register_buffer("icdr_class_weights", torch.ones(config.num_icdr))
         self.register_buffer("sdrg_class_weights", torch.ones(config.num_sdrg))
@@ -241,6 +247,10 @@ class RetinaAlignModel(nn.Module):
             name = f"contrastive_{a}_{b}"
             if getattr(weights, name) > 0 and a in embeddings and b in embeddings:
                 losses[name] = contrastive_loss(embeddings[a], embeddings[b], self.logit_scale(f"{a}_{b}"))
+        if weights.image_grade_contrastive > 0 and "image" in embeddings and "icdr" in batch:
+            losses["image_grade_contrastive"] = supervised_contrastive_loss(
+                embeddings["image"], batch["icdr"], self.logit_scale(IMAGE_GRADE_SCALE)
+            )
         if self.image_decoder is not None and pixels is not None:
             losses["image_reconstruction"] = self._reconstruction_loss(pixels)
         if self.mlm_head is not None and input_ids is not None:

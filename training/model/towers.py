@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import partial
 from pathlib import Path
 
 import timm
 import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
+from timm.layers import HybridEmbed
 from timm.models import get_pretrained_cfg, load_state_dict
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -53,8 +55,9 @@ class ImageTower(nn.Module):
             raise ValueError(f"{config.model_name}: the image tower needs a timm VisionTransformer")
         self.width: int = self.trunk.num_features
         self.num_prefix_tokens: int = self.trunk.num_prefix_tokens
-        self.patch_size: int = int(self.trunk.patch_embed.patch_size[0])
         self.grid_size: tuple[int, int] = tuple(int(g) for g in self.trunk.patch_embed.grid_size)
+        # Pixels per token side: the patch size, or the stem's stride times the patch size with a stem.
+        self.patch_size: int = config.image_size // self.grid_size[0]
 
     @property
     def num_patches(self) -> int:
@@ -105,8 +108,22 @@ class TextTower(nn.Module):
 
 
 def build_timm_model(config: VisionConfig, pretrained: bool) -> nn.Module:
-    """A timm model with no classifier, with weights from `pretrained_file`, the hub, or random init."""
+    """A timm model with no classifier, with weights from `pretrained_file`, the hub, or random init.
+
+    With `config.stem`, the transformer's patch embedding is timm's `HybridEmbed` over a timm CNN cut at
+    the stem's feature stage (random init: pretrained transformer weights do not fit a new stem).
+    """
     kwargs = dict(config.timm_kwargs, img_size=config.image_size)
+    if config.stem is not None:
+        stem = config.stem
+        backbone = timm.create_model(
+            stem.model_name, pretrained=False, features_only=True, out_indices=(stem.out_index,), **stem.timm_kwargs
+        )
+        _drop_blocks_after_feature(backbone)
+        kwargs["embed_layer"] = partial(HybridEmbed, backbone=backbone)
+        if pretrained:
+            logger.warning("image tower %s: a convolutional stem starts from random init", config.model_name)
+        return timm.create_model(config.model_name, pretrained=False, num_classes=0, **kwargs)
     if pretrained and config.pretrained_file:
         return _timm_from_file(config.model_name, Path(config.pretrained_file), kwargs)
     if pretrained:
@@ -136,6 +153,16 @@ def build_timm_model(config: VisionConfig, pretrained: bool) -> nn.Module:
         return model
     logger.warning("image tower %s: random init (pretrained is off)", config.model_name)
     return timm.create_model(config.model_name, pretrained=False, num_classes=0, **kwargs)
+
+
+def _drop_blocks_after_feature(backbone: nn.Module) -> None:
+    """Remove the blocks a features-only CNN would run after its last output stage (timm keeps them:
+    for `lcnet_050` cut at stage 3 that is the whole stride-32 stage, computed and thrown away)."""
+    name = backbone.feature_info.module_name()[-1]
+    match = re.fullmatch(r"blocks\.(\d+)", name)
+    blocks = getattr(backbone, "blocks", None)
+    if match and isinstance(blocks, nn.Sequential):
+        backbone.blocks = blocks[: int(match.group(1)) + 1]
 
 
 def _timm_from_file(name: str, path: Path, kwargs: dict[str, object]) -> nn.Module:

@@ -1,0 +1,102 @@
+"""The model zoo: shipped runs addressed as zoo:NAME, verified by checksum, usable wherever a run is."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from bundle_factory import tiny_bundle
+from typer.testing import CliRunner
+
+import training.zoo as zoo
+from training.cli import app
+from training.model.factory import load_config
+from training.train import load_run
+
+
+@pytest.fixture()
+def evaluated_run(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's tiny run with an (empty) evaluation, as a release needs."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_bundle(tmp_path_factory).run, run)
+    (run / "eval-test").mkdir(exist_ok=True)
+    (run / "eval-test" / "metrics.json").write_text("{}")
+    (run / "eval-test" / "report.md").write_text("# report\n")
+    return run
+
+
+@pytest.fixture()
+def models(evaluated_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temporary zoo holding the run as `tiny-test`."""
+    folder = tmp_path / "models"
+    zoo.release(evaluated_run, "tiny-test", "# Model card\n", zoo_dir=folder)
+    monkeypatch.setattr(zoo, "ZOO_DIR", folder)
+    return folder
+
+
+def test_a_release_is_a_verified_run_folder(models: Path) -> None:
+    folder = zoo.resolve_run("zoo:tiny-test")
+    assert folder == models / "tiny-test" and zoo.list_models() == ["tiny-test"]
+    listed = json.loads((folder / zoo.ZOO_FILE).read_text())["files"]
+    assert {"checkpoint/model.safetensors", "config.json", "tokenizer/tokenizer.json", "MODEL_CARD.md"} <= set(listed)
+    assert not any(name.endswith("trainer_state.pt") for name in listed)  # no optimiser state shipped
+    assert load_run(folder).model.config.name == "tiny"
+    assert load_config("zoo:tiny-test").name == "tiny"
+    assert zoo.resolve_run("runs/x") == Path("runs/x")  # anything else is a path, unchanged
+
+
+def test_corrupt_missing_and_unknown_models_are_clear_errors(models: Path) -> None:
+    with pytest.raises(zoo.ZooError, match="unknown shipped model 'zoo:other' \\(shipped: zoo:tiny-test\\)"):
+        zoo.resolve_run("zoo:other")
+    config = models / "tiny-test" / "config.json"
+    config.write_text(config.read_text().replace("tiny", "tinx", 1))
+    with pytest.raises(zoo.ZooError, match="config.json is corrupt .*git checkout"):
+        zoo.resolve_run("zoo:tiny-test")
+    config.unlink()
+    with pytest.raises(zoo.ZooError, match="config.json is missing"):
+        zoo.resolve_run("zoo:tiny-test")
+    with pytest.raises(ValueError, match="config.json is missing"):
+        load_config("zoo:tiny-test")
+
+
+def test_a_run_that_did_not_finish_or_was_not_evaluated_is_not_released(evaluated_run: Path, tmp_path: Path) -> None:
+    (evaluated_run / "eval-test" / "metrics.json").unlink()
+    with pytest.raises(zoo.ZooError, match="eval-test/metrics.json"):
+        zoo.release(evaluated_run, "x", "card", zoo_dir=tmp_path / "z")
+    (evaluated_run / "eval-test" / "metrics.json").write_text("{}")
+    info = json.loads((evaluated_run / "run.json").read_text())
+    (evaluated_run / "run.json").write_text(json.dumps({**info, "finished": False}))
+    with pytest.raises(zoo.ZooError, match="did not finish"):
+        zoo.release(evaluated_run, "x", "card", zoo_dir=tmp_path / "z")
+    assert not (tmp_path / "z" / "x").exists()
+
+
+def test_fit_and_evaluate_take_a_shipped_model_by_name(
+    models: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny = tiny_bundle(tmp_path_factory)
+    runner = CliRunner()
+    result = runner.invoke(app, [
+        "fit", "--init", "zoo:tiny-test", "--archive", str(tiny.archive), "--splits", str(tiny.splits),
+        "--out", str(tmp_path / "ft"), "--epochs", "1", "--batch-size", "8", "--max-steps", "1",
+    ])
+    assert result.exit_code == 0, result.output
+    shipped = models / "tiny-test"
+    trained_config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert trained_config == json.loads((shipped / "config.json").read_text())
+    assert (tmp_path / "ft" / "tokenizer" / "tokenizer.json").read_bytes() == (
+        shipped / "tokenizer" / "tokenizer.json").read_bytes()
+    assert json.loads((tmp_path / "ft" / "run.json").read_text())["options"]["init"] == str(shipped)
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["evaluate", "--run", "zoo:tiny-test", "--archive", str(tiny.archive),
+                                 "--splits", str(tiny.splits)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "eval-tiny-test-test" / "metrics.json").is_file()
+    zoo.verify(shipped)  # evaluating a shipped model wrote nothing into its folder
+
+    result = runner.invoke(app, ["fit", "--init", "zoo:nope", "--archive", str(tiny.archive), "--splits",
+                                 str(tiny.splits), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "unknown shipped model 'zoo:nope'" in result.output

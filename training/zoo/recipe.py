@@ -1,0 +1,181 @@
+"""`retina-train zoo`: the recipe of a shipped model, one command from nothing to a model card.
+
+Stages (each the project's own command, reused when its output is already there for the same inputs, so
+an interrupted recipe continues where it stopped):
+
+1. a large synthetic training archive (its own seed) and its patient-level split;
+2. a held-out synthetic archive (another seed, used nowhere in training) whose every record is the test set;
+3. training (resumed when a run was stopped by `--max-minutes`);
+4. evaluation on the held-out archive (written to RUN/eval-test, which the export and the release carry);
+5. export to a bundle, checked against PyTorch on the training archive's validation split;
+6. optionally the CLIP-style baseline trained and evaluated the same way, and the comparison table;
+7. the model card (MODEL_CARD.md), and with `--release NAME` the shipped copy in `training/zoo/models/NAME`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from training.stages import StageError, reuse_stage, run_stage, tool
+from training.synth.archive import read_synth_manifest
+from training.zoo import CARD_FILE, release
+from training.zoo.card import write_card
+
+
+@dataclass(frozen=True)
+class ZooOptions:
+    """What the recipe trains and on what."""
+
+    out: Path
+    config: str = "tiny-synth"
+    baseline_config: str = "clip-baseline-synth"
+    n: int = 30_000
+    seed: int = 7001
+    heldout_n: int = 3_000
+    heldout_seed: int = 7002
+    size: int = 224
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 5e-4
+    balance: float = 0.5
+    precision: str = "auto"
+    max_minutes: float | None = None
+    baseline: bool = False
+    release: str | None = None
+
+
+@dataclass(frozen=True)
+class ZooPaths:
+    """The folders and files of a recipe's output."""
+
+    root: Path
+
+    @property
+    def archive(self) -> Path:
+        """The synthetic training archive."""
+        return self.root / "train-archive"
+
+    @property
+    def splits(self) -> Path:
+        """Its patient-level train/val/test split."""
+        return self.root / "splits.json"
+
+    @property
+    def heldout(self) -> Path:
+        """The held-out synthetic archive."""
+        return self.root / "heldout-archive"
+
+    @property
+    def heldout_splits(self) -> Path:
+        """The held-out archive's split: every record in `test`."""
+        return self.root / "heldout-splits.json"
+
+    @property
+    def run(self) -> Path:
+        """The training run of the model."""
+        return self.root / "run"
+
+    @property
+    def baseline(self) -> Path:
+        """The training run of the CLIP-style baseline."""
+        return self.root / "baseline"
+
+    @property
+    def bundle(self) -> Path:
+        """The exported bundle."""
+        return self.root / "bundle"
+
+
+def _archive(console: Console, title: str, path: Path, n: int, seed: int, size: int) -> None:
+    made = read_synth_manifest(path)
+    wanted = {"images": n, "seed": seed, "size": size}
+    if made and all(made.get(k) == v for k, v in wanted.items()):
+        reuse_stage(console, title, f"{path} ({n} images, seed {seed})")
+        return
+    if path.exists():
+        raise StageError(f"{path} holds another archive ({ {k: made.get(k) for k in wanted} }, not {wanted}); "
+                         "remove it or choose another --out")
+    run_stage(console, title, [tool("retina-train"), "synth", "--out", str(path), "--n", str(n),
+                               "--seed", str(seed), "--size", str(size)])
+
+
+def _split(console: Console, title: str, archive: Path, out: Path, val: float, test: float) -> None:
+    if out.is_file():
+        reuse_stage(console, title, str(out))
+        return
+    run_stage(console, title, [tool("retina-train"), "split", str(archive), "--out", str(out),
+                               "--val", str(val), "--test", str(test)])
+
+
+def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, config: str, run: Path) -> None:
+    info_path = run / "run.json"
+    if info_path.is_file() and json.loads(info_path.read_text()).get("finished"):
+        reuse_stage(console, title, f"{run} finished its schedule")
+        return
+    command = [
+        tool("retina-train"), "fit", "--config", config, "--archive", str(paths.archive), "--splits",
+        str(paths.splits), "--out", str(run), "--epochs", str(options.epochs), "--batch-size", str(options.batch_size),
+        "--lr", str(options.lr), "--balance", str(options.balance), "--precision", options.precision,
+        "--checkpoint-every", "100",
+    ]
+    if options.max_minutes is not None:
+        command += ["--max-minutes", str(options.max_minutes)]
+    if (run / "checkpoint" / "trainer_state.pt").is_file():
+        command.append("--resume")
+    run_stage(console, title, command)
+    if not json.loads(info_path.read_text()).get("finished"):
+        raise StageError(f"{run} stopped at the --max-minutes budget before its schedule ended; "
+                         "run the same command again to resume it")
+
+
+def _evaluate(console: Console, title: str, paths: ZooPaths, run: Path) -> dict:
+    metrics = run / "eval-test" / "metrics.json"
+    checkpoint = run / "checkpoint" / "model.safetensors"
+    if metrics.is_file() and metrics.stat().st_mtime >= checkpoint.stat().st_mtime:
+        reuse_stage(console, title, str(metrics))
+    else:
+        run_stage(console, title, [tool("retina-train"), "evaluate", "--run", str(run), "--archive",
+                                   str(paths.heldout), "--splits", str(paths.heldout_splits), "--split", "test"])
+    return json.loads(metrics.read_text())
+
+
+def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
+    """Run (or continue) every stage of the recipe; returns its paths. Raises StageError."""
+    console = console or Console(stderr=True)
+    paths = ZooPaths(Path(options.out))
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if options.heldout_seed == options.seed:
+        raise StageError("the held-out archive needs a seed of its own (--heldout-seed differs from --seed)")
+
+    _archive(console, "training archive", paths.archive, options.n, options.seed, options.size)
+    _split(console, "patient-level split", paths.archive, paths.splits, 0.05, 0.05)
+    _archive(console, "held-out archive", paths.heldout, options.heldout_n, options.heldout_seed, options.size)
+    _split(console, "held-out split (every record in test)", paths.heldout, paths.heldout_splits, 0.0, 1.0)
+    _train(console, f"training {options.config}", options, paths, options.config, paths.run)
+    metrics = _evaluate(console, f"evaluating {options.config} on the held-out archive", paths, paths.run)
+    bundle_manifest = paths.bundle / "manifest.json"
+    checkpoint = paths.run / "checkpoint" / "model.safetensors"
+    if bundle_manifest.is_file() and bundle_manifest.stat().st_mtime >= checkpoint.stat().st_mtime:
+        reuse_stage(console, "export", str(paths.bundle))
+    else:
+        run_stage(console, "export with parity check", [
+            tool("retina-train"), "export", "--run", str(paths.run), "--archive", str(paths.archive),
+            "--splits", str(paths.splits), "--out", str(paths.bundle),
+        ])
+    baseline_metrics = None
+    if options.baseline:
+        _train(console, f"training {options.baseline_config}", options, paths, options.baseline_config, paths.baseline)
+        baseline_metrics = _evaluate(console, "evaluating the baseline on the held-out archive", paths, paths.baseline)
+    card = write_card(options, paths, metrics, baseline_metrics)
+    console.print(f"model card: {card}")
+    if options.release:
+        shipped = release(paths.run, options.release, card.read_text())
+        console.print(f"released as zoo:{options.release} in {shipped}")
+    return paths
+
+
+__all__ = ["CARD_FILE", "ZooOptions", "ZooPaths", "run_recipe"]
