@@ -459,5 +459,45 @@ def zoo(
     console.print(f"recipe done in {time.perf_counter() - started:.0f} s: {paths.root}/MODEL_CARD.md")
 
 
+@app.command()
+def crossval(
+    archive: Annotated[
+        Path, typer.Option(help="A BRSET-layout archive with ICDR grades (e.g. from `retina-index import`).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the folds' runs and crossval.json / crossval.md.")],
+    init: Annotated[str, typer.Option(help="The starting model: zoo:NAME or a run folder.")] = "zoo:tiny-synth",
+    folds: Annotated[int, typer.Option(min=2, help="Number of patient-level folds.")] = 5,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs of finetune and scratch.")] = 10,
+    batch_size: Annotated[int, typer.Option(min=2, help="Batch size of finetune and scratch.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of finetune and scratch.")] = 2e-4,
+    seed: Annotated[int, typer.Option(help="Seed of the folds and the training.")] = 0,
+    method: Annotated[
+        list[str] | None, typer.Option(help="finetune, scratch, probe (repeatable; default: all three).")
+    ] = None,
+) -> None:
+    """Patient-level k-fold cross-validation of fine-tuning the starting model, training the same
+    architecture from scratch, and a linear probe on its frozen image embeddings: ICDR kappa and
+    referable AUROC per fold, mean and spread."""
+    from training.crossval import METHODS, CrossValOptions, cross_validate, format_summary
+    from training.zoo import ZooError, resolve_run
+
+    try:
+        init_path = resolve_run(init)
+        options = CrossValOptions(archive=archive, init=init_path, out=out, folds=folds, epochs=epochs,
+                                  batch_size=batch_size, lr=lr, seed=seed, methods=tuple(method or METHODS))
+
+        def report(score) -> None:  # type: ignore[no-untyped-def]
+            kappa = "n/a" if score.kappa is None else f"{score.kappa:.3f}"
+            auroc = "n/a" if score.referable_auroc is None else f"{score.referable_auroc:.3f}"
+            console.print(f"fold {score.fold} {score.method:9s} kappa {kappa} referable AUROC {auroc} "
+                          f"({score.test_images} test photographs)")
+
+        result = cross_validate(options, on_fold=report)
+    except (ZooError, ArchiveError, ValueError, FileNotFoundError) as error:
+        raise _fail(str(error)) from None
+    print(format_summary(result["summary"]), end="")
+    console.print(f"wrote {out}/crossval.json and crossval.md")
+
+
 if __name__ == "__main__":
     app()
