@@ -72,3 +72,22 @@ def test_every_real_photograph_is_answered_and_finds_itself(
         assert name in ids, (name, ids)
         assert neighbours[ids.index(name)]["score"] > 0.999
         assert grade.json()["modalities"] == ["image"]
+
+
+def test_crossval_of_the_shipped_model_on_the_real_photographs(shared_data_dir: Path, tmp_path: Path) -> None:
+    """The README's real-photo table at one epoch: five patient-level folds, three ways to grade."""
+    from training.crossval import CrossValOptions, cross_validate
+    from training.zoo import resolve_run
+
+    source = shared_data_dir / "eyepacs-sample"
+    archive = tmp_path / "archive"
+    import_archive(source / "images", source / "labels.csv", archive, mapping="eyepacs")
+    result = cross_validate(CrossValOptions(archive=archive, init=resolve_run("zoo:tiny-synth"),
+                                            out=tmp_path / "cv", folds=5, epochs=1, batch_size=16))
+    scores = result["scores"]
+    assert len(scores) == 15
+    assert sum(s["test_images"] for s in scores if s["method"] == "probe") == 130
+    for method in ("finetune", "scratch", "probe"):
+        summary = result["summary"][method]
+        assert summary["folds"] == 5 and summary["kappa_mean"] is not None
+        assert summary["referable_auroc_mean"] is not None and 0 <= summary["referable_auroc_mean"] <= 1

@@ -194,6 +194,8 @@ def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "
         f"Queries are narratives written from the labels (seed {narrative_seed}); {same} of {len(texts)} are "
         "the archive's stored narratives word for word. The ceiling is what a perfect model reaches on exact "
         "pairs: a narrative that fits n records of the gallery finds its own first with probability 1/n.",
+        "Image->image: each photograph queries all the others of the split (itself excluded); a hit shares its "
+        "ICDR grade; the referable share counts referable neighbours of referable queries.",
         "Grades are predicted from the photograph alone"
         + (" (zero-shot against grade prompts: the baseline has no grading heads)."
            if run.model.config.grading == "zero_shot" else "."),
