@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from index.quantize import quantize_int8
+
 MIN_COSINE = 0.999
 TARGETS: dict[tuple[str, str], float] = {("paper", "image"): 40.0, ("paper", "text"): 60.0}
 """items/s targets (at cosine >= MIN_COSINE to fp32) on the issue's 2-core CPU."""
@@ -250,22 +252,6 @@ def time_ort(tower: Tower, path: Path, engine: str, precision: str, seconds: flo
     return EngineResult(engine, precision, rate, min_cosine(got, tower.reference), note)
 
 
-def quantize_int8(source: Path, target: Path, per_channel: bool = False, optimized: bool = False) -> Path:
-    """ONNX Runtime dynamic quantization: int8 weights, activations quantized per batch at run time
-    (what `retina-train export --precision int8` does, optionally per output channel)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    extra: dict[str, object] = {}
-    if optimized:
-        import onnx
-
-        # The optimizer's fused ops carry no type information the quantizer can read without this.
-        extra["DefaultTensorType"] = onnx.TensorProto.FLOAT
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     extra_options=extra)
-    return target
-
-
 def transformer_optimize(tower: Tower, target: Path) -> tuple[Path, str]:
     """ONNX Runtime's transformer optimizer (attention, LayerNorm and GELU fusion); returns the graph and
     the fused operators it reports."""
@@ -303,7 +289,7 @@ def ort_engines(tower: Tower, workdir: Path, seconds: float, progress: Callable[
         return results
     int8 = stem.with_suffix(".int8.onnx")
     attempt("ORT int8 dynamic", lambda: time_ort(tower, quantize_int8(tower.onnx, int8), "ORT int8 dynamic",
-                                                  "int8", seconds, note="per-tensor weights"))
+                                                  "int8", seconds, note="per-tensor 7-bit weights"))
     attempt("ORT int8 dynamic + IO binding",
             lambda: time_ort(tower, int8, "ORT int8 dynamic + IO binding", "int8", seconds, io_binding=True))
     attempt("ORT int8 dynamic per-channel",

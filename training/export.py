@@ -44,6 +44,7 @@ from index.bundle import (
     sha256_of,
     write_manifest,
 )
+from index.quantize import quantize_int8
 from index.records import ICDR_NAMES, SDRG_NAMES
 from training.data import BatchBuilder, stored_narrative
 from training.evaluation.metrics import instance_recall, summarise
@@ -219,12 +220,10 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _quantize_int8(folder: Path) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     for name in (IMAGE_ENCODER, TEXT_ENCODER, GRADER):
         source = folder / name
         quantized = folder / f"{name}.int8"
-        quantize_dynamic(str(source), str(quantized), weight_type=QuantType.QInt8)
+        quantize_int8(source, quantized)
         os.replace(quantized, source)
 
 
