@@ -306,6 +306,7 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
         example = _example_inputs(batches[0])
         modules = {IMAGE_ENCODER: ImageEncoder(model), TEXT_ENCODER: TextEncoder(model), GRADER: Grader(model)}
         for name, module in modules.items():
+            module.eval()  # the wrappers too: a stem's BatchNorm must export with its running statistics
             _export_graph(module, name, example[name], staging)
         if precision == "int8":
             fp32_report = _parity(run, staging, batches, "fp32")

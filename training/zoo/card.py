@@ -33,8 +33,8 @@ def metric(metrics: dict, dotted: str) -> float | None:
     return node if isinstance(node, int | float) else None
 
 
-def _row(name: str, value: float | None, target: str = "", verdict: str = "") -> str:
-    return f"| {name} | {format_number(value, 3)} | {target} | {verdict} |"
+def _row(name: str, value: float | None, target: str = "", verdict: str = "", digits: int = 3) -> str:
+    return f"| {name} | {format_number(value, digits)} | {target} | {verdict} |"
 
 
 def headline_rows(metrics: dict) -> list[str]:
@@ -62,13 +62,14 @@ def headline_rows(metrics: dict) -> list[str]:
         ("referable sensitivity / specificity at the default threshold", "referable.sensitivity"),
         ("image->image similarity: 1st neighbour", "image_image.similarity.first"),
         ("image->image similarity: 10th neighbour", "image_image.similarity.at_10"),
+        ("image->image similarity: gap 1st - 10th", "image_image.similarity.gap"),
     ):
         value = metric(metrics, path)
         if path == "referable.sensitivity":
             spec = metric(metrics, "referable.specificity")
             lines.append(f"| {name} | {format_number(value, 3)} / {format_number(spec, 3)} | | |")
         else:
-            lines.append(_row(name, value))
+            lines.append(_row(name, value, digits=4 if "similarity" in path else 3))
     if recalls:
         per_grade = " / ".join(format_number(v, 2) for v in recalls.values())
         lines.append(f"| per-grade ICDR recall (0-4) | {per_grade} | | |")
