@@ -100,3 +100,47 @@ def test_fit_and_evaluate_take_a_shipped_model_by_name(
     result = runner.invoke(app, ["fit", "--init", "zoo:nope", "--archive", str(tiny.archive), "--splits",
                                  str(tiny.splits), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "unknown shipped model 'zoo:nope'" in result.output
+
+
+def test_the_shipped_model_verifies_and_loads() -> None:
+    folder = zoo.resolve_run("zoo:tiny-synth")
+    assert folder == zoo.ZOO_DIR / "tiny-synth" and "tiny-synth" in zoo.list_models()
+    run = load_run(folder)
+    assert run.model.config.name == "tiny-synth" and run.info["finished"]
+    metrics = json.loads((folder / "eval-test" / "metrics.json").read_text())
+    assert metrics["run"]["gallery_size"] == 3000  # the held-out archive, not the training split
+    assert (folder / "checkpoint" / "model.safetensors").stat().st_size < 30_000_000
+    assert "Not for clinical use" in (folder / zoo.CARD_FILE).read_text()
+
+
+def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.stages import StageError
+    from training.zoo import recipe
+
+    ran: list[str] = []
+
+    def fake_stage(console: object, title: str, command: list[str]) -> None:
+        ran.append(title)
+        if command[1] == "fit":  # what a finished run leaves behind
+            out = Path(command[command.index("--out") + 1])
+            (out / "checkpoint").mkdir(parents=True)
+            (out / "checkpoint" / "model.safetensors").write_bytes(b"w")
+            (out / "run.json").write_text(json.dumps({"finished": True}))
+        if command[1] == "evaluate":
+            run = Path(command[command.index("--run") + 1])
+            (run / "eval-test").mkdir()
+            (run / "eval-test" / "metrics.json").write_text("{}")
+
+    monkeypatch.setattr(recipe, "run_stage", fake_stage)
+    monkeypatch.setattr(recipe, "write_card", lambda options, paths, metrics, baseline: paths.root / "card.md")
+    options = recipe.ZooOptions(out=tmp_path / "zoo", n=100, heldout_n=20, baseline=True)
+    recipe.run_recipe(options)
+    assert ran == [
+        "training archive", "patient-level split", "held-out archive", "held-out split (every record in test)",
+        "training tiny-synth", "evaluating tiny-synth on the held-out archive", "export with parity check",
+        "training clip-baseline-synth", "evaluating the baseline on the held-out archive",
+    ]
+    with pytest.raises(StageError, match="seed of its own"):
+        recipe.run_recipe(recipe.ZooOptions(out=tmp_path / "other", seed=5, heldout_seed=5))
