@@ -11,12 +11,13 @@ Only the weights and what they need are shipped (a few MB); the optimiser state 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from index.bundle import sha256_of
 
 ZOO_DIR = Path(__file__).parent / "models"
 """Where shipped models live, one folder per name."""
@@ -48,14 +49,6 @@ def is_zoo_name(value: str | Path) -> bool:
     return str(value).startswith(ZOO_PREFIX)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(folder: Path) -> dict:
     """Check every file `zoo.json` lists against its sha256; returns zoo.json. Raises ZooError."""
     index = folder / ZOO_FILE
@@ -70,7 +63,7 @@ def verify(folder: Path) -> dict:
         path = folder / name
         if not path.is_file():
             raise ZooError(f"shipped model {folder.name}: {name} is missing ({path})")
-        actual = _sha256(path)
+        actual = sha256_of(path)
         if actual != expected:
             raise ZooError(
                 f"shipped model {folder.name}: {name} is corrupt (sha256 {actual[:12]}..., expected "
@@ -117,7 +110,7 @@ def release(run: Path, name: str, card: str, zoo_dir: Path = ZOO_DIR) -> Path:
         shutil.copytree(run / "tokenizer", staging / "tokenizer")
         (staging / CARD_FILE).write_text(card)
         files = {
-            p.relative_to(staging).as_posix(): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()
+            p.relative_to(staging).as_posix(): sha256_of(p) for p in sorted(staging.rglob("*")) if p.is_file()
         }
         (staging / ZOO_FILE).write_text(json.dumps({"name": name, "files": files}, indent=1) + "\n")
         staging.chmod(0o755)
