@@ -44,7 +44,7 @@ from index.bundle import (
     sha256_of,
     write_manifest,
 )
-from index.quantize import quantize_int8
+from index.quantize import EXPORT_OP_TYPES, quantize_int8
 from index.records import ICDR_NAMES, SDRG_NAMES
 from training.data import BatchBuilder, stored_narrative
 from training.evaluation.metrics import instance_recall, summarise
@@ -223,7 +223,7 @@ def _quantize_int8(folder: Path) -> None:
     for name in (IMAGE_ENCODER, TEXT_ENCODER, GRADER):
         source = folder / name
         quantized = folder / f"{name}.int8"
-        quantize_int8(source, quantized)
+        quantize_int8(source, quantized, per_channel=True, op_types=EXPORT_OP_TYPES)
         os.replace(quantized, source)
 
 
