@@ -423,7 +423,7 @@ def zoo(
     heldout_seed: Annotated[int, typer.Option(help="Seed of the held-out archive (never used in training).")] = 7002,
     size: Annotated[int, typer.Option(help="Photograph side of both archives, pixels.")] = 224,
     epochs: Annotated[int, typer.Option(min=1, help="Passes over the training split.")] = 3,
-    batch_size: Annotated[int, typer.Option(min=2, help="Global batch size.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=2, help="Global batch size.")] = 48,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
     balance: Annotated[float, typer.Option(min=0, max=1, help="Grade-balanced sampling (as `fit --balance`).")] = 0.5,
     precision: Annotated[str, typer.Option(help="auto, bf16 or fp32 (as `fit --precision`).")] = "auto",

@@ -38,8 +38,8 @@ class ZooOptions:
     heldout_n: int = 3_000
     heldout_seed: int = 7002
     size: int = 224
-    epochs: int = 4
-    batch_size: int = 64
+    epochs: int = 3
+    batch_size: int = 48
     lr: float = 5e-4
     balance: float = 0.5
     precision: str = "auto"
