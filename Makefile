@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# timm imports torchvision, so torch and torchvision are pinned as a matching pair and installed first.
-TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+# Every install path installs from a lock file in requirements/ (hashed, one version per package; the torch
+# pair is pinned in requirements/torch.in). `make lock` regenerates them with this uv, in $(LOCK_VENV).
+UV_VERSION := 0.13.9
+LOCK_VENV := .venv-lock
+LOCK_ARGS ?=
 DEMO_DIR ?= demo
 DEMO_N ?= 3000
 DEMO_SEED ?= 1
@@ -13,16 +16,32 @@ ZOO_DIR ?= runs/zoo
 RESULTS_DIR ?= runs/results
 RESULTS_MINUTES ?= 15
 
-.PHONY: setup test test-all demo lint clean results zoo
+.PHONY: setup test test-all demo lint clean results zoo lock lock-check
 
-$(VENV)/.installed: pyproject.toml
+# requirements/dev.txt (the train, serve and dev extras, the torch pair: PyPI's CUDA build), an offline check
+# that the locks still match pyproject.toml, then the project itself (--no-deps: nothing beyond the lock).
+$(VENV)/.installed: pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH_PAIR)
-	$(PY) -m pip install --quiet -e '.[train,serve,dev]'
+	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt
+	$(PY) scripts/lock.py --verify
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed
+
+$(LOCK_VENV)/.uv-$(UV_VERSION):
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet uv==$(UV_VERSION)
+	touch $@
+
+# Regenerate every lock file from pyproject.toml and requirements/*.in (see scripts/lock.py): pins move only
+# where they must; `make lock LOCK_ARGS=--upgrade` takes the newest versions allowed.
+lock: $(LOCK_VENV)/.uv-$(UV_VERSION)
+	$(PYTHON) scripts/lock.py --uv $(LOCK_VENV)/bin/uv $(LOCK_ARGS)
+
+# Fails if `make lock` would change a lock file (asks PyPI; `make setup` runs only the offline check).
+lock-check: $(LOCK_VENV)/.uv-$(UV_VERSION)
+	$(PYTHON) scripts/lock.py --uv $(LOCK_VENV)/bin/uv --check
 
 test: setup
 	$(PY) -m pytest -q
@@ -57,4 +76,4 @@ results: setup
 	$(VENV)/bin/retina-train compare $(RESULTS_DIR)/tiny $(RESULTS_DIR)/clip-baseline
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(LOCK_VENV) $(DEMO_DIR) .pytest_cache

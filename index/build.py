@@ -45,6 +45,7 @@ from index.store import (
     IndexInfo,
     SkippedPhoto,
     VectorIndexInfo,
+    file_digests,
     files_for,
     write_info,
 )
@@ -386,6 +387,7 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
         build_seconds=round(time.perf_counter() - started, 3),
         images_per_second=round(meter.rate(), 2),
         providers=dict(embedder.providers),
+        sha256=file_digests(out, files),
     )
     write_info(out, info)  # the commit
     shutil.rmtree(partial, ignore_errors=True)

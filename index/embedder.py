@@ -121,6 +121,15 @@ class GradeInput:
         return [name for name, value in given if value is not None]
 
 
+def is_valid_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (U+D800..U+DFFF), which no UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 for stability, returned as float32."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
@@ -299,17 +308,20 @@ class Embedder:
 
     def tokenize(self, texts: Sequence[str], first_index: int = 0) -> Tokens:
         """Texts -> the text encoder's input (the ids the training tokenizer gives: [CLS] ... [SEP],
-        truncated to max_length, padded to the longest). Raises ValueError for an empty text, naming it
-        by position (`first_index` + its index)."""
+        truncated to max_length, padded to the longest). Raises ValueError for a text that is empty, not
+        valid Unicode (a lone surrogate, which JSON's \\ud800 escapes can carry) or has no readable word,
+        naming it by position (`first_index` + its index), never by its content."""
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise ValueError(f"text {first_index + i}: expected a string, got {type(text).__name__}")
             if not text.strip():
                 raise ValueError(f"text {first_index + i}: empty text")
+            if not is_valid_unicode(text):
+                raise ValueError(f"text {first_index + i}: not valid Unicode (it holds a lone surrogate code point)")
         encodings = self._tokenizer.encode_batch(list(texts))
         for i, encoding in enumerate(encodings):
             if not any(special == 0 for special in encoding.special_tokens_mask):
-                raise ValueError(f"text {first_index + i}: no readable words in {texts[i][:40]!r}")
+                raise ValueError(f"text {first_index + i}: no readable word (none that the model's tokenizer knows)")
         return Tokens(
             input_ids=np.array([e.ids for e in encodings], dtype=np.int64),
             attention_mask=np.array([e.attention_mask for e in encodings], dtype=np.int64),

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,6 +26,15 @@ from index.records import PATHOLOGY_FIELDS, Eye, FundusRecord, Sex
 
 EyeName = Literal["right", "left"]
 SexName = Literal["male", "female"]
+
+MAX_RECORD_ID = 2**63 - 1
+"""The largest id an index holds: FAISS ids and SQLite integers are signed 64-bit."""
+RecordId = Annotated[int, Field(strict=True, ge=0, le=MAX_RECORD_ID)]
+"""An archived record's id, as a request gives it: a JSON integer (never a float, bool or string)."""
+GradeValue = Annotated[int, Field(strict=True, ge=0, le=4)]
+"""An ICDR or SDRG grade in a filter: an integer 0-4."""
+AgeYears = Annotated[float, Field(ge=0, le=150, allow_inf_nan=False)]
+"""An age in years in a filter: a finite number 0-150 (NaN and Infinity are refused)."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -87,11 +96,11 @@ class Filters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    icdr: list[int] | None = None
-    sdrg: list[int] | None = None
+    icdr: list[GradeValue] | None = Field(default=None, max_length=5, description="ICDR grades (any of).")
+    sdrg: list[GradeValue] | None = Field(default=None, max_length=5, description="SDRG grades (any of).")
     exam_eye: EyeName | None = None
-    age_min: float | None = None
-    age_max: float | None = None
+    age_min: AgeYears | None = None
+    age_max: AgeYears | None = None
 
     @model_validator(mode="after")
     def _age_range_is_ordered(self) -> Filters:
@@ -120,7 +129,9 @@ def parse_filters(items: Sequence[str]) -> Filters:
         if field not in FILTER_FIELDS:
             raise MetadataError(f"filter {item!r}: unknown field {field!r}; known fields: {', '.join(FILTER_FIELDS)}")
         if field in ("icdr", "sdrg"):
-            values.setdefault(field, []).extend(part.strip() for part in raw.split(","))
+            values.setdefault(field, []).extend(_number(part.strip(), int) for part in raw.split(","))
+        elif field in ("age_min", "age_max"):
+            values[field] = _number(raw, float)
         else:
             values[field] = raw
     try:
@@ -128,6 +139,14 @@ def parse_filters(items: Sequence[str]) -> Filters:
     except ValidationError as error:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
         raise MetadataError(f"invalid filter: {problems}") from None
+
+
+def _number(raw: str, kind: type[int] | type[float]) -> int | float | str:
+    """`raw` as an int or float when it is one, else unchanged (so the validation error names it)."""
+    try:
+        return kind(raw)
+    except ValueError:
+        return raw
 
 
 def labels_of(record: FundusRecord) -> Labels:
@@ -176,6 +195,19 @@ class MetadataTable:
         except sqlite3.DatabaseError as error:
             raise MetadataError(f"{path}: not a metadata table ({error})") from None
         return cls(connection, path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: Path) -> MetadataTable:
+        """A table held in memory, from the bytes of a table file (`path` only names it in errors): what
+        happens to the file afterwards cannot reach it."""
+        connection = sqlite3.connect(":memory:", check_same_thread=False)
+        try:
+            connection.deserialize(data)
+            connection.execute("SELECT id FROM records LIMIT 1").fetchall()
+        except sqlite3.DatabaseError as error:
+            connection.close()
+            raise MetadataError(f"{path}: not a metadata table ({error})") from None
+        return cls(connection, None)
 
     # reading
 

@@ -19,6 +19,17 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 60_000_000
 """Pillow's decompression-bomb limit used here: a 60 MP image is larger than any fundus camera's."""
 
+MAX_ASPECT_RATIO = 4.0
+"""Longest side / shortest side. Fundus cameras make 1:1 to 16:9 frames (wide-field montages about 2:1);
+a thin strip is no photograph, and the pixel limit alone would not bound it (1 x 50,000 is 50 k pixels,
+but padded to a square it would be 2.5 G)."""
+
+MAX_WORK_SIDE = 4096
+"""Before padding to a square, a photograph whose longer side is more than this (or twice the model's
+input side, if that is more) is reduced by a whole factor (box filter), so the square never holds more than
+about 4096^2 pixels. Every fundus camera's frame is below it, so their photographs are prepared exactly as
+before; only oversized uploads take the shortcut."""
+
 FOV_THRESHOLD = 0.08
 """Field of view: pixels brighter than this share of the image's 99th-percentile intensity."""
 
@@ -52,11 +63,14 @@ class ImageSpec:
     illumination: Illumination = "none"
 
 
-def decode_image(data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO
+) -> Image.Image:
     """Decode JPEG/PNG/TIFF bytes (or a file) to an RGB image, honouring EXIF orientation.
 
     Greyscale, CMYK, palette and 16-bit images are converted to 8-bit RGB. Raises ImageDecodeError with
-    a readable reason for anything else: not an image, truncated, or more than `max_pixels` pixels.
+    a readable reason for anything else: not an image, truncated, more than `max_pixels` pixels, or a
+    frame longer than `max_aspect_ratio` times its width (checked from the header, before any decoding).
     """
     raw = Path(data).read_bytes() if isinstance(data, Path) else data
     try:
@@ -67,6 +81,11 @@ def decode_image(data: bytes | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
             if width * height > max_pixels:
                 raise ImageDecodeError(
                     f"image is {width}x{height} pixels, more than the limit of {max_pixels:,} pixels"
+                )
+            if min(width, height) < 1 or max(width, height) > max_aspect_ratio * min(width, height):
+                raise ImageDecodeError(
+                    f"image is {width}x{height} pixels: no fundus camera makes that shape (the longer side may "
+                    f"be at most {max_aspect_ratio:g} times the shorter)"
                 )
             opened.load()
             image = ImageOps.exif_transpose(opened)
@@ -104,8 +123,13 @@ def field_of_view_box(rgb: np.ndarray, threshold: float = FOV_THRESHOLD) -> tupl
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def crop_to_square(image: Image.Image, crop_fov: bool = True) -> Image.Image:
-    """Crop the black border around the field of view, then pad with black to a centred square."""
+def crop_to_square(image: Image.Image, crop_fov: bool = True, max_side: int | None = None) -> Image.Image:
+    """Crop the black border around the field of view, then pad with black to a centred square.
+
+    With `max_side`, an image whose longer side is more than that is first reduced by a whole factor (box
+    filter) so that it is not: the padding then never allocates more than about max_side^2 pixels."""
+    if max_side is not None and max(image.size) > max_side:
+        image = image.reduce(-(-max(image.size) // max_side))
     if crop_fov:
         # The border is found on a small thumbnail (fast on 5 MP photographs), then scaled back.
         scale = max(1, max(image.size) // 256)
@@ -156,7 +180,7 @@ def model_pixels(image: Image.Image, spec: ImageSpec) -> np.ndarray:
     """An RGB image -> uint8 (size, size, 3) before mean/std: FOV crop, square, resize, illumination.
 
     Training stores these arrays; serving normalises them at once (`to_model_input`)."""
-    square = crop_to_square(image, spec.crop_fov)
+    square = crop_to_square(image, spec.crop_fov, max_side=max(MAX_WORK_SIDE, 2 * spec.size))
     resized = np.asarray(square.resize((spec.size, spec.size), Image.Resampling.BICUBIC, reducing_gap=2.0))
     return normalise_illumination(resized) if spec.illumination == "local-contrast" else resized
 

@@ -18,6 +18,7 @@ fingerprints, because vectors of two different models are not comparable.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from index.atomic import atomic_target, write_text_atomic
-from index.bundle import now_iso
+from index.bundle import now_iso, sha256_of
 from index.metadata import Filters, MetadataError, MetadataRow, MetadataTable
 from index.vector_index import IndexKind, SearchParams, VectorIndex, VectorIndexError
 
@@ -120,6 +121,9 @@ class IndexInfo(BaseModel):
     providers: dict[str, str]
     """ONNX Runtime execution provider per graph, as actually used."""
     faiss_version: str = faiss.__version__
+    sha256: dict[str, str] | None = None
+    """The integrity record: hex sha256 of each file in `files`, by file name, written with them. Indexes
+    built before it existed have none; `open_index` then loads them unverified and says so."""
 
 
 class HasFingerprint(Protocol):
@@ -160,18 +164,47 @@ def read_info(folder: Path) -> IndexInfo:
     return info
 
 
+def file_digests(folder: Path, files: IndexFiles) -> dict[str, str]:
+    """The integrity record of a generation's files: {file name: hex sha256}."""
+    return {name: sha256_of(Path(folder) / name) for name in files.model_dump().values()}
+
+
+class IndexIntegrityError(IndexStoreError):
+    """An index file whose bytes are not the ones its `index.json` records (changed, truncated, swapped)."""
+
+
+def _verified_bytes(folder: Path, name: str, expected: str | None) -> bytes:
+    path = Path(folder) / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise IndexStoreError(f"{folder}: {name} is missing (named by {INFO_FILE})") from None
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise IndexIntegrityError(
+            f"{folder}: {name} is not the file this index was built with (its sha256 differs from the one "
+            f"{INFO_FILE} records): it was changed, truncated or replaced; restore it or rebuild the index"
+        )
+    return data
+
+
 def write_info(folder: Path, info: IndexInfo) -> None:
     """Write `index.json` atomically: the commit of an index's files."""
     write_text_atomic(Path(folder) / INFO_FILE, info.model_dump_json(indent=1) + "\n")
 
 
 def open_index(
-    folder: Path, bundle: HasFingerprint | str | None, device: Literal["auto", "cpu"] = "auto"
+    folder: Path, bundle: HasFingerprint | str | None, device: Literal["auto", "cpu"] = "auto",
+    in_memory: bool = False,
 ) -> IndexStore:
     """Open an index for the bundle `bundle` (an Embedder, or a bundle fingerprint; None skips the check).
 
+    Every file is checked against the integrity record of `index.json` (its sha256) when it has one.
+    With `in_memory` the metadata table is held in memory too (as the vector indexes always are), loaded
+    from the very bytes that were verified: a server then answers from a consistent, verified copy
+    whatever happens to the files on disk.
+
     Raises IndexStoreError when the index was built with another bundle (naming both fingerprints), is
-    unfinished, or its files disagree with each other.
+    unfinished, a file is not the one recorded (IndexIntegrityError), or its files disagree.
     """
     folder = Path(folder)
     info = read_info(folder)
@@ -183,10 +216,21 @@ def open_index(
                 f"given is {expected}: vectors of different models are not comparable; use the bundle it was "
                 "built with or rebuild the index"
             )
+    digests = info.sha256 or {}
+    if info.sha256 is not None and set(digests) != set(info.files.model_dump().values()):
+        raise IndexIntegrityError(f"{folder}: the integrity record of {INFO_FILE} does not name its files")
     try:
-        image = VectorIndex.load(folder / info.files.image, device)
-        record = VectorIndex.load(folder / info.files.record, device)
-        metadata = MetadataTable.open(folder / info.files.metadata)
+        files = info.files
+        image = VectorIndex.from_bytes(_verified_bytes(folder, files.image, digests.get(files.image)),
+                                       folder / files.image, device)
+        record = VectorIndex.from_bytes(_verified_bytes(folder, files.record, digests.get(files.record)),
+                                        folder / files.record, device)
+        if in_memory or files.metadata in digests:
+            metadata_bytes = _verified_bytes(folder, files.metadata, digests.get(files.metadata))
+        if in_memory:
+            metadata = MetadataTable.from_bytes(metadata_bytes, folder / files.metadata)
+        else:
+            metadata = MetadataTable.open(folder / files.metadata)
     except (VectorIndexError, MetadataError) as error:
         raise IndexStoreError(f"{folder}: {error}") from None
     counts = {"image.faiss": image.ntotal, "record.faiss": record.ntotal, "metadata": len(metadata)}
@@ -214,6 +258,11 @@ class IndexStore:
         self.record = record
         self.metadata = metadata
         self._write_lock = threading.Lock()
+
+    @property
+    def verified(self) -> bool:
+        """True when the files were checked against an integrity record at load."""
+        return self.info.sha256 is not None
 
     @property
     def ntotal(self) -> int:
@@ -317,7 +366,10 @@ class IndexStore:
             self.record.save(self.folder / files.record)
             with atomic_target(self.folder / files.metadata) as temp:
                 self.metadata.write(temp)
-            info = self.info.model_copy(update={"generation": generation, "files": files, "updated": now_iso()})
+            info = self.info.model_copy(update={
+                "generation": generation, "files": files, "updated": now_iso(),
+                "sha256": file_digests(self.folder, files),
+            })
             write_info(self.folder, info)
             self.info = info
             self.metadata.close()

@@ -480,6 +480,16 @@ class VectorIndex:
             raise VectorIndexError(f"{path}: not a readable FAISS index ({str(error).splitlines()[0]})") from None
         return cls(index, _kind_of(index, path), device)
 
+    @classmethod
+    def from_bytes(cls, data: bytes, path: Path, device: Literal["auto", "cpu"] = "auto") -> VectorIndex:
+        """An index from the bytes of a file written by `save` (`path` only names it in errors). Loading
+        the very bytes whose checksum was verified leaves no window for the file to change in between."""
+        try:
+            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        except RuntimeError as error:
+            raise VectorIndexError(f"{path}: not a readable FAISS index ({str(error).splitlines()[0]})") from None
+        return cls(index, _kind_of(index, path), device)
+
 
 def _kind_of(index: faiss.Index, path: Path) -> IndexKind:
     concrete = faiss.downcast_index(index)

@@ -1,7 +1,8 @@
 """The FastAPI application: search by text or photograph, grading, archive images, health, metrics and
 the web page. Build it with `create_app(settings)`; `retina-serve` runs it under uvicorn."""
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: the routes' parameter types carry this server's limits
+# (e.g. k <= max_k), so they are evaluated where the routes are defined, inside `create_app`.
 
 import asyncio
 import io
@@ -14,21 +15,25 @@ from typing import Annotated, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import BeforeValidator, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from index.embedder import GradeInput, Grades
-from index.metadata import Filters
+from index.embedder import GradeInput, Grades, is_valid_unicode
+from index.metadata import MAX_RECORD_ID, Filters
 from index.preprocess import ImageDecodeError, decode_image
 from index.store import Hit
 from service.engine import Engine, NotReady
-from service.guards import ApiKeyGuard, BodySizeLimit, sniff_image_format
+from service.errors import CatchUnexpected
+from service.guards import ApiKeyGuard, BodyLimits, sniff_image_format
 from service.schemas import (
+    NOT_BLANK,
     Against,
     ErrorResponse,
     GradePrediction,
@@ -40,7 +45,7 @@ from service.schemas import (
     Readiness,
     SearchResponse,
     StructuredFields,
-    TextSearchRequest,
+    text_search_request,
 )
 from service.settings import ServiceSettings
 from service.telemetry import AccessMiddleware, Metrics
@@ -60,9 +65,38 @@ class BadInput(Exception):
         self.detail = detail
 
 
-ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorResponse} for code in (401, 413, 415, 422, 503)
+ERROR_MEANINGS: dict[int, str] = {
+    400: "The body could not be parsed (e.g. a broken multipart form).",
+    401: "An API key is required, or the one sent is wrong.",
+    404: "No such archived photograph.",
+    408: "The request body did not arrive in time.",
+    413: "The request body is larger than the limit.",
+    415: "The upload is not a JPEG, PNG or TIFF image.",
+    422: "The request is invalid: `detail` says why, `errors` (when given) where.",
+    500: "An unexpected error; the service keeps running.",
+    503: "The bundle and index are loading, or could not be loaded (`detail` says which).",
 }
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
+    """OpenAPI `responses` for these error codes: each with the ErrorResponse body the server sends."""
+    return {code: {"model": ErrorResponse, "description": ERROR_MEANINGS[code]} for code in codes}
+
+
+ERRORS = _errors(400, 401, 408, 413, 415, 422, 500, 503)
+MAX_FORM_JSON_CHARS = 10_000
+"""The longest `filters` / `structured` form field (JSON) accepted."""
+
+
+def _plain_digits(value: object) -> object:
+    """Ids and counts in paths and forms are written as plain decimal digits: no sign, no `_`, no spaces
+    (Python's int() would take `+17`, `1_7` and ` 17`)."""
+    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+        raise ValueError("must be written as plain decimal digits")
+    return value
+
+
+PlainDigits = BeforeValidator(_plain_digits)
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -83,15 +117,19 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Cross-modal search and grading of diabetic retinopathy (fundus photographs and clinical text).",
         lifespan=lifespan,
+        docs_url=None,  # served below from the package's own copy of Swagger UI, never from a CDN
+        redoc_url=None,
     )
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.settings = settings
     _add_error_handlers(app)
     _add_routes(app, engine, metrics, settings)
-    # Outermost first: count and time everything, then the size limit, then the key.
+    # Outermost first: count and time everything, then the body limits, then the key, then the net for
+    # unexpected errors (answered 500 without closing the client's keep-alive connection).
+    app.add_middleware(CatchUnexpected)
     app.add_middleware(ApiKeyGuard, api_key=settings.api_key.get_secret_value() if settings.api_key else None)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(AccessMiddleware, metrics=metrics, router=app.router)
     return app
 
@@ -123,20 +161,22 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
         return JSONResponse({"detail": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        # The route template only: the request may carry patient text or ids.
-        route = getattr(request.scope.get("route"), "path", "other")
-        log.error("internal error on %s %s: %s", request.method, route, type(error).__name__)
-        return JSONResponse({"detail": "internal error; the service keeps running (see the server log)"},
-                            status_code=500)
 
 
 def _problem(item: dict[str, object]) -> dict[str, str]:
+    """One validation problem as {field, message}; never the submitted value (it may be patient text)."""
     location = [str(part) for part in item.get("loc", ()) if part not in ("body", "query", "path")]
     message = str(item.get("msg", "invalid"))
-    if item.get("type") == "extra_forbidden":
+    context = item.get("ctx") if isinstance(item.get("ctx"), dict) else {}
+    kind = item.get("type")
+    if kind == "extra_forbidden":
         message = "unknown field"
+    elif kind == "string_too_long":
+        message = f"longer than the limit of {context.get('max_length')} characters"
+    elif kind == "string_pattern_mismatch" and context.get("pattern") == NOT_BLANK:
+        message = "the text is empty; describe the case, e.g. 'moderate NPDR, left eye'"
+    elif kind == "less_than_equal":
+        message = f"must be at most {context.get('le')} (the limit)"
     return {"field": ".".join(location) or "body", "message": message}
 
 
@@ -144,29 +184,36 @@ def _problem(item: dict[str, object]) -> dict[str, str]:
 
 
 def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: ServiceSettings) -> None:
+    text_request = text_search_request(settings.max_k, settings.max_text_chars)
+    k_form = Form(ge=1, le=settings.max_k, description="How many neighbours.")
+    text_form = Form(max_length=settings.max_text_chars, description="A clinical description.")
+
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> Health:
         """The process is alive (no key needed)."""
         return Health()
 
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["operations"])
     async def readyz() -> JSONResponse:
-        """Whether the bundle and index are loaded: their fingerprints, execution providers, index size."""
+        """Whether the bundle and index are loaded: their fingerprints, execution providers, index size,
+        and any warning about the index files on disk."""
         readiness = _readiness(engine)
         return JSONResponse(readiness.model_dump(), status_code=200 if readiness.ready else 503)
 
-    @app.get("/metrics", tags=["operations"], response_class=Response)
+    @app.get("/metrics", tags=["operations"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}})
     async def prometheus_metrics() -> Response:
         """Prometheus metrics: requests and latencies per route, per stage (decode, embed, search)."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/search/text", response_model=SearchResponse, responses=ERRORS, tags=["search"])
-    async def search_text(request: TextSearchRequest) -> SearchResponse:
+    async def search_text(request: text_request) -> SearchResponse:  # type: ignore[valid-type]
         """The archived cases nearest a clinical description, and the grades predicted from it."""
         started = time.perf_counter()
         route = "/search/text"
         text = _checked_text(request.text, settings)
-        _check_k(request.k, settings)
         engine.parts()
         with metrics.timed(route, "embed"):
             query = await _model_call(engine.texts.submit(text))
@@ -178,14 +225,16 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
     @app.post("/search/image", response_model=SearchResponse, responses=ERRORS, tags=["search"])
     async def search_image(
         file: Annotated[UploadFile, File(description="A fundus photograph: JPEG, PNG or TIFF.")],
-        k: Annotated[int, Form(ge=1, description="How many neighbours.")] = 10,
-        filters: Annotated[str | None, Form(description='JSON, e.g. {"icdr": [2, 3], "exam_eye": "left"}')] = None,
+        k: Annotated[int, k_form, PlainDigits] = 10,
+        filters: Annotated[
+            str | None,
+            Form(max_length=MAX_FORM_JSON_CHARS, description='JSON, e.g. {"icdr": [2, 3], "exam_eye": "left"}'),
+        ] = None,
         against: Annotated[Against, Form(description="image or record embeddings.")] = "image",
     ) -> SearchResponse:
         """The archived cases nearest a photograph, and the grades predicted from it."""
         started = time.perf_counter()
         route = "/search/image"
-        _check_k(k, settings)
         parsed_filters = _parse_filters(filters)
         engine.parts()
         with metrics.timed(route, "decode"):
@@ -200,10 +249,11 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
     @app.post("/grade", response_model=GradeResponse, responses=ERRORS, tags=["grading"])
     async def grade(
         file: Annotated[UploadFile | None, File(description="A fundus photograph: JPEG, PNG or TIFF.")] = None,
-        text: Annotated[str | None, Form(description="A clinical description.")] = None,
+        text: Annotated[str | None, text_form] = None,
         structured: Annotated[
             str | None,
-            Form(description='JSON of structured data, e.g. {"patient_age": 61, "patient_sex": "female", '
+            Form(max_length=MAX_FORM_JSON_CHARS,
+                 description='JSON of structured data, e.g. {"patient_age": 61, "patient_sex": "female", '
                              '"diabetes_time_y": 12, "insulin": true}'),
         ] = None,
     ) -> GradeResponse:
@@ -211,7 +261,8 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         non-empty subset of the three)."""
         started = time.perf_counter()
         route = "/grade"
-        given_text = _checked_text(text, settings) if text is not None and text != "" else None
+        # A blank text is no text here (a form sends its empty fields): grading uses the other inputs.
+        given_text = _checked_text(text, settings) if text is not None and text.strip() else None
         fields = _parse_structured(structured) if structured else None
         if file is None and given_text is None and fields is None:
             raise BadInput(422, "give at least one of: file (a photograph), text, structured")
@@ -231,10 +282,19 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
             text_truncated=grades.text_truncated, notes=notes, took_ms=_ms(started),
         )
 
-    @app.get("/archive/{record_id}/image", tags=["archive"], responses={404: {"model": ErrorResponse}})
+    image_content = {"image/jpeg": {}, "image/png": {}, "image/tiff": {}}
+
+    @app.get(
+        "/archive/{record_id}/image", tags=["archive"], response_class=Response,
+        responses={200: {"content": image_content, "description": "The photograph, or a JPEG thumbnail."},
+                   **_errors(401, 404, 422, 500, 503)},
+    )
     async def archive_image(
-        record_id: int,
-        size: Annotated[int | None, Query(ge=THUMBNAIL_MIN, le=THUMBNAIL_MAX, description="Thumbnail size.")] = None,
+        record_id: Annotated[int, PathParam(ge=0, le=MAX_RECORD_ID, description="The archived record's id."),
+                             PlainDigits],
+        size: Annotated[
+            int | None, Query(ge=THUMBNAIL_MIN, le=THUMBNAIL_MAX, description="Thumbnail size."), PlainDigits
+        ] = None,
     ) -> Response:
         """The archived photograph with this id (looked up in the index's metadata table), or a JPEG
         thumbnail of it at most `size` pixels wide and high."""
@@ -253,10 +313,22 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         data = await loop.run_in_executor(engine.decode_pool, _thumbnail, path, size)
         return Response(data, media_type="image/jpeg", headers=headers)
 
+    app.add_api_route("/archive/{record_id}/image", archive_image, methods=["HEAD"], include_in_schema=False)
+
+    @app.get("/docs", include_in_schema=False)
+    async def api_docs() -> HTMLResponse:
+        """Swagger UI for the OpenAPI document, from the package's own pinned copy (no CDN)."""
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title="retina-align API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        )
+
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-        @app.get("/", include_in_schema=False)
+        @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
         async def page() -> FileResponse:
             """The web page for clinicians."""
             return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
@@ -283,16 +355,13 @@ def _strip_position(message: str) -> str:
 def _checked_text(text: str, settings: ServiceSettings) -> str:
     if not text.strip():
         raise BadInput(422, "text: the text is empty; describe the case, e.g. 'moderate NPDR, left eye'")
+    if not is_valid_unicode(text):
+        raise BadInput(422, "text: not valid Unicode (it holds a lone surrogate code point)")
     if len(text) > settings.max_text_chars:
         raise BadInput(
             422, f"text: {len(text):,} characters, more than the limit of {settings.max_text_chars:,}"
         )
     return text
-
-
-def _check_k(k: int, settings: ServiceSettings) -> None:
-    if not 1 <= k <= settings.max_k:
-        raise BadInput(422, f"k: must be between 1 and {settings.max_k}, not {k}")
 
 
 def _parse_filters(raw: str | None) -> Filters | None:
@@ -332,7 +401,8 @@ async def _decode_upload(file: UploadFile, engine: Engine, settings: ServiceSett
         raise BadInput(415, "file: not a JPEG, PNG or TIFF image (the service reads the bytes, not the file name)")
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(engine.decode_pool, decode_image, data, settings.max_image_pixels)
+        return await loop.run_in_executor(engine.decode_pool, decode_image, data, settings.max_image_pixels,
+                                          settings.max_aspect_ratio)
     except ImageDecodeError as error:
         raise BadInput(422, f"file: {error}") from None
 
@@ -401,14 +471,21 @@ def _search_response(
 
 def _readiness(engine: Engine) -> Readiness:
     if not engine.ready:
-        detail = engine.error or "loading the bundle and index"
+        detail = engine.public_message(engine.error) if engine.error else "loading the bundle and index"
         return Readiness(ready=False, detail=detail)
     embedder, store = engine.parts()
+    warnings = [engine.public_message(engine.index_warning)] if engine.index_warning else []
+    if not store.verified:
+        warnings.append("the index has no integrity record (built by an older version): its files were loaded "
+                        "unverified; rebuild it with `retina-index build`")
     return Readiness(
         ready=True,
-        bundle=str(embedder.bundle),
+        warnings=warnings,
+        bundle=embedder.bundle.name,
         bundle_fingerprint=embedder.fingerprint,
-        index=str(store.folder),
+        index=store.folder.name,
+        index_generation=store.info.generation,
+        index_verified=store.verified,
         index_fingerprint=store.info.bundle_fingerprint,
         index_size=store.ntotal,
         index_kinds={name: info.kind for name, info in store.info.indexes.items()},

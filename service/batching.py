@@ -75,9 +75,9 @@ class MicroBatcher(Generic[In, Out]):
                 pending.future.set_exception(RuntimeError("the service is shutting down"))
 
     async def submit(self, item: In) -> Out:
-        """Queue `item` and wait for its output. The model's exceptions for a batch are raised to every
-        request of that batch, except ValueError, which is retried item by item so that one bad input
-        fails only its own request."""
+        """Queue `item` and wait for its output. When a batch of several requests fails (any exception),
+        its requests are run one by one, so that one bad input fails only its own request; a request that
+        fails alone gets its exception."""
         if self._queue is None:
             raise RuntimeError(f"batcher {self.name} is not started")
         future: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
@@ -110,16 +110,14 @@ class MicroBatcher(Generic[In, Out]):
         started = time.perf_counter()
         try:
             outputs = await loop.run_in_executor(self._executor, self._run_batch, [p.item for p in batch])
-        except ValueError as error:
+        except Exception as error:
             if len(batch) == 1:
                 _fail(batch[0], error)
                 return
-            for pending in batch:  # find the bad input: each request gets its own answer or error
-                await self._run([pending])
-            return
-        except Exception as error:  # the model failed: every request of the batch learns why
+            # Whatever kind of exception it is, one request's input may be its cause: run each request on
+            # its own so that every request gets its own answer or its own error, never a neighbour's.
             for pending in batch:
-                _fail(pending, error)
+                await self._run([pending])
             return
         if self._on_batch is not None:
             self._on_batch(self.name, len(batch), time.perf_counter() - started)

@@ -5,12 +5,19 @@ Model work never runs on the event loop: each route kind has a `MicroBatcher` wh
 model thread (ONNX Runtime already spreads one run over every core, so runs go one at a time), and
 searches run in their own small thread pool (FAISS CPU indexes are safe to search from several threads;
 GPU indexes are serialised inside `index.vector_index`).
+
+The index is served from memory, loaded from the bytes its integrity record verified. A watcher thread
+looks at the index folder every few seconds: a newly committed generation (a new `index.json`) is loaded,
+verified and swapped in whole (a request uses one generation from start to end, never a mix); files changed
+in place under a running server are reported by /readyz while the verified copy keeps serving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +31,7 @@ from PIL import Image
 
 from index.embedder import Embedder, GradeInput, Grades
 from index.metadata import Filters
-from index.store import Against, Hit, IndexStore, open_index
+from index.store import INFO_FILE, Against, Hit, IndexStore, IndexStoreError, file_digests, open_index, read_info
 from service.batching import MicroBatcher
 from service.settings import ServiceSettings
 
@@ -52,6 +59,37 @@ class NotReady(Exception):
     """The bundle and index are still loading, or failed to load (the message says which)."""
 
 
+FileStamp = tuple[str, int, int, int]
+"""(file name, inode, size, modification time in ns): enough to notice a file replaced or changed."""
+
+
+def folder_stamp(folder: Path, names: Sequence[str]) -> tuple[FileStamp, ...]:
+    """The stamps of `names` in `folder` (a missing file has inode, size and time -1)."""
+    stamps = []
+    for name in names:
+        try:
+            stat = os.stat(Path(folder) / name)
+        except OSError:
+            stamps.append((name, -1, -1, -1))
+        else:
+            stamps.append((name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+    return tuple(stamps)
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/(?:[^\s/:'\"(),]+/)*([^\s/:'\"(),]+)")
+_FAISS_DETAIL = re.compile(r"\s*\((?:Error in|FAISS|faiss)[^)]*\)")
+
+
+def public_reason(message: str, named: dict[str, str]) -> str:
+    """A failure message as a client may see it: the configured folders by their role (`named` maps a path
+    to e.g. "the index folder"), any other absolute path by its last component, no FAISS internals."""
+    for path, role in sorted(named.items(), key=lambda item: -len(item[0])):
+        if path:
+            message = message.replace(path, role)
+    message = _FAISS_DETAIL.sub(" (not a readable FAISS index file)", message)
+    return _ABSOLUTE_PATH.sub(lambda match: match.group(1), message)
+
+
 class Engine:
     """Loads the bundle and index (in the background, so /healthz answers at once) and runs the model
     calls and searches of the routes."""
@@ -61,7 +99,11 @@ class Engine:
         self.embedder: Embedder | None = None
         self.store: IndexStore | None = None
         self.error: str | None = None
+        self.index_warning: str | None = None
+        """Set while the index folder on disk differs from the generation being served (said by /readyz)."""
+        self._index_stamp: tuple[FileStamp, ...] = ()
         self._loaded = threading.Event()
+        self._stopping = threading.Event()
         self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         # OpenMP thread counts are per calling thread: each search thread sets its own, or FAISS would
         # start one OpenMP team per core in every search and fight the model thread for the cores.
@@ -94,12 +136,14 @@ class Engine:
                 Path(self.settings.bundle), device=self.settings.device, threads=self.settings.threads,
                 spin=self.settings.ort_spinning,
             )
-            store = open_index(Path(self.settings.index), embedder)
+            stamp = self._stamp_of_folder()
+            store = open_index(Path(self.settings.index), embedder, in_memory=True)
         except Exception as error:  # every load failure is reported by /readyz, never raised into uvicorn
             self.error = str(error)
             log.error("loading failed: %s", error)
         else:
             self.embedder, self.store = embedder, store
+            self._index_stamp = stamp
             log.info(
                 "ready in %.1f s: bundle %s, index of %d photographs, providers %s",
                 time.perf_counter() - started, embedder.fingerprint, store.ntotal, embedder.providers,
@@ -108,13 +152,82 @@ class Engine:
             self._loaded.set()
 
     def start(self) -> None:
-        """Start the batchers (on the running event loop) and load in a background thread."""
+        """Start the batchers (on the running event loop), load in a background thread, then watch the
+        index folder (every `index_check_s` seconds; 0: never)."""
         for batcher in (self.texts, self.images, self.grades):
             batcher.start()
-        threading.Thread(target=self.load, name="load", daemon=True).start()
+        threading.Thread(target=self._load_then_watch, name="load", daemon=True).start()
+
+    def _load_then_watch(self) -> None:
+        self.load()
+        interval = self.settings.index_check_s
+        while interval > 0 and self.ready and not self._stopping.wait(interval):
+            try:
+                self.check_index()
+            except Exception as error:  # the watcher must never die; the served generation stays valid
+                log.error("checking the index folder failed: %s", type(error).__name__)
+
+    def _stamp_of_folder(self) -> tuple[FileStamp, ...]:
+        folder = Path(self.settings.index or ".")
+        try:
+            names = list(read_info(folder).files.model_dump().values())
+        except IndexStoreError:
+            names = []
+        return folder_stamp(folder, [INFO_FILE, *names])
+
+    def check_index(self) -> None:
+        """Compare the index folder with the generation being served. A new commit (`index.json`
+        changed) is loaded, verified and swapped in; if it cannot be, the served generation stays and
+        `index_warning` says why. Files changed in place are verified again: a mismatch sets
+        `index_warning` (the verified copy in memory keeps serving), a match clears it."""
+        if self.embedder is None or self.store is None:
+            return
+        folder = Path(self.settings.index or ".")
+        stamp = self._stamp_of_folder()
+        if stamp == self._index_stamp:
+            return
+        served = self.store
+        info_changed = stamp[0] != self._index_stamp[0]
+        if info_changed:
+            try:
+                fresh = open_index(folder, self.embedder, in_memory=True)
+            except Exception as error:
+                self._warn(f"the index on disk changed and cannot be loaded ({error}); still serving generation "
+                           f"{served.info.generation}, loaded and verified at start")
+                self._index_stamp = stamp
+                return
+            self.store = fresh
+            self.index_warning = None
+            self._index_stamp = stamp
+            log.info("index generation %d loaded (%d photographs); it replaces generation %d",
+                     fresh.info.generation, fresh.ntotal, served.info.generation)
+            return
+        recorded = served.info.sha256
+        if recorded is not None and file_digests(folder, served.info.files) != recorded:
+            self._warn("index files changed on disk since they were loaded (their sha256 differs from the "
+                       "integrity record); still serving the verified copy in memory; restore the files or "
+                       "rebuild the index before the next start")
+        else:
+            self.index_warning = None
+        self._index_stamp = stamp
+
+    def _warn(self, message: str) -> None:
+        if message != self.index_warning:
+            log.error("%s", message)
+        self.index_warning = message
+
+    def public_message(self, message: str) -> str:
+        """`message` without this server's paths or library internals (see `public_reason`)."""
+        named: dict[str, str] = {}
+        for path, role in ((self.settings.bundle, "the bundle folder"), (self.settings.index, "the index folder")):
+            if path is not None:
+                named[str(path)] = role
+                named[str(Path(path).resolve())] = role
+        return public_reason(message, named)
 
     async def stop(self) -> None:
-        """Stop the batchers and the thread pools."""
+        """Stop the watcher, the batchers and the thread pools."""
+        self._stopping.set()
         for batcher in (self.texts, self.images, self.grades):
             await batcher.stop()
         for pool in (self._model_pool, self._search_pool, self.decode_pool):
@@ -133,7 +246,9 @@ class Engine:
         """The loaded embedder and index; raises NotReady while loading or after a failed load."""
         if self.embedder is None or self.store is None:
             if self.error is not None:
-                raise NotReady(f"the service could not load its bundle and index: {self.error}")
+                raise NotReady(
+                    f"the service could not load its bundle and index: {self.public_message(self.error)}"
+                )
             raise NotReady("the service is still loading its bundle and index; retry in a moment")
         return self.embedder, self.store
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from urllib.parse import unquote
@@ -30,8 +31,12 @@ def sniff_image_format(data: bytes) -> str | None:
     return None
 
 
-class BodyTooLarge(Exception):
-    """Raised inside the app when the body passes the limit; answered with 413."""
+class BodyRefused(Exception):
+    """Raised inside the app when the body passes the size limit (413) or its time limit (408)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
 
 
 async def _send_json(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -45,18 +50,30 @@ async def _send_json(send: Send, status: int, detail: str, headers: list[tuple[b
     await send({"type": "http.response.body", "body": body})
 
 
-class BodySizeLimit:
-    """Refuses request bodies over `max_bytes` with 413 and a message saying the limit: at once when
-    Content-Length says so, else as soon as the streamed body passes it (nothing more is read)."""
+class BodyLimits:
+    """Bounds every request body by size and by time.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Size: over `max_bytes` is refused with 413 and a message saying the limit: at once when Content-Length
+    says so, else as soon as the streamed (e.g. chunked) body passes it; nothing more is read.
+    Time: the whole body must arrive within `timeout_s` of the request's start, else 408, so that a client
+    sending one byte a second cannot hold a connection and a worker's buffers for ever.
+    Either way the app's own answer (e.g. a form parser's 400 for the cut body) is replaced by ours, and the
+    connection is closed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     def _message(self, size: int | None) -> str:
         limit_mb = self.max_bytes / (1024 * 1024)
         said = f"the request body is {size / (1024 * 1024):.1f} MB" if size else "the request body is too large"
         return f"{said}; the limit is {limit_mb:g} MB (RETINA_MAX_UPLOAD_MB)"
+
+    def _refusal(self, status: int) -> str:
+        if status == 413:
+            return self._message(None)
+        return f"the request body did not arrive within {self.timeout_s:g} s (RETINA_BODY_TIMEOUT_S)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,30 +83,44 @@ class BodySizeLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await _send_json(send, 413, self._message(int(length)), [(b"connection", b"close")])
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         received = 0
+        body_done = False
+        refused: int | None = None
         started = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done, refused
+            if body_done:  # after the body only http.disconnect comes: no deadline for that wait
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                refused = 408
+                raise BodyRefused(408) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    raise BodyTooLarge
+                    refused = 413
+                    raise BodyRefused(413)
             return message
 
-        async def tracking_send(message: Message) -> None:
+        async def guarded_send(message: Message) -> None:
             nonlocal started
+            if refused is not None:
+                return  # the app answers a body it could not read (a parser's 400): ours replaces it
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if started:
-                raise
-            await _send_json(send, 413, self._message(None), [(b"connection", b"close")])
+            await self.app(scope, limited_receive, guarded_send)
+        except BodyRefused:
+            pass
+        if refused is not None and not started:
+            await _send_json(send, refused, self._refusal(refused), [(b"connection", b"close")])
 
 
 def key_matches(given: str | None, expected: str) -> bool:

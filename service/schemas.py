@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from index.metadata import Filters, Labels
 
+NOT_BLANK = r"\S"
+"""A text must hold at least one character that is not white space."""
 Against = Literal["image", "record"]
 Modality = Literal["image", "text", "structured"]
 
@@ -17,12 +19,27 @@ class TextSearchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(description="A clinical description, e.g. 'moderate NPDR with hard exudates, left eye'.")
-    k: int = Field(default=10, ge=1, description="How many neighbours (at most the service's max_k).")
+    text: str = Field(
+        pattern=NOT_BLANK, description="A clinical description, e.g. 'moderate NPDR with hard exudates, left eye'."
+    )
+    k: int = Field(default=10, strict=True, ge=1, description="How many neighbours (at most the service's max_k).")
     filters: Filters | None = Field(default=None, description="Only return archived cases that match.")
     against: Against = Field(
         default="image",
         description="image: the photographs' own embeddings (what they show); record: photo + structured data.",
+    )
+
+
+def text_search_request(max_k: int, max_text_chars: int) -> type[TextSearchRequest]:
+    """`TextSearchRequest` with this service's limits in its schema, so that the OpenAPI document says
+    exactly what the server accepts (k <= max_k, text <= max_text_chars characters)."""
+    return create_model(
+        "TextSearchRequest",
+        __base__=TextSearchRequest,
+        __doc__=TextSearchRequest.__doc__,
+        text=(str, Field(pattern=NOT_BLANK, max_length=max_text_chars,
+                         description=TextSearchRequest.model_fields["text"].description)),
+        k=(int, Field(default=10, strict=True, ge=1, le=max_k, description="How many neighbours.")),
     )
 
 
@@ -31,11 +48,11 @@ class StructuredFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    patient_age: float | None = Field(default=None, ge=0, le=120)
+    patient_age: float | None = Field(default=None, ge=0, le=120, allow_inf_nan=False)
     patient_sex: Literal["female", "male"] | None = None
     exam_eye: Literal["left", "right"] | None = None
     diabetes: bool | None = None
-    diabetes_time_y: float | None = Field(default=None, ge=0, le=100)
+    diabetes_time_y: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
     insulin: bool | None = None
     camera: str | None = Field(default=None, max_length=200)
     comorbidities: str | None = Field(default=None, max_length=2000)
@@ -113,9 +130,13 @@ class Readiness(BaseModel):
 
     ready: bool
     detail: str | None = None
-    bundle: str | None = None
+    warnings: list[str] = Field(default_factory=list, description="What an operator should know, e.g. files "
+                                "changed on disk under the running server.")
+    bundle: str | None = Field(default=None, description="The bundle folder's name.")
     bundle_fingerprint: str | None = None
-    index: str | None = None
+    index: str | None = Field(default=None, description="The index folder's name.")
+    index_generation: int | None = None
+    index_verified: bool | None = Field(default=None, description="Its files matched their integrity record.")
     index_fingerprint: str | None = Field(default=None, description="The bundle fingerprint the index was built with.")
     index_size: int | None = None
     index_kinds: dict[str, str] | None = None

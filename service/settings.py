@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MEGABYTE = 1024 * 1024
@@ -42,7 +43,19 @@ class ServiceSettings(BaseSettings):
     max_upload_mb: float = Field(default=20.0, gt=0, description="Largest accepted request body, in MB.")
     max_image_pixels: int = Field(default=60_000_000, ge=1, description="Larger images are refused (bombs).")
     max_text_chars: int = Field(default=20_000, ge=1, description="Longer texts are refused with 422.")
+    max_aspect_ratio: float = Field(
+        default=4.0, ge=1.0,
+        description="An upload's longer side may be at most this many times its shorter (thin strips are refused).",
+    )
     max_k: int = Field(default=100, ge=1, description="The largest `k` a search may ask for.")
+    body_timeout_s: float = Field(
+        default=30.0, gt=0,
+        description="A request body must arrive whole within this many seconds (slow clients get 408).",
+    )
+    index_check_s: float = Field(
+        default=2.0, ge=0,
+        description="How often the index folder is checked for a new generation or changed files (0: never).",
+    )
     batch_max: int = Field(default=16, ge=1, description="Most requests merged into one model run (1: no batching).")
     batch_wait_ms: float = Field(
         default=0.0, ge=0,
@@ -51,6 +64,18 @@ class ServiceSettings(BaseSettings):
         "client and gained nothing at 16).",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _api_key_is_not_blank(self) -> ServiceSettings:
+        # env_ignore_empty turns RETINA_API_KEY="" into "no key": that must not silently switch off
+        # authentication, so a set-but-blank key (variable or argument) is refused.
+        from_env = os.environ.get("RETINA_API_KEY")
+        given = self.api_key.get_secret_value() if self.api_key is not None else None
+        if (given is not None and not given.strip()) or (from_env is not None and not from_env.strip()):
+            raise ValueError(
+                "RETINA_API_KEY is set but blank: set a key, or unset the variable to serve without one"
+            )
+        return self
 
     @property
     def max_upload_bytes(self) -> int:

@@ -203,7 +203,9 @@ def prepare(options: DemoOptions, console: Console | None = None) -> DemoPaths:
             raise DemoError(f"{paths.bundle}: the export wrote no valid bundle")
 
     try:
-        built_with = read_info(paths.index).bundle_fingerprint
+        info = read_info(paths.index)
+        # An index without an integrity record (built by an older version) is rebuilt, not served unverified.
+        built_with = info.bundle_fingerprint if info.sha256 is not None else None
     except IndexStoreError:
         built_with = None
     if built_with == exported[1]:
