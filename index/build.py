@@ -1,10 +1,10 @@
 """`retina-index build`: embed every photograph of an archive with a bundle into an index folder.
 
 For each archive record (id = its row number in the label file, a stable int64), the photograph is
-decoded and embedded twice: image-only (`Embedder.embed_images`, what the photograph shows) and as a
-record (`Embedder.record_embeddings`: photograph + structured data, with the model's ICDR/SDRG
-probabilities). A record whose photo is missing or cannot be decoded is skipped, with the reason, and the
-build goes on.
+decoded and goes through the image tower once (`Embedder.embed_records`), which gives two vectors:
+image-only (what the photograph shows) and, through the grader from the same image tokens, the record
+(photograph + structured data, with the model's ICDR/SDRG probabilities). A record whose photo is
+missing or cannot be decoded is skipped, with the reason, and the build goes on.
 
 Resumable: records are embedded in chunks of `chunk_size` consecutive ids; each finished chunk is written
 to `INDEX/.partial/chunk-NNNNN.npz` (ids, vectors, probabilities) and then `chunk-NNNNN.json` (the ids it
@@ -163,11 +163,11 @@ def embed_chunk(
             records.append(record)
             kept.append(int(identifier))
         if images:
-            image_parts.append(embedder.embed_images(images, batch_size))
-            record_vectors, icdr, sdrg = embedder.record_embeddings(images, records, batch_size)
-            record_parts.append(record_vectors)
-            icdr_parts.append(icdr)
-            sdrg_parts.append(sdrg)
+            embedded = embedder.embed_records(images, records, batch_size)
+            image_parts.append(embedded.image_vectors)
+            record_parts.append(embedded.record_vectors)
+            icdr_parts.append(embedded.icdr)
+            sdrg_parts.append(embedded.sdrg)
         if on_batch is not None:
             on_batch(len(batch_ids))
     dim = embedder.dim

@@ -3,11 +3,16 @@
 A folder that `retina-train export` writes and everything online reads:
 
     BUNDLE/manifest.json        this schema: what the graphs expect and produce, and a sha256 per file
-    BUNDLE/image_encoder.onnx   pixels (B, 3, S, S) -> image embedding (B, D)
-    BUNDLE/text_encoder.onnx    input_ids, attention_mask (B, L) -> text embedding (B, D)
-    BUNDLE/grader.onnx          pixels, input_ids, attention_mask, tabular + presence flags (B,)
+    BUNDLE/image_encoder.onnx   pixels (B, 3, S, S) -> image_embedding (B, D), image_tokens (B, N, W)
+    BUNDLE/text_encoder.onnx    input_ids, attention_mask (B, L) -> text_embedding (B, D), text_tokens (B, L, W)
+    BUNDLE/grader.onnx          image_tokens, text_tokens, attention_mask, tabular + presence flags (B,)
                                 -> icdr_logits, sdrg_logits (B, 5), record_embedding (B, D)
     BUNDLE/tokenizer.json       the text tokenizer (Hugging Face `tokenizers` format)
+
+Schema v2: each tower runs once per query. The grader reads the tokens the encoders already returned (their
+second output) instead of raw pixels and ids, so a search embeds and grades with one pass of its tower, and
+text-only grading never runs the image tower. Absent modalities are zeros hidden by their presence flag.
+A v1 bundle (whose grader re-ran both towers) is refused with "export it again".
 
 Loading verifies the schema version and every checksum and names exactly what is wrong.
 """
@@ -25,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from index.preprocess import Illumination, ImageSpec
 from index.tabular import FeatureSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 IMAGE_ENCODER = "image_encoder.onnx"
 TEXT_ENCODER = "text_encoder.onnx"
@@ -137,7 +142,10 @@ def read_manifest(folder: Path) -> Manifest:
             "upgrade retina-align"
         )
     if version < SCHEMA_VERSION:
-        raise BundleError(f"{path}: schema version {version} is older than {SCHEMA_VERSION}; export it again")
+        raise BundleError(
+            f"{path}: schema version {version} is older than {SCHEMA_VERSION} (its grader re-runs both towers); "
+            "re-export it with `retina-train export --run RUN --out BUNDLE`"
+        )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as error:

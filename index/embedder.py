@@ -98,6 +98,31 @@ class Grades:
 
 
 @dataclass(frozen=True)
+class SearchQuery:
+    """One query through its tower once: the search vector, and the grades fused from the same pass."""
+
+    vector: np.ndarray  # (D,) float32, L2-normalised
+    grades: Grades
+    truncated: bool = False  # a text cut to the model's max_length
+
+
+@dataclass(frozen=True)
+class RecordEmbeddings:
+    """Archive records (photograph + structured data) through the image tower once and the grader."""
+
+    image_vectors: np.ndarray  # (N, D) what the photographs show
+    record_vectors: np.ndarray  # (N, D) photograph + structured data, fused
+    icdr: np.ndarray  # (N, 5) probabilities
+    sdrg: np.ndarray  # (N, 5)
+
+
+@dataclass(frozen=True)
+class _TowerOutput:
+    vectors: np.ndarray  # (N, D)
+    tokens: np.ndarray  # (N, T, W) for the grader
+
+
+@dataclass(frozen=True)
 class Tokens:
     """Text encoder input: ids and mask padded to the longest text, and which texts were truncated."""
 
@@ -192,6 +217,8 @@ class Embedder:
                     name, "asked for" if device == "cuda" else "available", self.providers[name],
                 )
         self._tabular_width = self.manifest.feature_spec.width
+        self._image_token_shape = self._token_shape("image_tokens")
+        self._text_token_shape = self._token_shape("text_tokens")
         self._tokenizer = self._load_tokenizer()
 
     # --- public API -------------------------------------------------------------------------------
@@ -201,7 +228,7 @@ class Embedder:
         L2-normalised, preprocessed with the bundle's image spec."""
         _check_batch_size(batch_size)
         chunks = [
-            self._run_image(batch_model_inputs(images[start : start + batch_size], self.image_spec))
+            self._run_image(batch_model_inputs(images[start : start + batch_size], self.image_spec)).vectors
             for start in range(0, len(images), batch_size)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
@@ -210,7 +237,8 @@ class Embedder:
         """Already preprocessed pixels (N, 3, S, S) (`index.preprocess.to_model_input`) -> (N, D) float32."""
         _check_batch_size(batch_size)
         pixels = self._check_pixels(pixels)
-        chunks = [self._run_image(pixels[start : start + batch_size]) for start in range(0, len(pixels), batch_size)]
+        chunks = [self._run_image(pixels[start : start + batch_size]).vectors
+                  for start in range(0, len(pixels), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
 
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> TextEmbedding:
@@ -222,41 +250,78 @@ class Embedder:
         vectors, truncated = [], []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenize(texts[start : start + batch_size], first_index=start)
-            (embedding,) = self._sessions[TEXT_ENCODER].run(
-                None, {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
-            )
-            vectors.append(np.ascontiguousarray(embedding, dtype=np.float32))
+            vectors.append(self._run_text(tokens).vectors)
             truncated += tokens.truncated
         matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
         return TextEmbedding(vectors=matrix, truncated=truncated)
 
-    def record_embeddings(
+    def embed_records(
         self, images: Sequence[Image.Image], structured: Sequence[Structured], batch_size: int = 32
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Archive records (photograph + structured data, no text) through the grader.
-
-        Returns (record embeddings (N, D) L2-normalised, ICDR probabilities (N, 5), SDRG probabilities
-        (N, 5)). `structured` holds FundusRecords or mappings with the same field names.
-        """
+    ) -> RecordEmbeddings:
+        """Archive records (photograph + structured data, no text): each photograph through the image tower
+        once, its tokens and the structured data through the grader. Returns the image embeddings, the record
+        embeddings and the ICDR/SDRG probabilities. `structured` holds FundusRecords or mappings with the
+        same field names."""
         _check_batch_size(batch_size)
         if len(images) != len(structured):
             raise ValueError(f"{len(images)} images but {len(structured)} structured records")
-        records, icdr, sdrg = [], [], []
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         for start in range(0, len(images), batch_size):
-            pixels = batch_model_inputs(images[start : start + batch_size], self.image_spec)
+            tower = self._run_image(batch_model_inputs(images[start : start + batch_size], self.image_spec))
             tabular = self.manifest.feature_spec.transform(structured[start : start + batch_size])
-            n = len(pixels)
-            outputs = self._run_grader(
-                pixels, self._absent_text(n), tabular, image=np.ones(n, bool), text=np.zeros(n, bool),
+            n = len(tower.vectors)
+            icdr, sdrg, record = self._run_grader(
+                n, image_tokens=tower.tokens, tabular=tabular, image=np.ones(n, bool), text=np.zeros(n, bool),
                 tabular_present=np.ones(n, bool),
             )
-            icdr.append(outputs[0])
-            sdrg.append(outputs[1])
-            records.append(outputs[2])
-        if not records:
+            parts.append((tower.vectors, record, icdr, sdrg))
+        if not parts:
             empty = np.zeros((0, len(self.manifest.icdr_names)), np.float32)
-            return np.zeros((0, self.dim), np.float32), empty, empty.copy()
-        return np.concatenate(records), np.concatenate(icdr), np.concatenate(sdrg)
+            vectors = np.zeros((0, self.dim), np.float32)
+            return RecordEmbeddings(vectors, vectors.copy(), empty, empty.copy())
+        return RecordEmbeddings(*(np.concatenate([part[i] for part in parts]) for i in range(4)))
+
+    def record_embeddings(
+        self, images: Sequence[Image.Image], structured: Sequence[Structured], batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(record embeddings (N, D), ICDR probabilities (N, 5), SDRG probabilities (N, 5)) of archive
+        records: `embed_records` without the image embeddings."""
+        records = self.embed_records(images, structured, batch_size)
+        return records.record_vectors, records.icdr, records.sdrg
+
+    def query_images(self, images: Sequence[Image.Image]) -> list[SearchQuery]:
+        """Photographs as search queries: one image-tower pass gives both the search vector and (through
+        the grader, from the same tokens) the grades."""
+        if not images:
+            return []
+        tower = self._run_image(batch_model_inputs(images, self.image_spec))
+        n = len(images)
+        icdr, sdrg, record = self._run_grader(
+            n, image_tokens=tower.tokens, image=np.ones(n, bool), text=np.zeros(n, bool),
+            tabular_present=np.zeros(n, bool),
+        )
+        return [
+            SearchQuery(tower.vectors[i], self._grades(icdr[i], sdrg[i], record[i], ["image"]))
+            for i in range(n)
+        ]
+
+    def query_texts(self, texts: Sequence[str]) -> list[SearchQuery]:
+        """Clinical texts as search queries: one text-tower pass gives the search vector and the grades.
+        Raises ValueError for an unreadable text (see `tokenize`)."""
+        if not texts:
+            return []
+        tokens = self.tokenize(texts)
+        tower = self._run_text(tokens)
+        n = len(texts)
+        icdr, sdrg, record = self._run_grader(
+            n, text_tokens=tower.tokens, attention_mask=tokens.attention_mask, image=np.zeros(n, bool),
+            text=np.ones(n, bool), tabular_present=np.zeros(n, bool),
+        )
+        return [
+            SearchQuery(tower.vectors[i], self._grades(icdr[i], sdrg[i], record[i], ["text"], tokens.truncated[i]),
+                        tokens.truncated[i])
+            for i in range(n)
+        ]
 
     def grade(
         self, image: Image.Image | None = None, text: str | None = None, structured: Structured | None = None
@@ -275,12 +340,23 @@ class Embedder:
         for i, item in enumerate(inputs):
             if not item.modalities:
                 raise ValueError(f"input {i}: grading needs at least one of image, text or structured data")
-        size = self.image_spec.size
-        pixels = np.zeros((n, 3, size, size), np.float32)
+        image_tokens = text_tokens = attention_mask = None
         with_image = [i for i, item in enumerate(inputs) if item.image is not None]
         if with_image:
-            pixels[with_image] = batch_model_inputs([inputs[i].image for i in with_image], self.image_spec)
-        tokens = self._mixed_tokens([item.text for item in inputs])
+            tower = self._run_image(batch_model_inputs([inputs[i].image for i in with_image], self.image_spec))
+            image_tokens = np.zeros((n, *tower.tokens.shape[1:]), np.float32)
+            image_tokens[with_image] = tower.tokens
+        with_text = [i for i, item in enumerate(inputs) if item.text is not None]
+        truncated = [False] * n
+        if with_text:
+            tokens = self.tokenize([inputs[i].text for i in with_text])  # type: ignore[misc]
+            text_tower = self._run_text(tokens)
+            text_tokens = np.zeros((n, *text_tower.tokens.shape[1:]), np.float32)
+            text_tokens[with_text] = text_tower.tokens
+            attention_mask = np.zeros((n, tokens.attention_mask.shape[1]), np.int64)
+            attention_mask[with_text] = tokens.attention_mask
+            for row, i in enumerate(with_text):
+                truncated[i] = tokens.truncated[row]
         tabular = np.zeros((n, self._tabular_width), np.float32)
         with_structured = [i for i, item in enumerate(inputs) if item.structured is not None]
         if with_structured:
@@ -288,7 +364,7 @@ class Embedder:
                 [inputs[i].structured for i in with_structured]
             )
         icdr, sdrg, record = self._run_grader(
-            pixels, tokens, tabular,
+            n, image_tokens=image_tokens, text_tokens=text_tokens, attention_mask=attention_mask, tabular=tabular,
             image=np.array([item.image is not None for item in inputs]),
             text=np.array([item.text is not None for item in inputs]),
             tabular_present=np.array([item.structured is not None for item in inputs]),
@@ -301,7 +377,7 @@ class Embedder:
                 modalities=item.modalities,
                 icdr_names=tuple(self.manifest.icdr_names),
                 sdrg_names=tuple(self.manifest.sdrg_names),
-                text_truncated=tokens.truncated[i],
+                text_truncated=truncated[i],
             )
             for i, item in enumerate(inputs)
         ]
@@ -346,30 +422,25 @@ class Embedder:
         tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
         return tokenizer
 
-    def _absent_text(self, n: int) -> Tokens:
-        # One pad token with mask 1 (the text tower then has a visible key); text_present False hides it
-        # from the joint transformer, so its value does not matter.
-        pad = np.full((n, 1), self.manifest.text.pad_token_id, dtype=np.int64)
-        return Tokens(input_ids=pad, attention_mask=np.ones((n, 1), dtype=np.int64), truncated=[False] * n)
+    def _grades(
+        self, icdr: np.ndarray, sdrg: np.ndarray, record: np.ndarray, modalities: list[str], truncated: bool = False
+    ) -> Grades:
+        return Grades(icdr_probabilities=icdr, sdrg_probabilities=sdrg, record_embedding=record,
+                      modalities=modalities, icdr_names=tuple(self.manifest.icdr_names),
+                      sdrg_names=tuple(self.manifest.sdrg_names), text_truncated=truncated)
 
-    def _mixed_tokens(self, texts: Sequence[str | None]) -> Tokens:
-        """Tokens for a batch where some rows have no text: those rows get the absent-text row (one pad
-        token, mask 1) padded to the batch's length with mask 0."""
-        given = [i for i, text in enumerate(texts) if text is not None]
-        if not given:
-            return self._absent_text(len(texts))
-        encoded = self.tokenize([texts[i] for i in given])
-        length = encoded.input_ids.shape[1]
-        pad_id = self.manifest.text.pad_token_id
-        input_ids = np.full((len(texts), length), pad_id, dtype=np.int64)
-        attention_mask = np.zeros((len(texts), length), dtype=np.int64)
-        attention_mask[:, 0] = 1
-        truncated = [False] * len(texts)
-        for row, i in enumerate(given):
-            input_ids[i] = encoded.input_ids[row]
-            attention_mask[i] = encoded.attention_mask[row]
-            truncated[i] = encoded.truncated[row]
-        return Tokens(input_ids=input_ids, attention_mask=attention_mask, truncated=truncated)
+    def _token_shape(self, name: str) -> tuple[int, ...]:
+        """The fixed trailing dimensions of a grader input (image_tokens: (N, W); text_tokens: (1, W) for
+        an absent text)."""
+        shape = next(item.shape for item in self._sessions[GRADER].get_inputs() if item.name == name)
+        width = shape[-1]
+        if not isinstance(width, int):
+            raise BundleError(f"{self.bundle}: {GRADER} input {name} has no fixed width ({shape})")
+        if name == "text_tokens":
+            return (1, width)
+        if not isinstance(shape[1], int):
+            raise BundleError(f"{self.bundle}: {GRADER} input {name} has no fixed token count ({shape})")
+        return (shape[1], width)
 
     def _check_pixels(self, pixels: np.ndarray) -> np.ndarray:
         size = self.image_spec.size
@@ -378,20 +449,35 @@ class Embedder:
             raise ValueError(f"pixels must have shape (N, 3, {size}, {size}), got {array.shape}")
         return np.ascontiguousarray(array, dtype=np.float32)
 
-    def _run_image(self, pixels: np.ndarray) -> np.ndarray:
-        (embedding,) = self._sessions[IMAGE_ENCODER].run(None, {"pixels": self._check_pixels(pixels)})
-        return np.ascontiguousarray(embedding, dtype=np.float32)
+    def _run_image(self, pixels: np.ndarray) -> _TowerOutput:
+        embedding, tokens = self._sessions[IMAGE_ENCODER].run(None, {"pixels": self._check_pixels(pixels)})
+        return _TowerOutput(np.ascontiguousarray(embedding, dtype=np.float32), tokens)
+
+    def _run_text(self, tokens: Tokens) -> _TowerOutput:
+        embedding, states = self._sessions[TEXT_ENCODER].run(
+            None, {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+        )
+        return _TowerOutput(np.ascontiguousarray(embedding, dtype=np.float32), states)
 
     def _run_grader(
-        self, pixels: np.ndarray, tokens: Tokens, tabular: np.ndarray, *, image: np.ndarray, text: np.ndarray,
-        tabular_present: np.ndarray,
+        self, n: int, *, image_tokens: np.ndarray | None = None, text_tokens: np.ndarray | None = None,
+        attention_mask: np.ndarray | None = None, tabular: np.ndarray | None = None, image: np.ndarray,
+        text: np.ndarray, tabular_present: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The joint transformer over the towers' tokens; an absent input is zeros, hidden by its flag."""
+        if image_tokens is None:
+            image_tokens = np.zeros((n, *self._image_token_shape), np.float32)
+        if text_tokens is None:
+            text_tokens = np.zeros((n, *self._text_token_shape), np.float32)
+            attention_mask = np.zeros((n, 1), np.int64)
+        if tabular is None:
+            tabular = np.zeros((n, self._tabular_width), np.float32)
         icdr_logits, sdrg_logits, record = self._sessions[GRADER].run(
             None,
             {
-                "pixels": self._check_pixels(pixels),
-                "input_ids": tokens.input_ids,
-                "attention_mask": tokens.attention_mask,
+                "image_tokens": np.ascontiguousarray(image_tokens, dtype=np.float32),
+                "text_tokens": np.ascontiguousarray(text_tokens, dtype=np.float32),
+                "attention_mask": attention_mask,
                 "tabular": np.ascontiguousarray(tabular, dtype=np.float32),
                 "image_present": image.astype(bool),
                 "text_present": text.astype(bool),

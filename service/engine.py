@@ -22,37 +22,19 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 from PIL import Image
 
-from index.embedder import Embedder, GradeInput, Grades
+from index.embedder import Embedder, GradeInput, Grades, SearchQuery
 from index.metadata import Filters
 from index.store import INFO_FILE, Against, Hit, IndexStore, IndexStoreError, file_digests, open_index, read_info
 from service.batching import MicroBatcher
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TextQuery:
-    """A text embedded for search, with the grades predicted from it."""
-
-    vector: np.ndarray  # (D,)
-    truncated: bool
-    grades: Grades
-
-
-@dataclass(frozen=True)
-class ImageQuery:
-    """A photograph embedded for search, with the grades predicted from it."""
-
-    vector: np.ndarray  # (D,)
-    grades: Grades
 
 
 class NotReady(Exception):
@@ -114,10 +96,10 @@ class Engine:
         self.decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         wait_s = settings.batch_wait_ms / 1000
         batch = settings.batch_max
-        self.texts: MicroBatcher[str, TextQuery] = MicroBatcher(
+        self.texts: MicroBatcher[str, SearchQuery] = MicroBatcher(
             "text", self._run_texts, self._model_pool, batch, wait_s, on_batch
         )
-        self.images: MicroBatcher[Image.Image, ImageQuery] = MicroBatcher(
+        self.images: MicroBatcher[Image.Image, SearchQuery] = MicroBatcher(
             "image", self._run_images, self._model_pool, batch, wait_s, on_batch
         )
         self.grades: MicroBatcher[GradeInput, Grades] = MicroBatcher(
@@ -263,20 +245,13 @@ class Engine:
 
     # --- batched model calls (run in the model thread) ----------------------------------------------
 
-    def _run_texts(self, texts: Sequence[str]) -> list[TextQuery]:
+    def _run_texts(self, texts: Sequence[str]) -> list[SearchQuery]:
         embedder, _ = self.parts()
-        embedded = embedder.embed_texts(list(texts), batch_size=len(texts))
-        grades = embedder.grade_many([GradeInput(text=text) for text in texts])
-        return [
-            TextQuery(vector=embedded.vectors[i], truncated=embedded.truncated[i], grades=grades[i])
-            for i in range(len(texts))
-        ]
+        return embedder.query_texts(list(texts))  # one text-tower pass: the vector and the grades
 
-    def _run_images(self, images: Sequence[Image.Image]) -> list[ImageQuery]:
+    def _run_images(self, images: Sequence[Image.Image]) -> list[SearchQuery]:
         embedder, _ = self.parts()
-        vectors = embedder.embed_images(list(images), batch_size=len(images))
-        grades = embedder.grade_many([GradeInput(image=image) for image in images])
-        return [ImageQuery(vector=vectors[i], grades=grades[i]) for i in range(len(images))]
+        return embedder.query_images(list(images))  # one image-tower pass: the vector and the grades
 
     def _run_grades(self, inputs: Sequence[GradeInput]) -> list[Grades]:
         embedder, _ = self.parts()

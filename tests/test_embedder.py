@@ -229,3 +229,61 @@ def test_grade_many_mixes_modality_subsets_in_one_batch(embedder: Embedder, samp
     assert embedder.grade_many([]) == []
     with pytest.raises(ValueError, match="input 1"):
         embedder.grade_many([GradeInput(text="no retinopathy"), GradeInput()])
+
+
+class _CountingSession:
+    """An ONNX Runtime session that counts its runs."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self._session = session
+        self.runs = 0
+
+    def run(self, *args: object, **kwargs: object) -> list[np.ndarray]:
+        self.runs += 1
+        return self._session.run(*args, **kwargs)
+
+    def get_inputs(self) -> list[object]:
+        return self._session.get_inputs()
+
+
+def _counted(tiny: TinyBundle) -> tuple[Embedder, dict[str, _CountingSession]]:
+    counted = Embedder(tiny.bundle, device="cpu")
+    sessions = {name: _CountingSession(session) for name, session in counted._sessions.items()}
+    counted._sessions = sessions  # type: ignore[assignment]
+    return counted, sessions
+
+
+def test_each_tower_runs_once_per_query(tiny: TinyBundle, sample) -> None:
+    _, images, texts = sample
+    counted, sessions = _counted(tiny)
+    counted.query_texts(texts[:3])
+    assert {name: s.runs for name, s in sessions.items()} == {"image_encoder.onnx": 0, "text_encoder.onnx": 1,
+                                                              "grader.onnx": 1}
+    counted, sessions = _counted(tiny)
+    counted.query_images(images[:3])
+    assert {name: s.runs for name, s in sessions.items()} == {"image_encoder.onnx": 1, "text_encoder.onnx": 0,
+                                                              "grader.onnx": 1}
+    counted, sessions = _counted(tiny)
+    counted.grade_many([GradeInput(text=texts[0]), GradeInput(structured={"patient_age": 50})])
+    assert sessions["image_encoder.onnx"].runs == 0  # text-only grading never runs the image tower
+
+
+def test_one_pass_queries_equal_the_separate_calls(embedder: Embedder, sample) -> None:
+    records, images, texts = sample
+    text_queries = embedder.query_texts(texts[:4])
+    separate = embedder.embed_texts(texts[:4])
+    np.testing.assert_allclose(np.stack([q.vector for q in text_queries]), separate.vectors, atol=1e-6)
+    assert [q.truncated for q in text_queries] == separate.truncated
+    for query, text in zip(text_queries, texts, strict=False):
+        np.testing.assert_allclose(query.grades.icdr_probabilities,
+                                   embedder.grade(text=text).icdr_probabilities, atol=1e-5)
+    image_queries = embedder.query_images(images[:4])
+    np.testing.assert_allclose(np.stack([q.vector for q in image_queries]), embedder.embed_images(images[:4]),
+                               atol=1e-6)
+    for query, image in zip(image_queries, images, strict=False):
+        np.testing.assert_allclose(query.grades.sdrg_probabilities,
+                                   embedder.grade(image=image).sdrg_probabilities, atol=1e-5)
+        assert query.grades.modalities == ["image"]
+    records_out = embedder.embed_records(images[:4], records[:4])
+    np.testing.assert_allclose(records_out.image_vectors, embedder.embed_images(images[:4]), atol=1e-6)
+    assert records_out.record_vectors.shape == records_out.image_vectors.shape

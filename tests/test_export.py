@@ -122,6 +122,19 @@ def test_cli_export_fails_clearly_on_a_missing_run(tiny: TinyBundle, tmp_path: P
     assert not (tmp_path / "b").exists()
 
 
+def test_cli_export_defaults_to_the_data_the_run_recorded(tiny: TinyBundle, tmp_path: Path) -> None:
+    moved = tmp_path / "run"
+    shutil.copytree(tiny.run, moved)
+    info = json.loads((moved / "run.json").read_text())
+    info["options"]["archive"] = str(tmp_path / "gone-archive")
+    (moved / "run.json").write_text(json.dumps(info))
+    result = runner.invoke(app, ["export", "--run", str(moved), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "not there any more" in _flat(result.output) and "--archive" in result.output
+    assert not (tmp_path / "b").exists()
+    recorded = json.loads((tiny.run / "run.json").read_text())["options"]
+    assert Path(recorded["archive"]).is_dir() and Path(recorded["splits"]).is_file()
+
+
 @pytest.fixture
 def copy(tiny: TinyBundle, tmp_path: Path) -> Path:
     target = tmp_path / "bundle"
@@ -151,6 +164,21 @@ def test_a_newer_schema_version_is_refused(copy: Path) -> None:
     (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="newer"):
         read_manifest(copy)
+
+
+def test_a_v1_bundle_is_refused_with_how_to_re_export(copy: Path) -> None:
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    manifest["schema_version"] = 1  # v1: the grader re-ran both towers on raw inputs
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="retina-train export"):
+        read_manifest(copy)
+
+
+def test_the_grader_reads_the_towers_tokens_not_raw_inputs(tiny: TinyBundle) -> None:
+    import onnxruntime as ort
+
+    names = {item.name for item in ort.InferenceSession(str(tiny.bundle / GRADER)).get_inputs()}
+    assert {"image_tokens", "text_tokens"} <= names and not {"pixels", "input_ids"} & names
 
 
 def test_a_bundle_from_before_illumination_settings_loads_without_them(copy: Path) -> None:

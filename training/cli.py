@@ -275,13 +275,16 @@ def evaluate(
 @app.command()
 def export(
     run: Annotated[str, typer.Option(help="A run folder from `retina-train fit`, or a shipped model (zoo:NAME).")],
-    archive: Annotated[Path, typer.Option(help="The archive the run was trained on (parity is checked on it).")],
-    splits: Annotated[Path, typer.Option(help="splits.json.")],
     out: Annotated[Path, typer.Option(help="Bundle folder to write (replaced if it exists).")],
+    archive: Annotated[
+        Path | None, typer.Option(help="The archive parity is checked on (default: the one the run recorded).")
+    ] = None,
+    splits: Annotated[Path | None, typer.Option(help="Its splits.json (default: the run's).")] = None,
     precision: Annotated[str, typer.Option(help="fp32, or int8 (ONNX Runtime dynamic quantization).")] = "fp32",
     split: Annotated[str, typer.Option(help="Split whose samples the parity check runs on.")] = "val",
 ) -> None:
-    """Export a run to a bundle (ONNX graphs, tokenizer, manifest), checked against PyTorch."""
+    """Export a run to a bundle (ONNX graphs, tokenizer, manifest), checked against PyTorch on the archive
+    the run was trained on (as its run.json records it), or on --archive/--splits."""
     from index.bundle import read_manifest
     from training.export import ExportError, export_bundle
     from training.zoo import ZooError, resolve_run
@@ -294,6 +297,7 @@ def export(
         raise _fail(str(error)) from None
     if not run_dir.is_dir():
         raise _fail(f"--run {run}: no such run folder")
+    archive, splits = _recorded_data(run_dir, run, archive, splits)
     try:
         with console.status(f"exporting {run} ({precision}) and checking ONNX Runtime against PyTorch"):
             report = export_bundle(run_dir, archive, splits, out, precision=precision, split=split)  # type: ignore[arg-type]
@@ -304,6 +308,27 @@ def export(
     for line in report.lines():
         print(line)
     console.print(f"wrote bundle {out} ({precision}, fingerprint {read_manifest(out).fingerprint})")
+
+
+def _recorded_data(run_dir: Path, run: str, archive: Path | None, splits: Path | None) -> tuple[Path, Path]:
+    """--archive/--splits, or the ones the run's run.json records; a clear error when they moved."""
+    import json
+
+    info_path = run_dir / "run.json"
+    options = json.loads(info_path.read_text()).get("options", {}) if info_path.is_file() else {}
+    chosen: list[Path] = []
+    for flag, given, key in (("--archive", archive, "archive"), ("--splits", splits, "splits")):
+        if given is not None:
+            chosen.append(Path(given))
+            continue
+        recorded = options.get(key)
+        if not recorded:
+            raise _fail(f"--run {run} records no {key}: pass {flag}")
+        if not Path(recorded).exists():
+            raise _fail(f"--run {run} was trained with {key} {recorded}, which is not there any more "
+                        f"(moved, or another machine): pass {flag}")
+        chosen.append(Path(recorded))
+    return chosen[0], chosen[1]
 
 
 @app.command()

@@ -152,8 +152,9 @@ def _export_towers(
     """Export both towers to ONNX (the bundle's exporter) and, where openvino and nncf are installed,
     quantize each to an OpenVINO INT8 IR; record the paths (and why a quantization is missing) in `towers`."""
     with torch.no_grad():
-        _export_graph(ImageEncoder(model), IMAGE_ENCODER, (inputs["pixels"],), out_dir)
-        _export_graph(TextEncoder(model), TEXT_ENCODER, (inputs["input_ids"], inputs["attention_mask"]), out_dir)
+        _export_graph(ImageEncoder(model), IMAGE_ENCODER, (inputs["pixels"],), out_dir, ["image_embedding"])
+        _export_graph(TextEncoder(model), TEXT_ENCODER, (inputs["input_ids"], inputs["attention_mask"]), out_dir,
+                      ["text_embedding"])
     calibration = {k: v.numpy() for k, v in bench_inputs(model, CALIBRATION_ITEMS, seed=1).items()}
     feeds = {"image": {"pixels": calibration["pixels"]},
              "text": {k: calibration[k] for k in ("input_ids", "attention_mask")}}

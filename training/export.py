@@ -1,14 +1,17 @@
 """`retina-train export`: a trained run -> a bundle of ONNX graphs, checked against PyTorch.
 
-Three graphs, each exported on its own (open_clip's advice for ONNX): the image encoder, the text encoder
-and the grader (the joint transformer with presence flags, so one graph serves every modality subset and
-also yields the record embedding). The exporter is pinned: `torch.onnx.export(dynamo=True)` at opset 18
-(the TorchScript exporter mis-traced transformers 5's BERT here: 0.08 max error), fixed image size,
-dynamic batch and sequence axes.
+Three graphs, each exported on its own (open_clip's advice for ONNX), and each tower run once per query
+(bundle schema v2): the image encoder (pixels -> image embedding and the image tokens the joint transformer
+reads), the text encoder (ids, mask -> text embedding and text tokens) and the grader (the joint
+transformer over those tokens + the structured data, with presence flags, so one graph serves every
+modality subset and also yields the record embedding; it never runs a tower). The exporter is pinned:
+`torch.onnx.export(dynamo=True)` at opset 18 (the TorchScript exporter mis-traced transformers 5's BERT
+here: 0.08 max error), fixed image size, dynamic batch and sequence axes.
 
-Parity: ONNX Runtime is run against PyTorch on real inputs from the archive's validation split (the grader
-twice: every modality present, and each row with another modality subset present); an fp32 bundle fails
-above a max abs difference of 1e-4 on the embeddings. A reduced-precision bundle (int8:
+Parity: ONNX Runtime is run against PyTorch on real inputs from the archive's validation split, end to
+end as the service runs it (the grader fed with the ONNX towers' tokens), twice: every modality present,
+and each row with another modality subset present; an fp32 bundle fails above a max abs difference of
+1e-4 on the embeddings. A reduced-precision bundle (int8:
 ONNX Runtime dynamic quantization of the weights) must keep cosine >= 0.999 to fp32 and change
 text->image R@10 on the validation split by at most 1 point; both numbers are reported.
 """
@@ -69,7 +72,7 @@ class ExportError(RuntimeError):
 
 
 class ImageEncoder(nn.Module):
-    """pixels -> L2-normalised image embedding."""
+    """pixels -> L2-normalised image embedding (the tower alone, as `retina-train bench-embed` times it)."""
 
     def __init__(self, model: RetinaAlignModel) -> None:
         super().__init__()
@@ -80,7 +83,7 @@ class ImageEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """(input_ids, attention_mask) -> L2-normalised text embedding."""
+    """(input_ids, attention_mask) -> L2-normalised text embedding (the tower alone)."""
 
     def __init__(self, model: RetinaAlignModel) -> None:
         super().__init__()
@@ -90,9 +93,32 @@ class TextEncoder(nn.Module):
         return self.model.encode_text(input_ids, attention_mask)
 
 
+class ImageGraph(nn.Module):
+    """The bundle's image encoder: pixels -> (L2-normalised image embedding, image tokens for the grader)."""
+
+    def __init__(self, model: RetinaAlignModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.encode_image_for_fusion(pixels)
+
+
+class TextGraph(nn.Module):
+    """The bundle's text encoder: (input_ids, attention_mask) -> (text embedding, text tokens)."""
+
+    def __init__(self, model: RetinaAlignModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.encode_text_for_fusion(input_ids, attention_mask)
+
+
 class Grader(nn.Module):
-    """Any subset of image / text / structured data (presence flags per sample) -> ICDR and SDRG logits
-    and the record embedding (the fused CLS projected; for archive records, image + structured data)."""
+    """The towers' tokens (image, text) + structured data, any subset present (flags per sample) -> ICDR
+    and SDRG logits and the record embedding (the fused CLS projected; for archive records, image +
+    structured data). It runs no tower: their tokens come from the two encoders' second outputs."""
 
     def __init__(self, model: RetinaAlignModel) -> None:
         super().__init__()
@@ -100,13 +126,33 @@ class Grader(nn.Module):
 
     def forward(
         self,
-        pixels: Tensor,
-        input_ids: Tensor,
+        image_tokens: Tensor,
+        text_tokens: Tensor,
         attention_mask: Tensor,
         tabular: Tensor,
         image_present: Tensor,
         text_present: Tensor,
         tabular_present: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        fused = self.model.fuse_tokens(
+            image_tokens=image_tokens, text_tokens=text_tokens, attention_mask=attention_mask, tabular=tabular,
+            image_present=image_present, text_present=text_present, tabular_present=tabular_present,
+        )
+        record = nn.functional.normalize(self.model.record_proj(fused.cls), dim=-1)
+        return fused.icdr_logits, fused.sdrg_logits, record
+
+
+class FullGrader(nn.Module):
+    """The PyTorch reference of the grader chain: raw inputs through the towers and the joint transformer
+    (what the exported encoders + grader must reproduce together)."""
+
+    def __init__(self, model: RetinaAlignModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, tabular: Tensor, image_present: Tensor,
+        text_present: Tensor, tabular_present: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         fused = self.model.fuse(
             pixels=pixels, input_ids=input_ids, attention_mask=attention_mask, tabular=tabular,
@@ -157,30 +203,63 @@ def _presence(size: int, mixed: bool) -> tuple[Tensor, Tensor, Tensor]:
     return rows[:, 0].clone(), rows[:, 1].clone(), rows[:, 2].clone()
 
 
-def _example_inputs(batch: dict[str, Tensor], mixed: bool = False) -> dict[str, tuple[Tensor, ...]]:
-    flags = _presence(batch["pixels"].shape[0], mixed)
+def _distinct_text_length(model: RetinaAlignModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`batch` with its text padded (pad ids, mask 0) to a length no fixed dimension of the graphs has.
+
+    torch.export gives inputs dimensions of equal size one symbol ("duck sizing"): a 46-token example
+    beside a 46-wide tabular input made the sequence axis static."""
+    fixed = {*batch["pixels"].shape[1:], *batch["tabular"].shape[1:], model.config.embed_dim,
+             model.config.fusion.width, batch["pixels"].shape[0]}
+    with torch.no_grad():
+        fixed |= set(model.encode_image_for_fusion(batch["pixels"][:1])[1].shape[1:])
+    length = batch["input_ids"].shape[1]
+    extra = 0
+    while length + extra in fixed or length + extra <= 1:
+        extra += 1
+    if not extra:
+        return batch
+    pad = model.config.text.pad_token_id
+    rows = batch["input_ids"].shape[0]
+    padded = dict(batch)
+    padding = torch.full((rows, extra), pad, dtype=batch["input_ids"].dtype)
+    padded["input_ids"] = torch.cat([batch["input_ids"], padding], 1)
+    padded["attention_mask"] = torch.cat(
+        [batch["attention_mask"], torch.zeros((rows, extra), dtype=batch["attention_mask"].dtype)], 1
+    )
+    return padded
+
+
+def _example_inputs(model: RetinaAlignModel, batch: dict[str, Tensor]) -> dict[str, tuple[Tensor, ...]]:
+    """Example inputs of each graph (the grader's: the towers' tokens of the same batch)."""
+    batch = _distinct_text_length(model, batch)
+    flags = _presence(batch["pixels"].shape[0], mixed=False)
+    with torch.no_grad():
+        _, image_tokens = model.encode_image_for_fusion(batch["pixels"])
+        _, text_tokens = model.encode_text_for_fusion(batch["input_ids"], batch["attention_mask"])
     return {
         IMAGE_ENCODER: (batch["pixels"],),
         TEXT_ENCODER: (batch["input_ids"], batch["attention_mask"]),
-        GRADER: (batch["pixels"], batch["input_ids"], batch["attention_mask"], batch["tabular"], *flags),
+        GRADER: (image_tokens, text_tokens, batch["attention_mask"], batch["tabular"], *flags),
     }
 
 
 INPUT_NAMES = {
     IMAGE_ENCODER: ["pixels"],
     TEXT_ENCODER: ["input_ids", "attention_mask"],
-    GRADER: ["pixels", "input_ids", "attention_mask", "tabular", "image_present", "text_present",
+    GRADER: ["image_tokens", "text_tokens", "attention_mask", "tabular", "image_present", "text_present",
              "tabular_present"],
 }
 OUTPUT_NAMES = {
-    IMAGE_ENCODER: ["image_embedding"],
-    TEXT_ENCODER: ["text_embedding"],
+    IMAGE_ENCODER: ["image_embedding", "image_tokens"],
+    TEXT_ENCODER: ["text_embedding", "text_tokens"],
     GRADER: ["icdr_logits", "sdrg_logits", "record_embedding"],
 }
 DYNAMIC_AXES = {
     "pixels": {0: "batch"},
     "input_ids": {0: "batch", 1: "sequence"},
     "attention_mask": {0: "batch", 1: "sequence"},
+    "image_tokens": {0: "batch"},
+    "text_tokens": {0: "batch", 1: "sequence"},
     "tabular": {0: "batch"},
     "image_present": {0: "batch"},
     "text_present": {0: "batch"},
@@ -193,15 +272,25 @@ DYNAMIC_AXES = {
 }
 
 
-def _export_graph(module: nn.Module, name: str, inputs: tuple[Tensor, ...], out: Path) -> None:
-    names = INPUT_NAMES[name] + OUTPUT_NAMES[name]
+def _export_graph(
+    module: nn.Module, name: str, inputs: tuple[Tensor, ...], out: Path, output_names: list[str] | None = None
+) -> None:
+    """Export `module` as the graph `name` (its input names from INPUT_NAMES; outputs from OUTPUT_NAMES
+    unless given)."""
+    outputs = output_names or OUTPUT_NAMES[name]
+    # torch.export's own form of the dynamic axes: with dynamic_axes' named dims, the converted shapes of the
+    # grader's text_tokens and attention_mask (both "sequence") traced the sequence axis as static.
+    dynamic_shapes = tuple(
+        {axis: torch.export.Dim.DYNAMIC for axis in DYNAMIC_AXES.get(input_name, {})}
+        for input_name in INPUT_NAMES[name]
+    )
     torch.onnx.export(
         module,
         inputs,
         str(out / name),
         input_names=INPUT_NAMES[name],
-        output_names=OUTPUT_NAMES[name],
-        dynamic_axes={k: v for k, v in DYNAMIC_AXES.items() if k in names},
+        output_names=outputs,
+        dynamic_shapes=dynamic_shapes,
         opset_version=OPSET,
         dynamo=True,
         external_data=False,
@@ -234,22 +323,36 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _parity(run: LoadedRun, folder: Path, batches: list[dict[str, Tensor]], precision: str) -> ParityReport:
-    modules = {IMAGE_ENCODER: ImageEncoder(run.model), TEXT_ENCODER: TextEncoder(run.model), GRADER: Grader(run.model)}
-    sessions = {name: _session(folder / name) for name in modules}
+    """ONNX Runtime against PyTorch, end to end as the service runs it: the encoders on raw inputs, the
+    grader on the ONNX encoders' tokens, against the PyTorch model on the raw inputs; the grader twice
+    (every modality present; each row another subset)."""
+    model = run.model
+    sessions = {name: _session(folder / name) for name in (IMAGE_ENCODER, TEXT_ENCODER, GRADER)}
     reference: dict[str, list[np.ndarray]] = {}
     exported: dict[str, list[np.ndarray]] = {}
-    # The grader runs twice: every modality present, and each row with another subset present.
-    cases = [(IMAGE_ENCODER, ""), (TEXT_ENCODER, ""), (GRADER, ""), (GRADER, SUBSET_SUFFIX)]
+
+    def keep(names: list[str], torch_out: tuple[Tensor, ...], onnx_out: list[np.ndarray], suffix: str = "") -> None:
+        for output, t, o in zip(names, torch_out, onnx_out, strict=True):
+            reference.setdefault(output + suffix, []).append(t.float().numpy())
+            exported.setdefault(output + suffix, []).append(o)
+
     for batch in batches:
-        for name, suffix in cases:
-            inputs = _example_inputs(batch, mixed=bool(suffix))[name]
+        pixels, input_ids, tabular = batch["pixels"], batch["input_ids"], batch["tabular"]
+        mask = batch["attention_mask"]
+        with torch.no_grad():
+            image_ref = model.encode_image_for_fusion(pixels)
+            text_ref = model.encode_text_for_fusion(input_ids, mask)
+        image_got = sessions[IMAGE_ENCODER].run(None, {"pixels": pixels.numpy()})
+        text_got = sessions[TEXT_ENCODER].run(None, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
+        keep(["image_embedding"], image_ref[:1], image_got[:1])
+        keep(["text_embedding"], text_ref[:1], text_got[:1])
+        for suffix in ("", SUBSET_SUFFIX):
+            flags = _presence(pixels.shape[0], mixed=bool(suffix))
             with torch.no_grad():
-                torch_out = modules[name](*inputs)
-            torch_out = torch_out if isinstance(torch_out, tuple) else (torch_out,)
-            onnx_out = sessions[name].run(None, _ort_feeds(name, inputs))
-            for output, t, o in zip(OUTPUT_NAMES[name], torch_out, onnx_out, strict=True):
-                reference.setdefault(output + suffix, []).append(t.float().numpy())
-                exported.setdefault(output + suffix, []).append(o)
+                torch_out = FullGrader(model)(pixels, input_ids, mask, tabular, *flags)
+            feeds = dict(zip(INPUT_NAMES[GRADER], (image_got[1], text_got[1], mask.numpy(), tabular.numpy(),
+                                                   *(f.numpy() for f in flags)), strict=True))
+            keep(OUTPUT_NAMES[GRADER], torch_out, sessions[GRADER].run(None, feeds), suffix)
     diffs, cosines = {}, {}
     for output in reference:
         ref, got = np.concatenate(reference[output]), np.concatenate(exported[output])
@@ -303,8 +406,8 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=Path(out).parent))
     try:
-        example = _example_inputs(batches[0])
-        modules = {IMAGE_ENCODER: ImageEncoder(model), TEXT_ENCODER: TextEncoder(model), GRADER: Grader(model)}
+        example = _example_inputs(model, batches[0])
+        modules = {IMAGE_ENCODER: ImageGraph(model), TEXT_ENCODER: TextGraph(model), GRADER: Grader(model)}
         for name, module in modules.items():
             module.eval()  # the wrappers too: a stem's BatchNorm must export with its running statistics
             _export_graph(module, name, example[name], staging)

@@ -167,6 +167,17 @@ class RetinaAlignModel(nn.Module):
         """Token ids and mask (B, L) -> L2-normalised text embeddings (B, embed_dim), from [CLS]."""
         return self._embed_text(self.text(input_ids, attention_mask))
 
+    def encode_image_for_fusion(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """One pass of the image tower -> (L2-normalised image embedding (B, D), the image tokens the joint
+        transformer reads (B, N, fusion width))."""
+        states = self.image(pixels)
+        return self._embed_image(states), self.image_to_fusion(states)
+
+    def encode_text_for_fusion(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """One pass of the text tower -> (L2-normalised text embedding (B, D), text tokens (B, L, width))."""
+        states = self.text(input_ids, attention_mask)
+        return self._embed_text(states), self.text_to_fusion(states)
+
     def encode_tabular(self, features: Tensor) -> Tensor:
         """`FeatureSpec.transform` features (B, F) -> L2-normalised tabular embeddings (B, embed_dim)."""
         return F.normalize(self.tabular_proj(self.tabular(features)), dim=-1)
@@ -199,6 +210,27 @@ class RetinaAlignModel(nn.Module):
             tabular_hidden=self.tabular(tabular) if tabular is not None else None,
             present={"image": image_present, "text": text_present, "tabular": tabular_present},
         )
+
+    def fuse_tokens(
+        self,
+        image_tokens: Tensor,
+        text_tokens: Tensor,
+        attention_mask: Tensor,
+        tabular: Tensor,
+        image_present: Tensor,
+        text_present: Tensor,
+        tabular_present: Tensor,
+    ) -> FusionOutput:
+        """The joint transformer over tokens the towers already made (`encode_*_for_fusion`): the same
+        result as `fuse` on the raw inputs. Absent rows may hold any values (zeros): the presence flags
+        hide them, and the text padding mask hides padding."""
+        padding = ~attention_mask.bool()
+        token = self.tabular_to_fusion(self.tabular(tabular)).unsqueeze(1)
+        return self.fusion({
+            "image": self._tokens(image_tokens, image_present),
+            "text": self._tokens(text_tokens, text_present, padding),
+            "tabular": self._tokens(token, tabular_present),
+        })
 
     def zero_shot_logits(self, image_embeddings: Tensor, class_text_embeddings: Tensor) -> Tensor:
         """CLIP-style class logits: scaled cosine between images (B, D) and class prompts (C, D)."""
