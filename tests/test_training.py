@@ -91,7 +91,8 @@ def test_resume_continues_exactly(data: tuple[Path, Path], tmp_path: Path) -> No
 
     with pytest.raises(Interrupted):
         fit(_options(data, tmp_path / "resumed", checkpoint_every=1), on_step=crash_at_step_3)
-    fit(_options(data, tmp_path / "resumed", checkpoint_every=1))
+    # Resumed with another --config: the run continues the model it recorded in RUN/config.json.
+    fit(_options(data, tmp_path / "resumed", checkpoint_every=1, config="clip-baseline"))
     straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     totals = [s["total"] for s in _log(tmp_path / "resumed")]

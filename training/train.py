@@ -336,7 +336,15 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
         if rank == 0:
             _write_json(files.run_json, info)
 
-    model = create_model(_model_config(options), tabular_width=spec.width, tokenizer=tokenizer)
+    config = _model_config(options)
+    if resume and files.config.is_file():
+        # A resumed run continues the model it checkpointed, whatever --config says now.
+        recorded = load_config(files.config)
+        if recorded != config:
+            log.warning("resuming %s with its recorded config %s (--config %s differs)", files.root,
+                        recorded.name, options.config)
+        config = recorded
+    model = create_model(config, tabular_width=spec.width, tokenizer=tokenizer)
     if options.init is not None and not resume:
         try:
             _init_weights(model, Path(options.init))
