@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from index.bench_embed import throughput
 from index.bundle import IMAGE_ENCODER, TEXT_ENCODER
 from training.export import ImageEncoder, TextEncoder, _export_graph
+from training.hardware import choose_precision
 from training.model.factory import create_model
 from training.model.model import RetinaAlignModel
 
@@ -68,8 +69,17 @@ def cosine_rows(a: Tensor, b: Tensor) -> Tensor:
     return nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = MATMUL_SIZE, seconds: float = 2.0) -> float:
-    """Measured GFLOP/s (2 per multiply-add) of a square matmul in `dtype` on all torch threads."""
+EMULATED_MATMUL_SIZE = 256
+"""The matmul side used for bf16 on a CPU without native bf16: emulated, a 2048^3 bf16 matmul took about a
+minute a call here (an 11-minute benchmark); the rate at 256 is as telling (very low) in a fraction of a second."""
+
+
+def matmul_gflops(dtype: torch.dtype, size: int | None = None, seconds: float = 2.0) -> float:
+    """Measured GFLOP/s (2 per multiply-add) of a square matmul in `dtype` on all torch threads. The side
+    is MATMUL_SIZE, or EMULATED_MATMUL_SIZE for bf16 on a CPU that does not do bf16 natively."""
+    if size is None:
+        emulated = dtype == torch.bfloat16 and choose_precision("auto", torch.device("cpu")).precision != "bf16"
+        size = EMULATED_MATMUL_SIZE if emulated else MATMUL_SIZE
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=generator).to(dtype)
     b = torch.randn(size, size, generator=generator).to(dtype)
