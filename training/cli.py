@@ -1,4 +1,5 @@
-"""`retina-train`: the offline application (synthetic archive, splits; training joins as it lands)."""
+"""`retina-train`: the offline application: synthetic archives and splits, training, evaluation, export,
+the shipped models (zoo) and their recipe, cross-validation on real photographs, benchmarks and the demo."""
 
 from __future__ import annotations
 

@@ -503,9 +503,3 @@ def load_run(run: Path, device: str = "cpu") -> LoadedRun:
 def split_for_evaluation(archive: Archive, ids: list[str], run: LoadedRun) -> SplitData:
     """Load a split with the run's image size and feature spec."""
     return load_split(archive, ids, run.model.config.vision.image_spec(), run.spec)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch and numpy (the data order has its own seeded generators)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
