@@ -175,7 +175,7 @@ class Engine:
                 fresh = open_index(folder, self.embedder, in_memory=True)
             except Exception as error:
                 self._warn(f"the index on disk changed and cannot be loaded ({error}); still serving generation "
-                           f"{served.info.generation}, loaded and verified at start")
+                           f"{served.info.generation}, loaded and verified earlier")
                 self._index_stamp = stamp
                 return
             self.store = fresh

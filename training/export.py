@@ -206,8 +206,10 @@ def _presence(size: int, mixed: bool) -> tuple[Tensor, Tensor, Tensor]:
 def _distinct_text_length(model: RetinaAlignModel, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """`batch` with its text padded (pad ids, mask 0) to a length no fixed dimension of the graphs has.
 
-    torch.export gives inputs dimensions of equal size one symbol ("duck sizing"): a 46-token example
-    beside a 46-wide tabular input made the sequence axis static."""
+    A guard against torch.export's duck sizing (dimensions of equal size in the example may be given one
+    symbol, tying the sequence axis to a fixed width or to the batch). The static sequence axis first seen
+    in the grader's export came from the named dynamic_axes, fixed in `_export_graph`; this keeps an
+    accidental size match from doing the same."""
     fixed = {*batch["pixels"].shape[1:], *batch["tabular"].shape[1:], model.config.embed_dim,
              model.config.fusion.width, batch["pixels"].shape[0]}
     with torch.no_grad():
