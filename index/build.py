@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from index.archive.brset import Archive, read_archive
 from index.atomic import atomic_target, write_text_atomic
-from index.brset import Archive, read_archive
 from index.bundle import now_iso, sha256_of
 from index.metadata import MetadataRow, MetadataTable, row_of
 from index.preprocess import ImageDecodeError, decode_image

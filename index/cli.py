@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from index.brset import ArchiveError, read_archive
+from index.archive.brset import ArchiveError, read_archive
 from index.build import BuildError, BuildOptions, KindChoice, build_index
 from index.bundle import BundleError
 from index.metadata import MetadataError, parse_filters
@@ -169,7 +169,7 @@ def bench(
 ) -> None:
     """Benchmark this machine: embedding throughput per engine (PyTorch, ONNX Runtime, OpenVINO; cosine to
     fp32, roofline) and single-query search latency and recall@10 at each size, against the targets."""
-    from index.bench import BenchOptions, parse_list, parse_sizes, parse_threads, run_bench, write_json
+    from index.bench.run import BenchOptions, parse_list, parse_sizes, parse_threads, run_bench, write_json
 
     try:
         options = BenchOptions(
@@ -203,7 +203,7 @@ def import_(
     duplicate ids, rows without a photo and photos without a row are reported, not fatal."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from index.importer import ArchiveImportError, LinkMode, import_archive
+    from index.archive.importer import ArchiveImportError, LinkMode, import_archive
 
     if link and symlink:
         raise _fail("give at most one of --link and --symlink")

@@ -6,7 +6,7 @@ R0-R4, where BRSET's R4 means proliferative *or* post-laser) several paraphrases
 several expert descriptions of what a grader sees, plus descriptions of BRSET's pathology flags, the
 anatomical assessments, image-quality defects and expansions of the free-text comorbidities.
 
-The narratives (`index.narratives`) draw from these tables. Two rules keep the text unambiguous, so that a
+The narratives (`training.text.narratives`) draw from these tables. Two rules keep the text unambiguous, so that a
 narrative can be checked against its record:
 
 - Only a grade's own entries use the words "mild", "moderate", "severe", "background",
@@ -255,6 +255,31 @@ COMORBIDITY_NONE: frozenset[str] = frozenset({"0", "none", "no", "nao", "não", 
 
 COMORBIDITY_MISSING: frozenset[str] = frozenset({"", "na", "nan", "null", "n/a"})
 """Comorbidity values that mean the field is missing."""
+
+
+def comorbidity_tokens(raw: str | None) -> list[str] | None:
+    """BRSET's free-text comorbidities (comma-separated) as lower-cased tokens, as written: None when
+    missing, [] when only "none" is reported. The one tokeniser of that column (tabular features and
+    narratives both read it through here). Raises ValueError for a value that is not text."""
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise ValueError(f"comorbidities: expected text, got {raw!r}")
+    tokens = [t.strip().lower() for t in raw.split(",")]
+    tokens = [t for t in tokens if t not in COMORBIDITY_MISSING]
+    if not tokens:
+        return None
+    return [t for t in tokens if t not in COMORBIDITY_NONE]
+
+
+def canonical_comorbidities(raw: str | None) -> list[str] | None:
+    """`comorbidity_tokens` with spelling variants (Portuguese, typos) folded onto their first expansion
+    (e.g. hipoitireoidismo -> hypothyroidism), sorted and without repeats."""
+    tokens = comorbidity_tokens(raw)
+    if tokens is None:
+        return None
+    return sorted({COMORBIDITY_EXPANSIONS[t][0] if t in COMORBIDITY_EXPANSIONS else t for t in tokens})
+
 
 DIABETES_TOKENS: dict[str, str | None] = {"diabetes": None, "diabetes1": "1", "diabetes2": "2"}
 """Comorbidity tokens that name diabetes itself, with the type they state (None = type not stated)."""

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from index.knowledge import COMORBIDITY_EXPANSIONS, COMORBIDITY_MISSING, COMORBIDITY_NONE
+from index.knowledge import canonical_comorbidities
 from index.records import Eye, FundusRecord, Sex
 
 NUMERIC_FIELDS: tuple[str, ...] = ("patient_age", "diabetes_time_y")
@@ -138,7 +138,7 @@ class FeatureSpec(BaseModel):
                     raise ValueError(f"{cat.field}: unexpected value {key!r}, expected one of {expected}")
                 key = OTHER
             values += [1.0 if slot == key else 0.0 for slot in slots]
-        tokens = _comorbidity_tokens(_get(record, "comorbidities"))
+        tokens = canonical_comorbidities(_get(record, "comorbidities"))
         known = self.comorbidities.tokens
         multi_hot = [0.0] * (len(known) + 3)
         if tokens is None:
@@ -174,7 +174,7 @@ def fit_feature_spec(
         cats = _frequent(counts, max_cameras, min_count)
         categorical.append(CategoricalFeature(field=field, categories=cats, open_vocabulary=True))
 
-    token_counts = Counter(t for r in records for t in _comorbidity_tokens(_get(r, "comorbidities")) or ())
+    token_counts = Counter(t for r in records for t in canonical_comorbidities(_get(r, "comorbidities")) or ())
     tokens = _frequent(token_counts, max_comorbidities, min_count)
     return FeatureSpec(
         numeric=tuple(numeric),
@@ -237,18 +237,3 @@ def _enum_name(enum: type[Sex] | type[Eye], value: Any, field: str) -> str:
         except ValueError:
             pass
     raise ValueError(f"{field}: unexpected value {value!r}, expected one of {[m.name.lower() for m in enum]}")
-
-
-def _comorbidity_tokens(raw: Any) -> list[str] | None:
-    """Canonical comorbidity tokens; None when missing, [] when "none reported"."""
-    if raw is None:
-        return None
-    if not isinstance(raw, str):
-        raise ValueError(f"comorbidities: expected text, got {raw!r}")
-    tokens = [t.strip().lower() for t in raw.split(",")]
-    tokens = [t for t in tokens if t not in COMORBIDITY_MISSING]
-    if not tokens:
-        return None
-    tokens = [t for t in tokens if t not in COMORBIDITY_NONE]
-    # Spelling variants (Portuguese, typos) fold onto the first expansion, e.g. hipoitireoidismo.
-    return sorted({COMORBIDITY_EXPANSIONS[t][0] if t in COMORBIDITY_EXPANSIONS else t for t in tokens})

@@ -13,7 +13,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from index.brset import read_labels
+from index.archive.brset import read_labels
 from index.records import ASSESSMENT_FIELDS, PATHOLOGY_FIELDS, Assessment, FundusRecord
 
 AGE_EDGES = list(range(0, 105, 5))

@@ -90,7 +90,7 @@ def bench(
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from service.loadtest import run_load
+    from index.bench.load import run_load
 
     chosen = [route.strip() for route in routes.split(",") if route.strip()]
     if (bundle is None) != (index is None):
@@ -126,7 +126,7 @@ def bench(
               f"({len(rss)} samples)")
 
     if bundle is not None and index is not None:
-        from service.bare import measure_bare_text_search
+        from index.bench.bare import measure_bare_text_search
 
         single = load(1, min(duration, 10.0), ["text"], "1 client (overhead)")
         console.print("timing the bare model in process (no HTTP)...")

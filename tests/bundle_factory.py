@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from training.export import ParityReport, export_bundle
 from training.splits import make_splits, save_splits
 from training.synth.archive import write_archive

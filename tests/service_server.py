@@ -16,7 +16,7 @@ import pytest
 import uvicorn
 from bundle_factory import TinyBundle, tiny_bundle
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from index.build import BuildOptions, build_index
 from index.metadata import MetadataTable
 from index.store import read_info

@@ -10,8 +10,7 @@ import faiss
 import numpy as np
 import pytest
 
-from index.bench import BenchOptions, parse_sizes, parse_threads, run_bench, write_json
-from index.bench_embed import (
+from index.bench.embed import (
     EngineResult,
     ModelBench,
     embed_rows,
@@ -20,7 +19,8 @@ from index.bench_embed import (
     roofline,
     target_status,
 )
-from index.bench_search import (
+from index.bench.run import BenchOptions, parse_sizes, parse_threads, run_bench, write_json
+from index.bench.search import (
     K,
     default_threads,
     exact_truth,
@@ -162,7 +162,7 @@ def test_search_bench_report_and_json(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not has_module("torch"), reason="the embedding benchmark needs torch for the models")
 def test_embed_bench_tiny(tmp_path: Path) -> None:
-    from index.bench import run_embed
+    from index.bench.run import run_embed
 
     options = BenchOptions(models=["tiny"], batch_size=4, seconds=0.0)
     machine = {"matmul_gflops": {"fp32": 100.0, "bf16": None, "int8": None}}

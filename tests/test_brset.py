@@ -14,19 +14,21 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import index.brset as brset
-from index.brset import (
+import index.archive.brset as brset
+from index.archive.brset import (
     COLUMN_TO_FIELD,
-    REPAIR_DECIMAL_COMMA,
-    REPAIR_LETTER_O,
-    REPAIR_NAO_DURATION,
-    REPAIR_PORTUGUESE_YES_NO,
     ArchiveError,
     ParseReport,
     find_labels_file,
     read_archive,
     read_labels,
     write_labels_csv,
+)
+from index.archive.cells import (
+    REPAIR_DECIMAL_COMMA,
+    REPAIR_LETTER_O,
+    REPAIR_NAO_DURATION,
+    REPAIR_PORTUGUESE_YES_NO,
 )
 from index.records import Assessment, Eye, FundusRecord, Sex
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from bundle_factory import tiny_bundle
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from training.crossval import (
     CrossValOptions,
     FoldScore,

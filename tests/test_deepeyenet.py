@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from index.brset import ArchiveError
-from index.deepeyenet import missing_images, read_deepeyenet, split_keywords
+from index.archive.brset import ArchiveError
+from index.archive.deepeyenet import missing_images, read_deepeyenet, split_keywords
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepeyenet" / "DeepEyeNet_train.json"
 

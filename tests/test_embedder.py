@@ -13,7 +13,7 @@ import torch
 from bundle_factory import TinyBundle, tiny_bundle
 from PIL import Image
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from index.embedder import CPU, CUDA, Embedder, GradeInput, Grades
 from index.preprocess import batch_model_inputs, decode_image
 from index.records import FundusRecord

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from index.brset import read_archive
-from index.narratives import compose_narrative
+from index.archive.brset import read_archive
 from training.cli import app
 from training.evaluate import ceiling, evaluate_deepeyenet, query_texts
 from training.splits import make_splits, save_splits
 from training.synth.archive import write_archive
 from training.synth.priors import sample_records
 from training.synth.render import render_fundus
+from training.text.narratives import compose_narrative
 from training.train import FitOptions, fit
 
 runner = CliRunner()

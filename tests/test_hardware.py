@@ -48,7 +48,7 @@ def test_cpuinfo_is_parsed(tmp_path: Path) -> None:
 
 
 def test_fit_records_the_precision_it_chose(tmp_path: Path) -> None:
-    from index.brset import read_archive
+    from index.archive.brset import read_archive
     from training.splits import make_splits, save_splits
     from training.synth.archive import write_archive
     from training.synth.priors import sample_records

@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from index.bundle import read_manifest
 from index.embedder import Embedder
 from index.preprocess import decode_image

@@ -11,9 +11,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from index.brset import read_archive
-from index.cli import app
-from index.importer import (
+from index.archive.brset import read_archive
+from index.archive.importer import (
     BUILTIN_MAPPINGS,
     REPORT_NAME,
     ArchiveImportError,
@@ -23,6 +22,7 @@ from index.importer import (
     import_archive,
     load_mapping,
 )
+from index.cli import app
 from index.records import Eye
 
 runner = CliRunner()

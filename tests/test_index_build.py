@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from index import build as build_module
 from index import store as store_module
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from index.build import BuildError, BuildOptions, build_index
 from index.cli import app
 from index.embedder import Embedder

@@ -10,9 +10,10 @@ import time
 
 import pytest
 
-from index import narrative_facts, narratives
 from index.knowledge import ABBREVIATIONS, AMERICAN_SPELLINGS, ICDR_DESCRIPTIONS, SDRG_DESCRIPTIONS
-from index.narrative_facts import (
+from index.records import ASSESSMENT_FIELDS, PATHOLOGY_FIELDS, Assessment, Eye, FundusRecord, Sex
+from training.text import narrative_facts, narratives
+from training.text.narrative_facts import (
     FACT_KINDS,
     StatedFacts,
     comorbidity_sources,
@@ -21,8 +22,7 @@ from index.narrative_facts import (
     icdr_description_fact,
     record_fits,
 )
-from index.narratives import MAX_WORDS, compose_narrative, stated_icdr_grades, write_narrative
-from index.records import ASSESSMENT_FIELDS, PATHOLOGY_FIELDS, Assessment, Eye, FundusRecord, Sex
+from training.text.narratives import MAX_WORDS, compose_narrative, stated_icdr_grades, write_narrative
 
 # --- records -----------------------------------------------------------------------------------------
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from index.knowledge import ICDR_DESCRIPTIONS, PATHOLOGY_PRESENT, SDRG_DESCRIPTIONS
-from index.narratives import (
+from index.records import ASSESSMENT_FIELDS, PATHOLOGY_FIELDS, Assessment, Eye, FundusRecord, Sex
+from training.text.narratives import (
     MAX_WORDS,
     NARRATIVE_TEMPLATE_COUNT,
     stated_icdr_grades,
     stated_sdrg_grades,
     write_narrative,
 )
-from index.records import ASSESSMENT_FIELDS, PATHOLOGY_FIELDS, Assessment, Eye, FundusRecord, Sex
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = range(12)
@@ -117,7 +117,7 @@ def test_same_record_and_seed_give_the_same_text() -> None:
 def test_text_does_not_depend_on_the_process_hash_salt() -> None:
     record = full_record()
     code = (
-        "from tests.test_narratives import full_record; from index.narratives import write_narrative; "
+        "from tests.test_narratives import full_record; from training.text.narratives import write_narrative; "
         "print(write_narrative(full_record(), 5))"
     )
     outputs = set()

@@ -75,7 +75,7 @@ def test_shipped_priors_are_what_the_script_derives(shared_data_dir: Path) -> No
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from derive_priors import derive
 
-    from index.brset import read_labels
+    from index.archive.brset import read_labels
 
     records, _ = read_labels(shared_data_dir / "brset" / "labels-v1.0.0.csv")
     assert json.loads(json.dumps(derive(records))) == json.loads(PRIORS_PATH.read_text())

@@ -12,9 +12,9 @@ import pytest
 from bundle_factory import tiny_bundle
 from service_server import serve
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
+from index.archive.importer import import_archive
 from index.build import BuildOptions, build_index
-from index.importer import import_archive
 from service.settings import ServiceSettings
 from training.export import export_bundle
 from training.splits import make_splits, save_splits

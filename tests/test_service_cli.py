@@ -15,8 +15,8 @@ import pytest
 from service_server import Served, free_port, serve, tiny_index
 from typer.testing import CliRunner
 
+from index.bench.load import run_load
 from service.cli import app
-from service.loadtest import run_load
 from service.settings import ServiceSettings
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from index.brset import read_labels
+from index.archive.brset import read_labels
 from index.records import FundusRecord
 from training.splits import check_patient_disjoint, load_splits, make_splits, save_splits
 from training.synth.priors import sample_records

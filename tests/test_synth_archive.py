@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from index.cli import app as index_app
-from index.narratives import stated_icdr_grades
 from training.cli import app as train_app
 from training.splits import check_patient_disjoint, load_splits
 from training.synth.archive import read_inventory
 from training.synth.lesions import DR_LESIONS, PROLIFERATIVE, grades_compatible
 from training.synth.priors import sample_records
+from training.text.narratives import stated_icdr_grades
 
 FIXTURE_LABELS = Path(__file__).parent / "fixtures" / "brset" / "labels.csv"
 runner = CliRunner()

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from training.cli import app
 from training.splits import make_splits, save_splits
 from training.synth.archive import write_archive

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from index.brset import ArchiveError, read_archive, read_labels
+from index.archive.brset import ArchiveError, read_archive, read_labels
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(stderr=True)
@@ -361,7 +361,7 @@ def bench(
     """Training throughput: samples/s of a full step in fp32 and bf16 autocast, per config."""
     import torch
 
-    from training.bench import machine_line, time_training_step
+    from training.bench.step import machine_line, time_training_step
     from training.hardware import choose_precision
 
     print(f"machine: {machine_line()}; batch {batch_size}, random init, random data, text length 64")
@@ -384,7 +384,7 @@ def bench_embed(
 ) -> None:
     """Embedding throughput in PyTorch (eager fp32, bf16 autocast), FLOPs per item and matmul GFLOP/s, and
     the towers exported to ONNX: the PyTorch half of `retina-index bench`."""
-    from training.embed_bench import run_embed_bench, write_report
+    from training.bench.towers import run_embed_bench, write_report
 
     try:
         report = run_embed_bench(config, out_dir, batch_size=batch_size, seconds=seconds, export=export)

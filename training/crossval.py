@@ -25,7 +25,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from index.records import ICDR_NAMES, REFERABLE_ICDR
 from training.data import normalise, stored_narrative
 from training.evaluate import embed_split

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from index.brset import Archive
-from index.narratives import write_narrative
+from index.archive.brset import Archive
 from index.preprocess import ImageSpec, decode_image, model_pixels
 from index.records import FundusRecord
 from index.tabular import FeatureSpec
 from training.model.losses import IGNORE_INDEX
+from training.text.narratives import write_narrative
 
 FRESH_NARRATIVE_PROBABILITY = 0.5
 """Share of training texts written afresh each epoch (new template and field order) instead of the

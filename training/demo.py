@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from index.bundle import BundleError, read_manifest, sha256_of
 from index.store import IndexStoreError, read_info
 from training.data import fingerprint

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index.brset import read_archive
-from index.deepeyenet import read_deepeyenet
+from index.archive.brset import read_archive
+from index.archive.deepeyenet import read_deepeyenet
 from index.knowledge import ICDR_DESCRIPTIONS, SDRG_DESCRIPTIONS
-from index.narratives import compose_narrative, fitting_counts
 from index.records import ICDR_NAMES, SDRG_NAMES, FundusRecord
 from training.data import BatchBuilder, SplitData, load_photo, normalise
 from training.evaluation.metrics import (
@@ -35,6 +34,7 @@ from training.evaluation.metrics import (
 from training.evaluation.report import plot_confusion, plot_loss_curves, plot_retrieval_grid, write_report
 from training.splits import load_splits
 from training.synth.archive import read_synth_manifest
+from training.text.narratives import compose_narrative, fitting_counts
 from training.train import LoadedRun, autocast_context, load_run, split_for_evaluation
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from index.brset import read_archive
+from index.archive.brset import read_archive
 from index.bundle import (
     GRADER,
     IMAGE_ENCODER,

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 
-from index.brset import Archive, read_archive
+from index.archive.brset import Archive, read_archive
 from index.preprocess import Illumination
 from index.tabular import FeatureSpec, fit_feature_spec
 from training.data import (

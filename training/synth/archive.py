@@ -1,6 +1,6 @@
 """Write a synthetic BRSET-layout archive: labels with narratives, photographs, lesion inventory.
 
-Layout written (the same the readers in `index.brset` take):
+Layout written (the same the readers in `index.archive.brset` take):
     OUT/labels.csv               BRSET v1.0.0 columns + `narrative`
     OUT/fundus_photos/<id>.jpg   one rendered photograph per record
     OUT/synth_inventory.jsonl    per image: grades and lesion counts by type and hemi-field
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from index.brset import write_labels_csv
-from index.narratives import write_narrative
+from index.archive.brset import write_labels_csv
 from index.records import FundusRecord
 from training.synth.render import render_fundus
+from training.text.narratives import write_narrative
 
 PHOTO_FOLDER = "fundus_photos"
 INVENTORY_FILE = "synth_inventory.jsonl"

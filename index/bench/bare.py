@@ -10,9 +10,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from index.bench.load import QUERIES
 from index.embedder import Embedder
 from index.store import open_index
-from service.loadtest import QUERIES
 
 
 @dataclass(frozen=True)

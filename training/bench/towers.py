@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from index.bench_embed import throughput
+from index.bench.embed import throughput
 from index.bundle import IMAGE_ENCODER, TEXT_ENCODER
 from training.export import ImageEncoder, TextEncoder, _export_graph
 from training.hardware import choose_precision

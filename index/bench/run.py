@@ -4,9 +4,9 @@ Sections (each a table; `--json` saves every number):
 
 1. Machine: CPU, threads, measured matmul GFLOP/s in fp32 (numpy), bf16 (torch, in the PyTorch
    subprocess; n/a without torch) and int8 (ONNX Runtime's MatMulInteger).
-2. Embedding (`index.bench_embed`): `tiny` and `paper` at random init, image and text (128 tokens) towers,
+2. Embedding (`index.bench.embed`): `tiny` and `paper` at random init, image and text (128 tokens) towers,
    per engine: items/s, min cosine to PyTorch fp32, GFLOP per item, roofline items/s, target.
-3. Search (`index.bench_search`): 10^4, 10^5, 10^6 vectors of width 256 drawn like real embeddings,
+3. Search (`index.bench.search`): 10^4, 10^5, 10^6 vectors of width 256 drawn like real embeddings,
    flat, the `auto` choice and the approximate kinds: single-query p50/p99 and recall@10 against exact.
 """
 
@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from index.bench_embed import (
+from index.bench.embed import (
     MIN_COSINE,
     TARGETS,
     EmbedRow,
@@ -38,7 +38,7 @@ from index.bench_embed import (
     numpy_matmul_gflops,
     torch_available,
 )
-from index.bench_search import (
+from index.bench.search import (
     DEFAULT_DIM,
     DEFAULT_SIZES,
     TARGET_N,

@@ -14,7 +14,7 @@ pure function of (record, seed). Three guarantees make it usable as a retrieval 
 - at most `MAX_WORDS` words, so it fits the text encoder's 128 tokens.
 
 `compose_narrative(record, seed)` returns the same text together with the facts it states
-(`index.narrative_facts.StatedFacts`): the evaluation counts how many records of a gallery fit a
+(`training.text.narrative_facts.StatedFacts`): the evaluation counts how many records of a gallery fit a
 query's narrative (`fitting_counts`). `stated_icdr_grades` and `stated_sdrg_grades` parse the grades a
 text claims (for tests and checks).
 """
@@ -42,12 +42,13 @@ from index.knowledge import (
     QUALITY,
     SDRG_DESCRIPTIONS,
     SDRG_GRADE_NAMES,
+    comorbidity_tokens,
 )
-from index.narrative_facts import (
+from index.records import Assessment, Eye, FundusRecord, Sex
+from training.text.narrative_facts import (
     Fact,
     StatedFacts,
     comorbidity_sources,
-    comorbidity_tokens,
     diabetes_type,
     duration_words,
     fitting_counts,
@@ -55,7 +56,6 @@ from index.narrative_facts import (
     icdr_description_fact,
     record_fits,
 )
-from index.records import Assessment, Eye, FundusRecord, Sex
 
 __all__ = [
     "MAX_WORDS",
@@ -875,7 +875,7 @@ def compose_narrative(record: FundusRecord, seed: int) -> tuple[str, StatedFacts
     """The narrative `write_narrative(record, seed)` writes, with the facts it states.
 
     `record_fits(record, facts)` holds for the record itself; other records fit when every stated fact is
-    true of them (`index.narrative_facts`). Word-level truncation, the last resort for a text still over
+    true of them (`training.text.narrative_facts`). Word-level truncation, the last resort for a text still over
     `MAX_WORDS` once every optional part is dropped, is not reflected in the facts (it needs a patient
     nationality of dozens of words).
     """

@@ -2,13 +2,13 @@
 
 `retina-index import --images DIR --labels CSV --map MAPPING --out ARCHIVE` writes
 
-    ARCHIVE/labels.csv               (BRSET v1.0.0 columns, `index.brset.write_labels_csv`)
+    ARCHIVE/labels.csv               (BRSET v1.0.0 columns, `index.archive.brset.write_labels_csv`)
     ARCHIVE/fundus_photos/<image_id>.<ext>
     ARCHIVE/import_report.json       (`ImportReport`)
 
 A `Mapping` says which column names the photo, how a cell becomes a file name, which columns fill which
 `FundusRecord` fields (with optional value maps) and how a patient id and eye are derived from the image id.
-Built-in mappings live in `index/mappings/*.json` (EyePACS/Kaggle, APTOS 2019, IDRiD grading, Messidor-2);
+Built-in mappings live in `index/archive/mappings/*.json` (EyePACS/Kaggle, APTOS 2019, IDRiD grading, Messidor-2);
 a user mapping is a JSON (or YAML, when PyYAML is installed) file with the same schema.
 
 Photos are copied (or hard/sym-linked) and never modified; every photo is decoded once with
@@ -42,8 +42,9 @@ from pydantic import (
     model_validator,
 )
 
+from index.archive.brset import PHOTO_SUFFIXES, PHOTOS_DIR, write_labels_csv
+from index.archive.cells import MISSING_TOKENS, NUMBER_RANGES, parse_code, parse_field_number, parse_text
 from index.atomic import fsync_dir
-from index.brset import MISSING_TOKENS, PHOTO_SUFFIXES, PHOTOS_DIR, write_labels_csv
 from index.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from index.records import ASSESSMENT_FIELDS, PATHOLOGY_FIELDS, Assessment, Eye, FundusRecord, Sex
 
@@ -63,18 +64,27 @@ ColumnNames = Annotated[
 """One spreadsheet column name, or several (the first present is used); a single name may be given bare."""
 
 _BOOL_FIELDS = frozenset({*PATHOLOGY_FIELDS, "insulin", "diabetes", "quality_adequate"})
-_GRADE_FIELDS = frozenset({"dr_icdr", "dr_sdrg"})
-_FLOAT_FIELDS = frozenset({"patient_age", "diabetes_time_y"})
 _MAPPABLE_FIELDS = frozenset(FundusRecord.model_fields) - {"image_id"}
 
-_TRUE = frozenset({"1", "yes", "y", "true", "t", "sim", "adequate", "gradable"})
-_FALSE = frozenset({"0", "no", "n", "false", "f", "não", "nao", "inadequate", "ungradable"})
+_BOOLEANS: dict[str, bool] = {
+    **dict.fromkeys(("1", "yes", "y", "true", "t", "sim", "adequate", "gradable"), True),
+    **dict.fromkeys(("0", "no", "n", "false", "f", "não", "nao", "inadequate", "ungradable"), False),
+}
 _EYES = {"1": Eye.RIGHT, "right": Eye.RIGHT, "r": Eye.RIGHT, "od": Eye.RIGHT,
          "2": Eye.LEFT, "left": Eye.LEFT, "l": Eye.LEFT, "os": Eye.LEFT}
 _SEXES = {"1": Sex.MALE, "m": Sex.MALE, "male": Sex.MALE, "2": Sex.FEMALE, "f": Sex.FEMALE, "female": Sex.FEMALE}
 _ASSESSMENTS = {"1": Assessment.NORMAL, "normal": Assessment.NORMAL, "2": Assessment.ABNORMAL,
                 "abnormal": Assessment.ABNORMAL}
-_DECIMAL_CODE = re.compile(r"([+-]?\d+)\.0+")
+_GRADES = {str(grade): grade for grade in range(5)}
+_CODES: dict[str, tuple[dict[str, Any], str]] = {
+    "dr_icdr": (_GRADES, "a grade 0-4"),
+    "dr_sdrg": (_GRADES, "a grade 0-4"),
+    "exam_eye": (_EYES, "right/left (or 1/2, od/os)"),
+    "patient_sex": (_SEXES, "1/2 or male/female"),
+    **{name: (_BOOLEANS, "0/1 or yes/no") for name in _BOOL_FIELDS},
+    **{name: (_ASSESSMENTS, "1 (normal) or 2 (abnormal)") for name in ASSESSMENT_FIELDS},
+}
+"""The coded fields' vocabulary: cell text (lower case) -> value, and what is expected."""
 _MAX_LISTED_LINES = 20
 
 
@@ -143,7 +153,7 @@ class PatientRule(BaseModel):
 
 
 class Mapping(BaseModel):
-    """How a label spreadsheet becomes `FundusRecord`s (the schema of `index/mappings/*.json`)."""
+    """How a label spreadsheet becomes `FundusRecord`s (the schema of `index/archive/mappings/*.json`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -179,14 +189,14 @@ class Mapping(BaseModel):
 
 
 BUILTIN_MAPPINGS: tuple[str, ...] = ("eyepacs", "aptos2019", "idrid", "messidor2")
-"""Names of the built-in mappings (files `index/mappings/<name>.json`), in auto-detection order."""
+"""Names of the built-in mappings (files `index/archive/mappings/<name>.json`), in auto-detection order."""
 
 
 def builtin_mapping(name: str) -> Mapping:
     """A built-in mapping by name; raises ArchiveImportError for an unknown name."""
     if name not in BUILTIN_MAPPINGS:
         raise ArchiveImportError(f"unknown mapping {name!r}; known: {', '.join(BUILTIN_MAPPINGS)}, or a JSON file")
-    text = resources.files("index").joinpath("mappings", f"{name}.json").read_text(encoding="utf-8")
+    text = resources.files("index.archive").joinpath("mappings", f"{name}.json").read_text(encoding="utf-8")
     return Mapping.model_validate_json(text)
 
 
@@ -320,47 +330,25 @@ class ImportReport(BaseModel):
 
 def convert_value(field: str, value: Any) -> Any:
     """A cell (or a value-map result) as the `FundusRecord` field's value; None for missing. Raises
-    ValueError with the reason for a value the field cannot hold."""
+    ValueError with the reason for a value the field cannot hold. The cell rules are the BRSET reader's
+    (`index.archive.cells`), with a wider vocabulary of codes (right/left, od/os, male/female, true/false)."""
     if value is None:
         return None
     if isinstance(value, bool):
         if field in _BOOL_FIELDS:
             return value
         value = int(value)
-    text = str(value).strip()
-    key = text.lower()
-    if key in MISSING_TOKENS:
-        return None
-    match = _DECIMAL_CODE.fullmatch(key)
-    code = match.group(1) if match else key
-    if field in _GRADE_FIELDS:
-        if code in {"0", "1", "2", "3", "4"}:
-            return int(code)
-        raise ValueError("expected a grade 0-4")
-    if field in _BOOL_FIELDS:
-        if code in _TRUE:
-            return True
-        if code in _FALSE:
-            return False
-        raise ValueError("expected 0/1 or yes/no")
-    if field == "exam_eye":
-        if code in _EYES:
-            return _EYES[code]
-        raise ValueError("expected right/left (or 1/2, od/os)")
-    if field == "patient_sex":
-        if code in _SEXES:
-            return _SEXES[code]
-        raise ValueError("expected 1/2 or male/female")
-    if field in ASSESSMENT_FIELDS:
-        if code in _ASSESSMENTS:
-            return _ASSESSMENTS[code]
-        raise ValueError("expected 1 (normal) or 2 (abnormal)")
-    if field in _FLOAT_FIELDS:
-        try:
-            return float(text.replace(",", "."))
-        except ValueError:
-            raise ValueError("not a number") from None
-    return text
+    text = str(value)
+    if field in NUMBER_RANGES:
+        parsed, _, error = parse_field_number(field, text)
+    elif field in _CODES:
+        codes, expected = _CODES[field]
+        parsed, _, error = parse_code(text, codes, expected)
+    else:
+        parsed, _, error = parse_text(text)
+    if error is not None:
+        raise ValueError(error)
+    return parsed
 
 
 class _Rejections:

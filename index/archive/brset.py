@@ -29,16 +29,24 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from index.archive.cells import (
+    PORTUGUESE_YES_NO,
+    Parser,
+    ParseResult,
+    code_parser,
+    is_missing,
+    parse_field_number,
+    parse_text,
+)
 from index.records import (
     ASSESSMENT_FIELDS,
     ICDR_NAMES,
@@ -116,9 +124,6 @@ COLUMN_ALIASES: dict[str, str] = {
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("image_id", "patient_id")
 """Columns a label file must have; any other column may be absent (its fields are then None)."""
-
-MISSING_TOKENS: frozenset[str] = frozenset({"", "na", "nan", "n/a"})
-"""Cell values (stripped, lower case) that mean "missing"."""
 
 MAX_LISTED_LINES = 20
 """How many line numbers a report keeps per repair or rejection group (the count is always exact)."""
@@ -245,131 +250,39 @@ class ParseReport(BaseModel):
 
 # --- value parsers ------------------------------------------------------------------------------
 
-# A parser takes the raw cell text and returns (value, how it was repaired or None, why it was
-# rejected or None). A value of None with neither note means "missing".
-ParseResult = tuple[Any, str | None, str | None]
-Parser = Callable[[str], ParseResult]
-
-_PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
-_COMMA_NUMBER = re.compile(r"[+-]?\d+,\d+")
-_LETTER_O_NUMBER = re.compile(r"[\dOo]+(?:[.,][\dOo]+)?")
-_DECIMAL_CODE = re.compile(r"(\d+)\.0+")
-
-REPAIR_DECIMAL_COMMA = "decimal comma"
-REPAIR_LETTER_O = "letter O read as zero"
-REPAIR_NAO_DURATION = "Portuguese 'no' (no duration given) read as missing"
-REPAIR_PORTUGUESE_YES_NO = "Portuguese 'sim'/'não' read as yes/no"
-REPAIR_DECIMAL_CODE = "integer code written with a decimal point"
-
-_PORTUGUESE_NO = frozenset({"não", "nao"})
-
-
-def _is_missing(text: str) -> bool:
-    return text.lower() in MISSING_TOKENS
-
-
-def _parse_text(raw: str) -> ParseResult:
-    text = raw.strip()
-    if _is_missing(text):
-        return None, None, None
-    return text, None, None
-
-
 def _parse_narrative(raw: str) -> ParseResult:
     # Kept verbatim (not stripped) so that a written narrative reads back identical.
-    if _is_missing(raw.strip()):
+    if is_missing(raw.strip()):
         return None, None, None
     return raw, None, None
-
-
-def _make_number_parser(low: float, high: float, nao_means_missing: bool) -> Parser:
-    """A parser for a decimal number in [low, high] that repairs decimal commas and letter O."""
-
-    def parse(raw: str) -> ParseResult:
-        text = raw.strip()
-        if _is_missing(text):
-            return None, None, None
-        repairs: list[str] = []
-        if not _PLAIN_NUMBER.fullmatch(text):
-            if nao_means_missing and text.lower() in _PORTUGUESE_NO:
-                return None, REPAIR_NAO_DURATION, None
-            if (
-                _LETTER_O_NUMBER.fullmatch(text)
-                and any(ch.isdigit() for ch in text)
-                and any(ch in "Oo" for ch in text)
-            ):
-                text = text.replace("O", "0").replace("o", "0")
-                repairs.append(REPAIR_LETTER_O)
-            if _COMMA_NUMBER.fullmatch(text):
-                text = text.replace(",", ".")
-                repairs.append(REPAIR_DECIMAL_COMMA)
-            if not _PLAIN_NUMBER.fullmatch(text):
-                return None, None, "not a number"
-        value = float(text)
-        if not low <= value <= high:
-            return None, None, f"outside {low:g}-{high:g}"
-        return value, "; ".join(repairs) or None, None
-
-    return parse
-
-
-def _make_code_parser(codes: dict[str, Any], expected: str) -> Parser:
-    """A parser for a fixed set of codes (`codes` maps the lower-case text to the value)."""
-
-    def parse(raw: str) -> ParseResult:
-        text = raw.strip()
-        key = text.lower()
-        if key in codes:
-            return codes[key], None, None
-        if key in MISSING_TOKENS:
-            return None, None, None
-        match = _DECIMAL_CODE.fullmatch(key)
-        if match and match.group(1) in codes:
-            return codes[match.group(1)], REPAIR_DECIMAL_CODE, None
-        return None, None, f"expected {expected}"
-
-    return parse
-
-
-def _parse_yes_no(raw: str) -> ParseResult:
-    text = raw.strip().lower()
-    if text == "yes":
-        return True, None, None
-    if text == "no":
-        return False, None, None
-    if text in MISSING_TOKENS:
-        return None, None, None
-    if text == "sim":
-        return True, REPAIR_PORTUGUESE_YES_NO, None
-    if text in _PORTUGUESE_NO:
-        return False, REPAIR_PORTUGUESE_YES_NO, None
-    return None, None, "expected yes or no"
 
 
 _ASSESSMENT_CODES = {"1": Assessment.NORMAL, "2": Assessment.ABNORMAL}
 _GRADE_CODES = {str(grade): grade for grade in range(5)}
 
+_YES_NO = {"yes": True, "no": False}
+
 _PARSERS: dict[str, Parser] = {
-    "image_id": _parse_text,
-    "patient_id": _parse_text,
-    "camera": _parse_text,
-    "patient_age": _make_number_parser(0, 120, nao_means_missing=False),
-    "comorbidities": _parse_text,
-    "diabetes_time_y": _make_number_parser(0, 100, nao_means_missing=True),
-    "insulin": _parse_yes_no,
-    "patient_sex": _make_code_parser({"1": Sex.MALE, "2": Sex.FEMALE}, "1 (male) or 2 (female)"),
-    "exam_eye": _make_code_parser({"1": Eye.RIGHT, "2": Eye.LEFT}, "1 (right) or 2 (left)"),
-    "diabetes": _parse_yes_no,
-    "nationality": _parse_text,
-    "dr_sdrg": _make_code_parser(_GRADE_CODES, "an SDRG grade 0-4"),
-    "dr_icdr": _make_code_parser(_GRADE_CODES, "an ICDR grade 0-4"),
-    "quality_adequate": _make_code_parser({"adequate": True, "inadequate": False}, "Adequate or Inadequate"),
+    "image_id": parse_text,
+    "patient_id": parse_text,
+    "camera": parse_text,
+    "patient_age": partial(parse_field_number, "patient_age"),
+    "comorbidities": parse_text,
+    "diabetes_time_y": partial(parse_field_number, "diabetes_time_y"),
+    "insulin": code_parser(_YES_NO, "yes or no", PORTUGUESE_YES_NO),
+    "patient_sex": code_parser({"1": Sex.MALE, "2": Sex.FEMALE}, "1 (male) or 2 (female)"),
+    "exam_eye": code_parser({"1": Eye.RIGHT, "2": Eye.LEFT}, "1 (right) or 2 (left)"),
+    "diabetes": code_parser(_YES_NO, "yes or no", PORTUGUESE_YES_NO),
+    "nationality": parse_text,
+    "dr_sdrg": code_parser(_GRADE_CODES, "an SDRG grade 0-4"),
+    "dr_icdr": code_parser(_GRADE_CODES, "an ICDR grade 0-4"),
+    "quality_adequate": code_parser({"adequate": True, "inadequate": False}, "Adequate or Inadequate"),
     "narrative": _parse_narrative,
 }
 for _field in ASSESSMENT_FIELDS:
-    _PARSERS[_field] = _make_code_parser(_ASSESSMENT_CODES, "1 (normal) or 2 (abnormal)")
+    _PARSERS[_field] = code_parser(_ASSESSMENT_CODES, "1 (normal) or 2 (abnormal)")
 for _field in PATHOLOGY_FIELDS:
-    _PARSERS[_field] = _make_code_parser({"0": False, "1": True}, "0 or 1")
+    _PARSERS[_field] = code_parser({"0": False, "1": True}, "0 or 1")
 
 
 def _normalise_header(name: str) -> str:
@@ -529,8 +442,8 @@ def read_labels(csv_path: Path) -> tuple[list[FundusRecord], ParseReport]:
                     reason = f"expected {n_cells} cells, found {len(row)}"
                     rejected_rows.append(RejectedRow(line=line, image_id=image_id or None, reason=reason))
                     continue
-                image_id = _parse_text(row[mapped[id_slot][0]])[0]
-                patient_id = _parse_text(row[mapped[patient_slot][0]])[0]
+                image_id = parse_text(row[mapped[id_slot][0]])[0]
+                patient_id = parse_text(row[mapped[patient_slot][0]])[0]
                 reason = _row_problem(image_id, patient_id, first_line)
                 if reason is not None:
                     if image_id in first_line:

@@ -1,6 +1,6 @@
 """The facts a narrative states, and which records of a gallery fit them.
 
-`index.narratives.compose_narrative(record, seed)` returns a narrative together with its `StatedFacts`:
+`training.text.narratives.compose_narrative(record, seed)` returns a narrative together with its `StatedFacts`:
 every fact the text states about the record, and nothing else. A fact is a `(kind, value)` pair:
 
 ==========================  ==============================  ==============================================
@@ -58,6 +58,7 @@ from index.knowledge import (
     COMORBIDITY_NONE,
     DIABETES_TOKENS,
     ICDR_DESCRIPTIONS,
+    comorbidity_tokens,
 )
 from index.records import ASSESSMENT_FIELDS, PATHOLOGY_FIELDS, Assessment, Eye, FundusRecord, Sex
 
@@ -108,20 +109,7 @@ class StatedFacts:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading a record's fields as the narratives write them (shared with `index.narratives`).
-
-
-def comorbidity_tokens(raw: str | None) -> list[str] | None:
-    """BRSET's free-text comorbidities as lower-cased tokens; None when missing, [] when "none"."""
-    if raw is None or raw.strip().lower() in COMORBIDITY_MISSING:
-        return None
-    tokens = [t.strip().lower() for t in raw.split(",")]
-    tokens = [t for t in tokens if t not in COMORBIDITY_MISSING]
-    if not tokens:
-        return None
-    if all(t in COMORBIDITY_NONE for t in tokens):
-        return []
-    return [t for t in tokens if t not in COMORBIDITY_NONE]
+# Reading a record's fields as the narratives write them (shared with `training.text.narratives`).
 
 
 def diabetes_type(tokens: Iterable[str] | None) -> str | None:
