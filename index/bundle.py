@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from index.preprocess import Illumination, ImageSpec
+from index.preprocess import ImageSpec
 from index.tabular import FeatureSpec
 
 SCHEMA_VERSION = 2
@@ -41,24 +41,6 @@ REQUIRED_FILES = (IMAGE_ENCODER, TEXT_ENCODER, GRADER, TOKENIZER)
 
 class BundleError(Exception):
     """A bundle that cannot be used: the message names the folder, the file and what is wrong."""
-
-
-class ImageSettings(BaseModel):
-    """How a photograph becomes the image encoder's input."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    size: int = Field(gt=0)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_fov: bool = True
-    illumination: Illumination = "none"
-
-    def spec(self) -> ImageSpec:
-        """The numpy preprocessing spec for `index.preprocess`."""
-        return ImageSpec(
-            size=self.size, mean=self.mean, std=self.std, crop_fov=self.crop_fov, illumination=self.illumination
-        )
 
 
 class TextSettings(BaseModel):
@@ -83,7 +65,7 @@ class Manifest(BaseModel):
     embedding_dim: int = Field(gt=0)
     icdr_names: list[str]
     sdrg_names: list[str]
-    image: ImageSettings
+    image: ImageSpec
     text: TextSettings
     feature_spec: FeatureSpec
     data_fingerprint: str

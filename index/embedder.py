@@ -2,7 +2,7 @@
 
 Used by the index builder (`retina-index build`) and the service. Everything that turns raw input into
 model input comes from the bundle: image size and normalisation (`index.preprocess` with
-`manifest.image.spec()`), the tokenizer (`tokenizer.json` through the `tokenizers` library, truncated
+`manifest.image`), the tokenizer (`tokenizer.json` through the `tokenizers` library, truncated
 to `manifest.text.max_length` and padded with `manifest.text.pad_token_id`, which gives the ids the
 training tokenizer gave) and the tabular feature spec (`manifest.feature_spec`). No torch here.
 
@@ -30,6 +30,7 @@ from tokenizers import Tokenizer
 from index.bundle import GRADER, IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER, BundleError, Manifest, read_manifest
 from index.preprocess import ImageSpec, batch_model_inputs
 from index.records import ICDR_NAMES, REFERABLE_ICDR, SDRG_NAMES, FundusRecord
+from index.tokens import configure_tokenizer, configured_as
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class Embedder:
         self.manifest: Manifest = read_manifest(self.bundle)
         self.fingerprint: str = self.manifest.fingerprint
         self.dim: int = self.manifest.embedding_dim
-        self.image_spec: ImageSpec = self.manifest.image.spec()
+        self.image_spec: ImageSpec = self.manifest.image
         self.max_length: int = self.manifest.text.max_length
 
         wanted = choose_providers(device)
@@ -412,14 +413,19 @@ class Embedder:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as error:  # tokenizers raises a bare Exception for a bad file
             raise BundleError(f"{self.bundle}: cannot read {TOKENIZER}: {error}") from None
-        pad_id = self.manifest.text.pad_token_id
-        pad_token = tokenizer.id_to_token(pad_id)
-        if pad_token is None:
-            raise BundleError(f"{self.bundle}: pad_token_id {pad_id} is not in {TOKENIZER}'s vocabulary")
-        # Same as the training tokenizer's call: truncation=True (the [CLS]/[SEP] template fits inside
-        # max_length), padding=True (to the longest text of the batch).
-        tokenizer.enable_truncation(max_length=self.max_length)
-        tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
+        expected = (self.max_length, self.manifest.text.pad_token_id)
+        found = configured_as(tokenizer)
+        if found is None:
+            # A bundle exported before tokenizer.json carried its settings: set them from the manifest.
+            try:
+                return configure_tokenizer(tokenizer, *expected)
+            except ValueError as error:
+                raise BundleError(f"{self.bundle}: {TOKENIZER}: {error}") from None
+        if found != expected:
+            raise BundleError(
+                f"{self.bundle}: {TOKENIZER} truncates at {found[0]} tokens and pads with id {found[1]}, but the "
+                f"manifest says {expected[0]} and {expected[1]}: re-export with `retina-train export`"
+            )
         return tokenizer
 
     def _grades(

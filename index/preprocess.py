@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_MAX_PIXELS = 60_000_000
 """Pillow's decompression-bomb limit used here: a 60 MP image is larger than any fundus camera's."""
@@ -51,14 +51,19 @@ class ImageDecodeError(ValueError):
     """The bytes are not a photograph this system can read (format, truncation, size, mode)."""
 
 
-@dataclass(frozen=True)
-class ImageSpec:
-    """What the model expects: a square RGB image of `size` pixels, optionally illumination-normalised,
-    then normalised by mean/std."""
+class ImageSpec(BaseModel):
+    """How a photograph becomes the image tower's input: a square RGB image of `size` pixels (after the
+    field-of-view crop when `crop_fov`), optionally illumination-normalised, then normalised by mean/std.
 
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    The one definition of it: the model config holds it (`vision.image`), the bundle's manifest carries it
+    (`image`), and training and serving both prepare photographs with it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(gt=0)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     crop_fov: bool = True
     illumination: Illumination = "none"
 

@@ -18,7 +18,7 @@ from index.embedder import CPU, CUDA, Embedder, GradeInput, Grades
 from index.preprocess import batch_model_inputs, decode_image
 from index.records import FundusRecord
 from training.data import load_photo, normalise, stored_narrative
-from training.train import LoadedRun, load_run
+from training.run import LoadedRun, load_run
 
 ATOL = 1e-4
 N = 10
@@ -87,7 +87,7 @@ def test_image_embeddings_match_pytorch(embedder: Embedder, run: LoadedRun, samp
     archive = read_archive(tiny.archive)
     trained = np.stack([load_photo(archive.photo_path(r.image_id), embedder.image_spec) for r in records])
     config = run.model.config.vision
-    np.testing.assert_allclose(pixels, normalise(torch.from_numpy(trained), config.mean, config.std).numpy(),
+    np.testing.assert_allclose(pixels, normalise(torch.from_numpy(trained), config.image.mean, config.image.std).numpy(),
                                atol=1e-6)
     with torch.no_grad():
         reference = run.model.encode_image(torch.from_numpy(pixels)).numpy()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 from bundle_factory import TinyBundle, tiny_bundle
 from typer.testing import CliRunner
 
@@ -26,6 +27,7 @@ from index.bundle import (
 from index.embedder import Embedder
 from index.records import ICDR_NAMES, SDRG_NAMES
 from index.tabular import FeatureSpec
+from index.tokens import configured_as
 from training.cli import app
 from training.export import FP32_TOLERANCE, MIN_COSINE, SUBSET_SUFFIX
 from training.model.config import ModelConfig
@@ -54,8 +56,7 @@ def test_export_writes_a_complete_bundle(tiny: TinyBundle) -> None:
     assert manifest.precision == "fp32"
     assert manifest.model_name == "tiny" and manifest.model_config_data["name"] == "tiny"
     assert manifest.embedding_dim == config.embed_dim
-    assert manifest.image.size == config.vision.image_size
-    assert manifest.image.mean == tuple(config.vision.mean) and manifest.image.std == tuple(config.vision.std)
+    assert manifest.image == config.vision.image  # the one spec, crop_fov and illumination included
     assert manifest.text.max_length == config.text.max_length
     assert manifest.text.pad_token_id == config.text.pad_token_id
     assert manifest.feature_spec == FeatureSpec.model_validate_json((tiny.run / "feature_spec.json").read_text())
@@ -64,7 +65,12 @@ def test_export_writes_a_complete_bundle(tiny: TinyBundle) -> None:
     assert set(manifest.files) == set(REQUIRED_FILES)
     for name, digest in manifest.files.items():
         assert digest == sha256_of(tiny.bundle / name), name
-    assert (tiny.bundle / TOKENIZER).read_bytes() == (tiny.run / "tokenizer" / TOKENIZER).read_bytes()
+    # The run's tokenizer, written with the text encoder's truncation and padding set in the file itself.
+    shipped = Tokenizer.from_file(str(tiny.bundle / TOKENIZER))
+    trained = Tokenizer.from_file(str(tiny.run / "tokenizer" / TOKENIZER))
+    assert shipped.get_vocab() == trained.get_vocab()
+    assert configured_as(shipped) == (config.text.max_length, config.text.pad_token_id)
+    assert configured_as(trained) is None
     assert len(manifest.fingerprint) == 16
 
 
@@ -185,7 +191,7 @@ def test_a_bundle_from_before_illumination_settings_loads_without_them(copy: Pat
     manifest = json.loads((copy / MANIFEST_FILE).read_text())
     assert manifest["image"].pop("illumination") == "none"
     (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
-    assert read_manifest(copy).image.spec().illumination == "none"
+    assert read_manifest(copy).image.illumination == "none"
 
 
 def test_not_a_bundle_folder(tmp_path: Path) -> None:
@@ -196,3 +202,26 @@ def test_not_a_bundle_folder(tmp_path: Path) -> None:
     (tmp_path / MANIFEST_FILE).write_text("{")
     with pytest.raises(BundleError, match="not valid JSON"):
         read_manifest(tmp_path)
+
+
+def _replace_tokenizer(bundle: Path, tokenizer: Tokenizer) -> None:
+    tokenizer.save(str(bundle / TOKENIZER))
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest["files"][TOKENIZER] = sha256_of(bundle / TOKENIZER)
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_a_tokenizer_json_without_its_settings_gets_them_from_the_manifest(tiny: TinyBundle, copy: Path) -> None:
+    _replace_tokenizer(copy, Tokenizer.from_file(str(tiny.run / "tokenizer" / TOKENIZER)))  # as exported before
+    texts = ["right eye, moderate NPDR " * 40, "left eye, no DR"]
+    old, new = Embedder(copy, device="cpu").tokenize(texts), Embedder(tiny.bundle, device="cpu").tokenize(texts)
+    np.testing.assert_array_equal(old.input_ids, new.input_ids)
+    assert old.truncated == new.truncated == [True, False]
+
+
+def test_a_tokenizer_json_set_otherwise_than_the_manifest_is_refused(tiny: TinyBundle, copy: Path) -> None:
+    tokenizer = Tokenizer.from_file(str(tiny.bundle / TOKENIZER))
+    tokenizer.enable_truncation(max_length=16)
+    _replace_tokenizer(copy, tokenizer)
+    with pytest.raises(BundleError, match="truncates at 16 tokens"):
+        Embedder(copy, device="cpu")

@@ -18,10 +18,10 @@ from index.preprocess import decode_image
 from training.cli import app
 from training.data import load_photo, normalise
 from training.export import export_bundle
+from training.run import load_run
 from training.splits import make_splits, save_splits
 from training.synth.archive import write_archive
 from training.synth.priors import sample_records
-from training.train import load_run
 
 runner = CliRunner()
 
@@ -56,10 +56,11 @@ def test_local_contrast_run_exports_and_serves_with_the_same_preprocessing(
     paths = [archive.photo_path(r.image_id) for r in archive.records[:4]]
     run = load_run(tmp_path / "run")
     vision = run.model.config.vision
-    trained = np.stack([load_photo(p, vision.image_spec()) for p in paths])
+    trained = np.stack([load_photo(p, vision.image) for p in paths])
     assert abs(float(trained[:, 100:124, 100:124].mean()) - 128) < 30  # normalised, not raw fundus colours
     with torch.no_grad():
-        reference = run.model.encode_image(normalise(torch.from_numpy(trained), vision.mean, vision.std)).numpy()
+        pixels = normalise(torch.from_numpy(trained), vision.image.mean, vision.image.std)
+        reference = run.model.encode_image(pixels).numpy()
     served = embedder.embed_images([decode_image(p) for p in paths])
     np.testing.assert_allclose(served, reference, atol=1e-4)
 

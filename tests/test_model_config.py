@@ -21,7 +21,7 @@ def test_builtin_configs_are_listed_and_valid() -> None:
 
 def test_paper_config_is_vit_b16_and_bio_clinicalbert() -> None:
     paper = load_config("paper")
-    assert paper.vision.model_name == "vit_base_patch16_224" and paper.vision.image_size == 224
+    assert paper.vision.model_name == "vit_base_patch16_224" and paper.vision.image.size == 224
     assert paper.text.hf_model_name == "emilyalsentzer/Bio_ClinicalBERT" and paper.text.pretrained
     assert paper.text.max_length == 128 and paper.text.tokenizer_source == "emilyalsentzer/Bio_ClinicalBERT"
     assert paper.grading == "heads" and paper.losses.needs_fusion

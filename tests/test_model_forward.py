@@ -23,7 +23,7 @@ TEXTS = [
     "Moderate non-proliferative diabetic retinopathy, dot and blot haemorrhages.",
 ]
 TABULAR_WIDTH = 24
-IMAGE_SIZE = load_config("tiny").vision.image_size
+IMAGE_SIZE = load_config("tiny").vision.image.size
 ALL_LOSSES = {
     "contrastive_image_text",
     "contrastive_image_tabular",

@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 
 from index.archive.brset import read_archive
 from training.cli import app
+from training.run import CHECKPOINT_DIR, MODEL_FILE
 from training.splits import make_splits, save_splits
 from training.synth.archive import write_archive
 from training.synth.priors import sample_records
-from training.train import CHECKPOINT_DIR, MODEL_FILE, FitOptions, fit
+from training.train import FitOptions, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

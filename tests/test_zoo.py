@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import training.zoo as zoo
 from training.cli import app
 from training.model.factory import load_config
-from training.train import load_run
+from training.run import load_run
 
 
 @pytest.fixture()

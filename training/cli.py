@@ -176,7 +176,8 @@ def fit(
     ] = None,
 ) -> None:
     """Train the multimodal model (or the CLIP baseline) on an archive's training split."""
-    from training.train import STATE_FILE, FitOptions, RunFiles
+    from training.run import RunFiles
+    from training.train import FitOptions
     from training.train import fit as run_fit
     from training.zoo import ZooError, resolve_run
 
@@ -193,7 +194,7 @@ def fit(
     if illumination not in (None, "none", "local-contrast"):
         raise _fail(f"--illumination must be none or local-contrast, not {illumination!r}")
     files = RunFiles(out)
-    if resume and not (files.checkpoint / STATE_FILE).is_file():
+    if resume and not files.state.is_file():
         raise _fail(f"--resume: {out} has no checkpoint to resume from")
     if not resume and files.run_json.exists():
         raise _fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")

@@ -30,8 +30,9 @@ from index.records import ICDR_NAMES, REFERABLE_ICDR
 from training.data import normalise, stored_narrative
 from training.evaluate import embed_split
 from training.evaluation.metrics import grading_metrics, referable_metrics
+from training.run import load_run, split_for_evaluation
 from training.splits import save_splits
-from training.train import FitOptions, fit, load_run, split_for_evaluation
+from training.train import FitOptions, fit
 
 METHODS: tuple[str, ...] = ("finetune", "scratch", "probe")
 
@@ -95,7 +96,8 @@ def _image_embeddings(run_dir: Path, archive_dir: Path, ids: list[str]) -> tuple
     config = run.model.config
     rows = []
     for start in range(0, len(data), 32):
-        pixels = normalise(torch.from_numpy(data.images[start : start + 32]), config.vision.mean, config.vision.std)
+        image = config.vision.image
+        pixels = normalise(torch.from_numpy(data.images[start : start + 32]), image.mean, image.std)
         rows.append(run.model.encode_image(pixels).float().numpy())
     return np.concatenate(rows), data.icdr
 

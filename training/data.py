@@ -24,6 +24,7 @@ from index.records import FundusRecord
 from index.tabular import FeatureSpec
 from training.model.losses import IGNORE_INDEX
 from training.text.narratives import write_narrative
+from training.tokenizer import batch_tokenizer, encode_texts
 
 FRESH_NARRATIVE_PROBABILITY = 0.5
 """Share of training texts written afresh each epoch (new template and field order) instead of the
@@ -132,22 +133,19 @@ class BatchBuilder:
         self,
         data: SplitData,
         tokenizer: PreTrainedTokenizerBase,
-        mean: Sequence[float],
-        std: Sequence[float],
+        image: ImageSpec,
         max_length: int,
     ) -> None:
-        """Hold the split, the tokenizer and the image normalisation constants."""
+        """Hold the split, the tokenizer and the image spec (its normalisation constants)."""
         self.data = data
         self.tokenizer = tokenizer
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = image.mean, image.std
         self.max_length = max_length
+        self.text_tokenizer = batch_tokenizer(tokenizer, max_length)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Tokenise texts, padded to the longest in the batch and truncated to the model's length."""
-        encoded = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+        """Tokenise texts as the bundle will (`training.tokenizer.batch_tokenizer`)."""
+        return encode_texts(self.text_tokenizer, texts)
 
     def batch(
         self,

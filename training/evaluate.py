@@ -32,10 +32,12 @@ from training.evaluation.metrics import (
     top_k,
 )
 from training.evaluation.report import plot_confusion, plot_loss_curves, plot_retrieval_grid, write_report
+from training.hardware import autocast_context
+from training.run import LoadedRun, load_run, split_for_evaluation
 from training.splits import load_splits
 from training.synth.archive import read_synth_manifest
 from training.text.narratives import compose_narrative, fitting_counts
-from training.train import LoadedRun, autocast_context, load_run, split_for_evaluation
+from training.tokenizer import batch_tokenizer, encode_texts
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ def embed_split(run: LoadedRun, data: SplitData, texts: Sequence[str], batch_siz
     """Image, record and text embeddings and grade probabilities of a split (eval mode, no gradients)."""
     model, config = run.model, run.model.config
     device = next(model.parameters()).device
-    builder = BatchBuilder(data, run.tokenizer, config.vision.mean, config.vision.std, config.text.max_length)
+    builder = BatchBuilder(data, run.tokenizer, config.vision.image, config.text.max_length)
     zero_shot = config.grading == "zero_shot"
     if zero_shot:
         icdr_classes = _class_embeddings(run, builder, grade_prompts(ICDR_NAMES, ICDR_DESCRIPTIONS))
@@ -250,14 +252,14 @@ def evaluate_deepeyenet(run_dir: Path, root: Path, split: str = "test", batch_si
     if not cases:
         raise ValueError(f"{root}: no DeepEyeNet {split} case has its photograph")
     config = run.model.config
-    images = np.stack([load_photo(c.image_path, config.vision.image_spec()) for c in cases])
+    images = np.stack([load_photo(c.image_path, config.vision.image) for c in cases])
     texts = [f"{c.description} Keywords: {', '.join(c.keywords)}." for c in cases]
     image_rows, text_rows = [], []
+    text_tokenizer = batch_tokenizer(run.tokenizer, config.text.max_length)
     for rows in _batches(len(cases), batch_size):
-        pixels = normalise(torch.from_numpy(images[rows]), config.vision.mean, config.vision.std)
+        pixels = normalise(torch.from_numpy(images[rows]), config.vision.image.mean, config.vision.image.std)
         image_rows.append(run.model.encode_image(pixels).float().numpy())
-        tokens = run.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
-                               max_length=config.text.max_length, return_tensors="pt")
+        tokens = encode_texts(text_tokenizer, [texts[i] for i in rows])
         text_rows.append(run.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).float().numpy())
     return {
         "deepeyenet": bidirectional_instance_recall(

@@ -40,7 +40,6 @@ from index.bundle import (
     SCHEMA_VERSION,
     TEXT_ENCODER,
     TOKENIZER,
-    ImageSettings,
     Manifest,
     TextSettings,
     now_iso,
@@ -52,8 +51,9 @@ from index.records import ICDR_NAMES, SDRG_NAMES
 from training.data import BatchBuilder, stored_narrative
 from training.evaluation.metrics import instance_recall, summarise
 from training.model.model import RetinaAlignModel
+from training.run import MODEL_FILE, LoadedRun, load_run, split_for_evaluation
 from training.splits import load_splits
-from training.train import MODEL_FILE, LoadedRun, load_run, split_for_evaluation
+from training.tokenizer import batch_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
     ids = (splits.get(split) or splits["train"])[:PARITY_SAMPLES]
     data = split_for_evaluation(archive, ids, run)
     config = model.config
-    builder = BatchBuilder(data, run.tokenizer, config.vision.mean, config.vision.std, config.text.max_length)
+    builder = BatchBuilder(data, run.tokenizer, config.vision.image, config.text.max_length)
     texts = [stored_narrative(r) for r in data.records]
     batches = [builder.batch(np.arange(s, min(len(data), s + 16)), texts[s : s + 16]) for s in range(0, len(data), 16)]
 
@@ -419,7 +419,8 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
             _quantize_int8(staging)
         report = _parity(run, staging, batches, precision)
         _check(report)
-        shutil.copy(run.files.tokenizer / TOKENIZER, staging / TOKENIZER)
+        # The bundle's tokenizer.json carries its truncation and padding (`index.tokens`).
+        batch_tokenizer(run.tokenizer, config.text.max_length).save(str(staging / TOKENIZER))
         metrics_path = Path(run_dir) / "eval-test" / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         manifest = Manifest(
@@ -431,8 +432,7 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
             embedding_dim=config.embed_dim,
             icdr_names=list(ICDR_NAMES),
             sdrg_names=list(SDRG_NAMES),
-            image=ImageSettings(size=config.vision.image_size, mean=tuple(config.vision.mean),
-                                std=tuple(config.vision.std), illumination=config.vision.illumination),
+            image=config.vision.image,
             text=TextSettings(max_length=config.text.max_length, pad_token_id=config.text.pad_token_id),
             feature_spec=run.spec,
             data_fingerprint=run.info["fingerprint"],

@@ -9,6 +9,7 @@ CUDA) and picks bf16 only where it is native; the choice and its reason are reco
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -88,3 +89,10 @@ def choose_precision(
     return PrecisionChoice(
         "fp32", f"auto: the CPU has neither {' nor '.join(NATIVE_BF16_CPU_FLAGS)}, so bf16 would be emulated (slower)"
     )
+
+
+def autocast_context(precision: str, device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CPU (fast on AMX) or GPU; nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()

@@ -12,8 +12,11 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, BertTokenizerFast, PreTrainedTokenizerBase
+
+from index.tokens import configure_tokenizer
 
 SPECIAL_TOKENS: tuple[str, ...] = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """BERT's special tokens; a trained WordPiece gives them ids 0-4 in this order."""
@@ -82,3 +85,22 @@ def load_tokenizer(path_or_name: str | Path) -> PreTrainedTokenizerBase:
             f"cannot load the tokenizer {str(path_or_name)!r}: not a saved tokenizer folder and not "
             f"reachable on the hub ({err})"
         ) from err
+
+
+def batch_tokenizer(tokenizer: PreTrainedTokenizerBase, max_length: int) -> Tokenizer:
+    """A copy of `tokenizer`'s `tokenizers` backend with the text encoder's truncation and padding
+    (`index.tokens.configure_tokenizer`): what training batches are tokenised with, and what export writes
+    as the bundle's `tokenizer.json`. Raises ValueError for a tokenizer without a pad token."""
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token")
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    return configure_tokenizer(backend, max_length, tokenizer.pad_token_id)
+
+
+def encode_texts(tokenizer: Tokenizer, texts: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Texts -> `input_ids` and `attention_mask` (N, L) int64 tensors through a `batch_tokenizer`."""
+    encodings = tokenizer.encode_batch(list(texts))
+    return {
+        "input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.int64),
+        "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64),
+    }

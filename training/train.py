@@ -1,13 +1,8 @@
-"""The training application: `retina-train fit`.
+"""The training loop: `retina-train fit`.
 
-A run folder holds everything needed to evaluate, resume or export the model:
-
-    RUN/run.json            options, archive fingerprint, state (finished or not)
-    RUN/config.json         the resolved model config
-    RUN/tokenizer/          the tokenizer (tokenizer.json)
-    RUN/feature_spec.json   the tabular feature spec fitted on the training split
-    RUN/metrics.jsonl       one line per optimiser step: losses, learning rate, samples/s
-    RUN/checkpoint/         model.safetensors + trainer_state.pt (optimiser, schedule, RNG, position)
+`fit` is three parts: `_setup` (data, tokenizer, feature spec, model, optimiser; from the checkpoint
+when resuming), `_train_step` (one optimiser step on this rank's share of a global batch) and `_finish`
+(the final checkpoint and the run summary). The run folder it writes is `training.run`'s.
 
 Determinism: the batch order is a function of (seed, epoch), the texts of (seed, epoch, image id), and the
 RNG states are checkpointed, so on CPU a run is reproducible for a seed and `--resume` continues exactly.
@@ -33,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, Field
-from safetensors.torch import load_file, save_file
 
 from index.archive.brset import Archive, read_archive
 from index.preprocess import Illumination
@@ -49,19 +43,24 @@ from training.data import (
     stored_narrative,
     training_narrative,
 )
-from training.hardware import choose_precision, describe_machine
+from training.hardware import PrecisionChoice, autocast_context, choose_precision, describe_machine
 from training.model.config import ModelConfig
 from training.model.factory import create_model, load_config
 from training.model.losses import class_weights
 from training.model.model import RetinaAlignModel
+from training.run import (
+    RunFiles,
+    init_weights,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_log,
+    write_json,
+)
 from training.splits import load_splits
 from training.tokenizer import load_tokenizer, train_wordpiece
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoint"
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "trainer_state.pt"
 NARRATIVE_SEEDS_FOR_TOKENIZER = 4
 
 
@@ -87,48 +86,6 @@ class FitOptions(BaseModel):
     illumination: Illumination | None = None
 
 
-@dataclass
-class RunFiles:
-    """Paths inside a run folder."""
-
-    root: Path
-
-    @property
-    def run_json(self) -> Path:
-        return self.root / "run.json"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def feature_spec(self) -> Path:
-        return self.root / "feature_spec.json"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / CHECKPOINT_DIR
-
-
-@dataclass
-class LoadedRun:
-    """A trained run loaded for evaluation or export."""
-
-    files: RunFiles
-    model: RetinaAlignModel
-    tokenizer: object
-    spec: FeatureSpec
-    info: dict
-
-
 def _distributed() -> tuple[int, int, torch.device]:
     """Start the process group when launched by torchrun; (rank, world size, device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -141,13 +98,6 @@ def _distributed() -> tuple[int, int, torch.device]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world_size, device
-
-
-def autocast_context(precision: str, device: torch.device):
-    """bf16 autocast on CPU (fast on AMX) or GPU; nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def learning_rate(step: int, total: int, base: float, warmup: int) -> float:
@@ -202,60 +152,9 @@ def _model_config(options: FitOptions) -> ModelConfig:
     config = load_config(options.config)
     if options.illumination is None:
         return config
-    vision = config.vision.model_copy(update={"illumination": options.illumination})
+    image = config.vision.image.model_copy(update={"illumination": options.illumination})
+    vision = config.vision.model_copy(update={"image": image})
     return config.model_copy(update={"vision": vision})
-
-
-def _init_weights(model: RetinaAlignModel, init: Path) -> None:
-    """Load earlier weights (a run folder or a safetensors file) strictly into the model."""
-    path = init / CHECKPOINT_DIR / MODEL_FILE if init.is_dir() else init
-    if not path.is_file():
-        raise FileNotFoundError(f"--init {init}: no {MODEL_FILE} found (expected a run folder or a file)")
-    state = load_file(str(path))
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    reshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or reshaped:
-        examples = [f"{k}: {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} here" for k in reshaped[:2]]
-        examples += [f"missing {k}" for k in missing[:2]] + [f"unexpected {k}" for k in unexpected[:2]]
-        hint = f" (--config {init / 'config.json'})" if (init / "config.json").is_file() else ""
-        raise ValueError(
-            f"--init {init}: its weights do not fit config {model.config.name!r} ({len(reshaped)} of another "
-            f"shape, {len(missing)} missing, {len(unexpected)} unexpected; e.g. {'; '.join(examples)}). "
-            f"Fine-tune with the config those weights were trained with{hint}."
-        )
-    model.load_state_dict(state, strict=True)
-
-
-def _save_checkpoint(
-    files: RunFiles,
-    model: RetinaAlignModel,
-    optimizer: torch.optim.Optimizer,
-    position: dict,
-    jitter_generator: torch.Generator,
-) -> None:
-    """Write the checkpoint into a temporary folder, then swap it in (never a half-written one)."""
-    tmp = files.root / f".{CHECKPOINT_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / MODEL_FILE))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "position": position,
-            "torch_rng": torch.get_rng_state(),
-            "jitter_rng": jitter_generator.get_state(),
-        },
-        tmp / STATE_FILE,
-    )
-    old = files.root / f".{CHECKPOINT_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if files.checkpoint.exists():
-        os.replace(files.checkpoint, old)
-    os.replace(tmp, files.checkpoint)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _global_mean(losses: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -269,34 +168,97 @@ def _global_mean(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(names, values.tolist(), strict=True))
 
 
-def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log lines past the checkpoint a resumed run restarts from (they are replayed)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
-        path.write_text("".join(line + "\n" for line in kept))
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 ProgressCallback = Callable[[dict], None]
 
 
-def fit(options: FitOptions, on_step: ProgressCallback | None = None,
-        on_load: Callable[[int, int], None] | None = None) -> dict:
-    """Train (or resume) a run; returns the run summary written to run.json.
+@dataclass
+class _Session:
+    """Everything one `fit` holds while it trains."""
 
-    `on_step(metrics)` is called after every optimiser step on rank 0; `on_load(done, total)` while the
-    photographs are decoded.
-    """
+    options: FitOptions
+    rank: int
+    world_size: int
+    device: torch.device
+    precision: PrecisionChoice
+    files: RunFiles
+    info: dict
+    train: SplitData
+    model: RetinaAlignModel
+    trained: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    builder: BatchBuilder
+    jitter_generator: torch.Generator
+    position: dict
+    weights: np.ndarray | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+
+    @property
+    def local_batch(self) -> int:
+        """This rank's share of a global batch."""
+        return self.options.batch_size // self.world_size
+
+    def checkpoint(self) -> None:
+        """Save the model, optimiser, RNG and loop position (rank 0 only)."""
+        if self.rank == 0:
+            save_checkpoint(self.files, self.model, self.optimizer, self.position, self.jitter_generator)
+
+
+def _run_info(options: FitOptions, files: RunFiles, archive: Archive, splits: dict[str, list[str]],
+              world_size: int, resume: bool) -> dict:
+    """The run record: read back when resuming (after checking the data is the same), else a new one."""
+    data_fingerprint = fingerprint(archive, splits)
+    if not resume:
+        return {
+            "options": json.loads(options.model_dump_json()),
+            "fingerprint": data_fingerprint,
+            "world_size": world_size,
+            "finished": False,
+        }
+    info = json.loads(files.run_json.read_text())
+    if info["fingerprint"] != data_fingerprint:
+        raise ValueError(
+            f"cannot resume {files.root}: it was trained on archive/splits {info['fingerprint'][:12]}, "
+            f"these are {data_fingerprint[:12]}"
+        )
+    return info
+
+
+def _tokenizer_and_spec(options: FitOptions, files: RunFiles, archive: Archive, train_ids: list[str],
+                        rank: int, resume: bool) -> tuple[object, FeatureSpec]:
+    """Rank 0 prepares the tokenizer and feature spec of a new run; everyone else (and a resumed run)
+    reads them from the run folder."""
+    if not resume and rank == 0:
+        files.root.mkdir(parents=True, exist_ok=True)
+        prepared = _prepare_text_and_tabular(options, files, archive, train_ids)
+        if dist.is_initialized():
+            dist.barrier()
+        return prepared
+    if not resume and dist.is_initialized():
+        dist.barrier()
+    return load_tokenizer(files.tokenizer), FeatureSpec.model_validate_json(files.feature_spec.read_text())
+
+
+def _resolved_config(options: FitOptions, files: RunFiles, resume: bool) -> ModelConfig:
+    """The model config: `--config` (with `--illumination`) for a new run; RUN/config.json when resuming,
+    since a resumed run continues the model it checkpointed whatever `--config` says now."""
+    config = _model_config(options)
+    if not (resume and files.config.is_file()):
+        return config
+    recorded = load_config(files.config)
+    if recorded != config:
+        log.warning("resuming %s with its recorded config %s (--config %s differs)", files.root,
+                    recorded.name, options.config)
+    return recorded
+
+
+def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None) -> _Session:
+    """Read the data, build (or restore) the model and optimiser: everything before the first step."""
     rank, world_size, device = _distributed()
     precision = choose_precision(options.precision, device)
     files = RunFiles(Path(options.out))
-    resume = (files.checkpoint / STATE_FILE).is_file()
+    resume = files.state.is_file()
     if files.run_json.exists() and not resume:
         raise FileExistsError(f"{files.root} already holds a run without a checkpoint; choose another --out")
     torch.manual_seed(options.seed)
@@ -307,47 +269,15 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
     for name in ("train", "val"):
         if name not in splits:
             raise ValueError(f"{options.splits}: no '{name}' split")
-    data_fingerprint = fingerprint(archive, splits)
+    info = _run_info(options, files, archive, splits, world_size, resume)
+    tokenizer, spec = _tokenizer_and_spec(options, files, archive, splits["train"], rank, resume)
+    if rank == 0 and not resume:
+        write_json(files.run_json, info)
 
-    if resume:
-        info = json.loads(files.run_json.read_text())
-        if info["fingerprint"] != data_fingerprint:
-            raise ValueError(
-                f"cannot resume {files.root}: it was trained on archive/splits {info['fingerprint'][:12]}, "
-                f"these are {data_fingerprint[:12]}"
-            )
-        tokenizer = load_tokenizer(files.tokenizer)
-        spec = FeatureSpec.model_validate_json(files.feature_spec.read_text())
-    else:
-        if rank == 0:
-            files.root.mkdir(parents=True, exist_ok=True)
-            tokenizer, spec = _prepare_text_and_tabular(options, files, archive, splits["train"])
-        if dist.is_initialized():
-            dist.barrier()
-        if rank != 0:
-            tokenizer = load_tokenizer(files.tokenizer)
-            spec = FeatureSpec.model_validate_json(files.feature_spec.read_text())
-        info = {
-            "options": json.loads(options.model_dump_json()),
-            "fingerprint": data_fingerprint,
-            "world_size": world_size,
-            "finished": False,
-        }
-        if rank == 0:
-            _write_json(files.run_json, info)
-
-    config = _model_config(options)
-    if resume and files.config.is_file():
-        # A resumed run continues the model it checkpointed, whatever --config says now.
-        recorded = load_config(files.config)
-        if recorded != config:
-            log.warning("resuming %s with its recorded config %s (--config %s differs)", files.root,
-                        recorded.name, options.config)
-        config = recorded
-    model = create_model(config, tabular_width=spec.width, tokenizer=tokenizer)
+    model = create_model(_resolved_config(options, files, resume), tabular_width=spec.width, tokenizer=tokenizer)
     if options.init is not None and not resume:
         try:
-            _init_weights(model, Path(options.init))
+            init_weights(model, Path(options.init))
         except (ValueError, FileNotFoundError):
             if rank == 0 and created_here:
                 shutil.rmtree(files.root, ignore_errors=True)  # nothing trained: leave no run to resume
@@ -356,13 +286,15 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
     if rank == 0:
         files.config.write_text(config.model_dump_json(indent=1))
 
-    def progress_load(done: int) -> None:
-        progress_load.count += done  # type: ignore[attr-defined]
-        if on_load and rank == 0:
-            on_load(progress_load.count, len(splits["train"]))  # type: ignore[attr-defined]
+    loaded = 0
 
-    progress_load.count = 0  # type: ignore[attr-defined]
-    train = load_split(archive, splits["train"], config.vision.image_spec(), spec, progress_load)
+    def progress_load(done: int) -> None:
+        nonlocal loaded
+        loaded += done
+        if on_load and rank == 0:
+            on_load(loaded, len(splits["train"]))
+
+    train = load_split(archive, splits["train"], config.vision.image, spec, progress_load)
     scheme = config.losses.class_weighting
     model.set_class_weights(
         class_weights(np.bincount(train.icdr[train.icdr >= 0], minlength=config.num_icdr), scheme),
@@ -373,27 +305,24 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
     global_batch = options.batch_size
     if global_batch % world_size:
         raise ValueError(f"--batch-size {global_batch} must be a multiple of the {world_size} processes")
-    local_batch = global_batch // world_size
     steps_per_epoch = len(train) // global_batch
     if steps_per_epoch == 0:
         raise ValueError(f"the training split has {len(train)} images, fewer than one batch of {global_batch}")
     total_steps = steps_per_epoch * options.epochs
     if options.max_steps is not None:
         total_steps = min(total_steps, options.max_steps)
-    warmup = int(options.warmup_fraction * total_steps)
 
     optimizer = _optimizer(model, options.lr, options.weight_decay)
     jitter_generator = torch.Generator().manual_seed(options.seed + 17)
     position = {"step": 0, "epoch": 0, "step_in_epoch": 0, "seconds": 0.0}
     if resume:
-        state = torch.load(files.checkpoint / STATE_FILE, weights_only=False)
-        model.load_state_dict(load_file(str(files.checkpoint / MODEL_FILE)), strict=True)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        jitter_generator.set_state(state["jitter_rng"])
-        position = state["position"]
+        state = load_checkpoint(files, model)
+        optimizer.load_state_dict(state.optimizer)
+        torch.set_rng_state(state.torch_rng)
+        jitter_generator.set_state(state.jitter_rng)
+        position = state.position
         if rank == 0:
-            _truncate_log(files.metrics, position["step"])
+            truncate_log(files.metrics, position["step"])
         log.info("resuming %s at step %d (epoch %d)", files.root, position["step"], position["epoch"])
 
     trained: torch.nn.Module = model
@@ -401,52 +330,102 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
-    builder = BatchBuilder(train, tokenizer, config.vision.mean, config.vision.std, config.text.max_length)
-    weights = sampling_weights(train.icdr, options.balance)
     model.train()
+    return _Session(
+        options=options, rank=rank, world_size=world_size, device=device, precision=precision, files=files,
+        info=info, train=train, model=model, trained=trained, optimizer=optimizer,
+        builder=BatchBuilder(train, tokenizer, config.vision.image, config.text.max_length),
+        jitter_generator=jitter_generator, position=position,
+        weights=sampling_weights(train.icdr, options.balance), steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps, warmup=int(options.warmup_fraction * total_steps),
+    )
+
+
+def _train_step(session: _Session, rows: np.ndarray, epoch: int) -> dict:
+    """One optimiser step on this rank's share of the global batch `rows`; returns its metrics record."""
+    options, position = session.options, session.position
+    global_batch = options.batch_size
+    step_started = time.perf_counter()
+    mine = slice(session.rank * session.local_batch, (session.rank + 1) * session.local_batch)
+    jitter_params = draw_jitter(session.jitter_generator, global_batch)[mine]
+    texts = [training_narrative(session.train.records[i], epoch, options.seed) for i in rows[mine]]
+    batch = {k: v.to(session.device) for k, v in session.builder.batch(rows[mine], texts, jitter_params).items()}
+    for group in session.optimizer.param_groups:
+        group["lr"] = learning_rate(position["step"], session.total_steps, options.lr, session.warmup)
+    with autocast_context(session.precision.precision, session.device):
+        losses = session.trained(batch)
+    session.optimizer.zero_grad(set_to_none=True)
+    losses["total"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(session.model.parameters(), 1.0)
+    session.optimizer.step()
+    position["step"] += 1
+    position["step_in_epoch"] += 1
+    values = _global_mean(losses)
+    seconds = time.perf_counter() - step_started
+    position["seconds"] += seconds
+    return {
+        "step": position["step"],
+        "epoch": epoch + position["step_in_epoch"] / session.steps_per_epoch,
+        **{k: round(v, 5) for k, v in values.items()},
+        "lr": session.optimizer.param_groups[0]["lr"],
+        "grad_norm": round(float(grad_norm), 4),
+        "samples_per_s": round(global_batch / seconds, 2),
+    }
+
+
+def _finish(session: _Session, stopped_early: bool) -> dict:
+    """Save the last checkpoint and write the run summary (run.json); returns it."""
+    session.checkpoint()
+    position, info = session.position, session.info
+    info.update(
+        finished=position["step"] >= session.total_steps,
+        stopped_by_time_budget=stopped_early,
+        steps=position["step"],
+        total_steps=session.total_steps,
+        train_images=len(session.train),
+        training_seconds=round(position["seconds"], 1),
+        samples_per_second=round(position["step"] * session.options.batch_size / max(position["seconds"], 1e-9), 2),
+        precision=session.precision.precision,
+        precision_reason=session.precision.reason,
+        device=str(session.device),
+        machine=describe_machine(session.device),
+        threads=torch.get_num_threads(),
+    )
+    if session.rank == 0:
+        write_json(session.files.run_json, info)
+    if dist.is_initialized():
+        dist.barrier()
+    return info
+
+
+def fit(options: FitOptions, on_step: ProgressCallback | None = None,
+        on_load: Callable[[int, int], None] | None = None) -> dict:
+    """Train (or resume) a run; returns the run summary written to run.json.
+
+    `on_step(metrics)` is called after every optimiser step on rank 0; `on_load(done, total)` while the
+    photographs are decoded.
+    """
+    session = _setup(options, on_load)
+    position = session.position
     started = time.perf_counter()
     budget = options.max_minutes * 60 if options.max_minutes else None
     stopped_early = False
-    with files.metrics.open("a") if rank == 0 else nullcontext() as metrics_log:
-        while position["step"] < total_steps:
+    with session.files.metrics.open("a") if session.rank == 0 else nullcontext() as metrics_log:
+        while position["step"] < session.total_steps and not stopped_early:
             epoch = position["epoch"]
-            batches = list(global_batches(len(train), global_batch, options.seed, epoch, weights))
+            batches = list(global_batches(len(session.train), options.batch_size, options.seed, epoch,
+                                          session.weights))
             for rows in batches[position["step_in_epoch"] :]:
-                if position["step"] >= total_steps:
+                if position["step"] >= session.total_steps:
                     break
-                step_started = time.perf_counter()
-                mine = slice(rank * local_batch, (rank + 1) * local_batch)
-                jitter_params = draw_jitter(jitter_generator, global_batch)[mine]
-                texts = [training_narrative(train.records[i], epoch, options.seed) for i in rows[mine]]
-                batch = {k: v.to(device) for k, v in builder.batch(rows[mine], texts, jitter_params).items()}
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(position["step"], total_steps, options.lr, warmup)
-                with autocast_context(precision.precision, device):
-                    losses = trained(batch)
-                optimizer.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                position["step"] += 1
-                position["step_in_epoch"] += 1
-                values = _global_mean(losses)
-                seconds = time.perf_counter() - step_started
-                position["seconds"] += seconds
-                if rank == 0:
-                    record = {
-                        "step": position["step"],
-                        "epoch": epoch + position["step_in_epoch"] / steps_per_epoch,
-                        **{k: round(v, 5) for k, v in values.items()},
-                        "lr": optimizer.param_groups[0]["lr"],
-                        "grad_norm": round(float(grad_norm), 4),
-                        "samples_per_s": round(global_batch / seconds, 2),
-                    }
+                record = _train_step(session, rows, epoch)
+                if session.rank == 0:
                     metrics_log.write(json.dumps(record) + "\n")
                     metrics_log.flush()
                     if on_step:
-                        on_step({**record, "total_steps": total_steps})
-                if rank == 0 and options.checkpoint_every and position["step"] % options.checkpoint_every == 0:
-                    _save_checkpoint(files, model, optimizer, position, jitter_generator)
+                        on_step({**record, "total_steps": session.total_steps})
+                if options.checkpoint_every and position["step"] % options.checkpoint_every == 0:
+                    session.checkpoint()
                 if budget is not None and time.perf_counter() - started > budget:
                     stopped_early = True
                     break
@@ -455,51 +434,5 @@ def fit(options: FitOptions, on_step: ProgressCallback | None = None,
             if position["step_in_epoch"] >= len(batches):
                 position["epoch"] += 1
                 position["step_in_epoch"] = 0
-            if rank == 0:
-                _save_checkpoint(files, model, optimizer, position, jitter_generator)
-    if rank == 0:
-        _save_checkpoint(files, model, optimizer, position, jitter_generator)
-    info.update(
-        finished=position["step"] >= total_steps,
-        stopped_by_time_budget=stopped_early,
-        steps=position["step"],
-        total_steps=total_steps,
-        train_images=len(train),
-        training_seconds=round(position["seconds"], 1),
-        samples_per_second=round(position["step"] * global_batch / max(position["seconds"], 1e-9), 2),
-        precision=precision.precision,
-        precision_reason=precision.reason,
-        device=str(device),
-        machine=describe_machine(device),
-        threads=torch.get_num_threads(),
-    )
-    if rank == 0:
-        _write_json(files.run_json, info)
-    if dist.is_initialized():
-        dist.barrier()
-    return info
-
-
-def load_run(run: Path, device: str = "cpu") -> LoadedRun:
-    """Load a trained run (config, tokenizer, feature spec, weights) in eval mode."""
-    files = RunFiles(Path(run))
-    for path in (files.run_json, files.config, files.feature_spec, files.checkpoint / MODEL_FILE):
-        if not path.exists():
-            raise FileNotFoundError(f"{run} is not a complete run: {path.name} is missing")
-    tokenizer = load_tokenizer(files.tokenizer)
-    spec = FeatureSpec.model_validate_json(files.feature_spec.read_text())
-    towers_log = logging.getLogger("training.model.towers")
-    level = towers_log.level
-    towers_log.setLevel(logging.ERROR)  # the towers' "random init" notice is moot: weights follow
-    try:
-        model = create_model(files.config, tabular_width=spec.width, tokenizer=tokenizer,
-                             checkpoint=files.checkpoint / MODEL_FILE)
-    finally:
-        towers_log.setLevel(level)
-    model.to(device).eval()
-    return LoadedRun(files, model, tokenizer, spec, json.loads(files.run_json.read_text()))
-
-
-def split_for_evaluation(archive: Archive, ids: list[str], run: LoadedRun) -> SplitData:
-    """Load a split with the run's image size and feature spec."""
-    return load_split(archive, ids, run.model.config.vision.image_spec(), run.spec)
+            session.checkpoint()
+    return _finish(session, stopped_early)

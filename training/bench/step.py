@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from training.hardware import autocast_context
 from training.model.factory import create_model
-from training.train import autocast_context
 
 TEXT_LENGTH = 64
 TABULAR_WIDTH = 39
@@ -43,7 +43,7 @@ def time_training_step(config: str, precision: str, batch_size: int, steps: int 
     torch.manual_seed(0)
     model = create_model(config, tabular_width=TABULAR_WIDTH, pretrained=False)
     model.train()
-    batch = _batch(batch_size, model.config.vision.image_size, model.text.vocab_size)
+    batch = _batch(batch_size, model.config.vision.image.size, model.text.vocab_size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     device = torch.device("cpu")
     seconds = []

@@ -55,7 +55,7 @@ def bench_inputs(model: RetinaAlignModel, batch_size: int, seed: int = 0) -> dic
     """Fixed inputs: smooth random images in the normalised pixel range, and full-length random texts
     (non-special token ids, every position attended)."""
     generator = torch.Generator().manual_seed(seed)
-    size = model.config.vision.image_size
+    size = model.config.vision.image.size
     coarse = torch.rand(batch_size, 3, size // 16, size // 16, generator=generator)
     pixels = nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
     pixels = (pixels * 2 - 1 + 0.05 * torch.randn(batch_size, 3, size, size, generator=generator)).clamp(-1, 1)
@@ -199,7 +199,7 @@ def run_embed_bench(
     towers: dict[str, dict[str, object]] = {
         "image": {
             "gflop_per_item": gflop_per_item(model.encode_image, inputs["pixels"][:1]),
-            "input": f"{batch_size} x 3 x {model.config.vision.image_size} x {model.config.vision.image_size}",
+            "input": f"{batch_size} x 3 x {model.config.vision.image.size} x {model.config.vision.image.size}",
             "engines": [asdict(t) for t in image_timings],
         },
         "text": {

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from index.preprocess import Illumination, ImageSpec
+from index.preprocess import ImageSpec
 
 
 class _Strict(BaseModel):
@@ -36,30 +36,42 @@ class StemConfig(_Strict):
 
 
 class VisionConfig(_Strict):
-    """The image tower: a timm model, its input size and normalisation, and where its weights come from.
+    """The image tower: a timm model, how a photograph becomes its input, and where its weights come from.
 
-    `pretrained_file` (a local .safetensors/.pth/.bin in timm's format) wins over the hub; with
-    `pretrained` false the tower starts from random init. `timm_kwargs` are passed to
+    `image` is the preprocessing spec (`index.preprocess.ImageSpec`: size, mean/std, field-of-view crop,
+    illumination normalisation); the bundle carries the same spec so that serving prepares photographs as
+    training did. Configs written before it was nested (`image_size`, `mean`, `std`, `illumination` beside
+    `model_name`) still load. `pretrained_file` (a local .safetensors/.pth/.bin in timm's format) wins over
+    the hub; with `pretrained` false the tower starts from random init. `timm_kwargs` are passed to
     `timm.create_model` (e.g. `depth`, `embed_dim`, `num_heads`, `patch_size`, `drop_path_rate`).
-    `illumination` (`none` or `local-contrast`) is the optional photograph normalisation of
-    `index.preprocess`; the bundle carries it so that serving prepares photographs the same way.
     `stem` (optional) puts a small timm CNN in front of the transformer in place of its linear patch
     embedding (a hybrid ViT); the stem always starts from random init.
     """
 
     model_name: str = "vit_base_patch16_224"
-    image_size: int = Field(default=224, gt=0)
+    image: ImageSpec = ImageSpec(size=224)
     pretrained: bool = True
     pretrained_file: str | None = None
     timm_kwargs: dict[str, Any] = Field(default_factory=dict)
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    illumination: Illumination = "none"
     stem: StemConfig | None = None
 
-    def image_spec(self) -> ImageSpec:
-        """The numpy preprocessing both training and the exported bundle apply to a photograph."""
-        return ImageSpec(size=self.image_size, mean=self.mean, std=self.std, illumination=self.illumination)
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_image_fields(cls, data: Any) -> Any:
+        """Read the flat form (`image_size`, `mean`, `std`, `illumination`) into `image`."""
+        if not isinstance(data, dict) or not any(key in data for key in _FLAT_IMAGE_FIELDS):
+            return data
+        data = dict(data)
+        image = data.get("image", {})
+        image = dict(image.model_dump() if isinstance(image, ImageSpec) else image)
+        for flat, nested in _FLAT_IMAGE_FIELDS.items():
+            if flat in data:
+                image[nested] = data.pop(flat)
+        data["image"] = image
+        return data
+
+
+_FLAT_IMAGE_FIELDS = {"image_size": "size", "mean": "mean", "std": "std", "illumination": "illumination"}
 
 
 class TextConfig(_Strict):

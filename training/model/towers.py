@@ -57,7 +57,7 @@ class ImageTower(nn.Module):
         self.num_prefix_tokens: int = self.trunk.num_prefix_tokens
         self.grid_size: tuple[int, int] = tuple(int(g) for g in self.trunk.patch_embed.grid_size)
         # Pixels per token side: the patch size, or the stem's stride times the patch size with a stem.
-        self.patch_size: int = config.image_size // self.grid_size[0]
+        self.patch_size: int = config.image.size // self.grid_size[0]
 
     @property
     def num_patches(self) -> int:
@@ -113,7 +113,7 @@ def build_timm_model(config: VisionConfig, pretrained: bool) -> nn.Module:
     With `config.stem`, the transformer's patch embedding is timm's `HybridEmbed` over a timm CNN cut at
     the stem's feature stage (random init: pretrained transformer weights do not fit a new stem).
     """
-    kwargs = dict(config.timm_kwargs, img_size=config.image_size)
+    kwargs = dict(config.timm_kwargs, img_size=config.image.size)
     if config.stem is not None:
         stem = config.stem
         backbone = timm.create_model(
@@ -143,12 +143,12 @@ def build_timm_model(config: VisionConfig, pretrained: bool) -> nn.Module:
             raise WeightsLoadError(f"image tower hub weights do not match {config.model_name}: {err}") from err
         model.reset_classifier(0)
         expected = (model.pretrained_cfg.get("mean"), model.pretrained_cfg.get("std"))
-        if expected != (config.mean, config.std):
+        if expected != (config.image.mean, config.image.std):
             logger.warning(
                 "image tower %s: its weights were trained with mean/std %s but the config normalises with %s",
                 config.model_name,
                 expected,
-                (config.mean, config.std),
+                (config.image.mean, config.image.std),
             )
         return model
     logger.warning("image tower %s: random init (pretrained is off)", config.model_name)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from training.evaluation.metrics import format_number
+from training.model.config import VisionConfig
 
 if TYPE_CHECKING:
     from training.zoo.recipe import ZooOptions, ZooPaths
@@ -101,7 +102,8 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
     name = options.release or config["name"]
     vision, text = config["vision"], config["text"]
     stem = vision.get("stem")
-    image_tower = f"timm `{vision['model_name']}` ({vision['timm_kwargs']}) at {vision['image_size']} px"
+    size = VisionConfig.model_validate(vision).image.size  # configs may hold the spec flat or nested
+    image_tower = f"timm `{vision['model_name']}` ({vision['timm_kwargs']}) at {size} px"
     if stem:
         image_tower += f", with a `{stem['model_name']}` convolutional stem (stage {stem['out_index']})"
     bert = text.get("bert_config") or {}
