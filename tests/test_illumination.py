@@ -45,7 +45,7 @@ def test_local_contrast_run_exports_and_serves_with_the_same_preprocessing(
     ])
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["vision"]["illumination"] == "local-contrast"
+    assert config["vision"]["image"]["illumination"] == "local-contrast"
 
     export_bundle(tmp_path / "run", archive_dir, splits, tmp_path / "bundle")
     assert read_manifest(tmp_path / "bundle").image.illumination == "local-contrast"
