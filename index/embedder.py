@@ -28,6 +28,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from index.bundle import GRADER, IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER, BundleError, Manifest, read_manifest
+from index.cpus import available_cpus
 from index.preprocess import ImageSpec, batch_model_inputs
 from index.records import ICDR_NAMES, REFERABLE_ICDR, SDRG_NAMES, FundusRecord
 from index.tokens import configure_tokenizer, configured_as
@@ -184,7 +185,8 @@ class Embedder:
     def __init__(self, bundle: Path, device: Device = "auto", threads: int | None = None, spin: bool = True) -> None:
         """Load and verify the bundle at `bundle` (checksums, schema) and open its graphs.
 
-        `threads`: ONNX Runtime intra-op threads per graph (None: ONNX Runtime's default, one per core).
+        `threads`: ONNX Runtime intra-op threads per graph (None: the CPUs this process may use,
+        `index.cpus.available_cpus`, which respects taskset and container CPU quotas).
         `spin`: let ONNX Runtime's worker threads spin between runs: the lowest latency when nothing else
         needs the cores (batch jobs); off in the service, whose event loop and searches share them.
         Raises BundleError for a bad bundle, ValueError for a bad device.
@@ -199,7 +201,8 @@ class Embedder:
         wanted = choose_providers(device)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or 0
+        self.threads: int = threads or available_cpus()
+        options.intra_op_num_threads = self.threads
         options.log_severity_level = 3
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")

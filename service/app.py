@@ -22,14 +22,14 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BeforeValidator, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index.embedder import GradeInput, Grades, is_valid_unicode
 from index.metadata import MAX_RECORD_ID, Filters
 from index.preprocess import ImageDecodeError, decode_image
 from index.store import Hit
-from service.engine import Engine, NotReady
+from service.engine import Engine, NotReady, SearchAnswer, SearchRequest
 from service.errors import CatchUnexpected
 from service.guards import ApiKeyGuard, BodyLimits, sniff_image_format
 from service.schemas import (
@@ -209,18 +209,17 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/search/text", response_model=SearchResponse, responses=ERRORS, tags=["search"])
-    async def search_text(request: text_request) -> SearchResponse:  # type: ignore[valid-type]
+    async def search_text(request: text_request) -> Response:  # type: ignore[valid-type]
         """The archived cases nearest a clinical description, and the grades predicted from it."""
         started = time.perf_counter()
         route = "/search/text"
         text = _checked_text(request.text, settings)
         engine.parts()
-        with metrics.timed(route, "embed"):
-            query = await _model_call(engine.texts.submit(text))
-        with metrics.timed(route, "search"):
-            hits = await engine.search(query.vector, request.k, request.against, request.filters)
-        notes = _notes(hits, request.k, request.filters, query.truncated, engine)
-        return _search_response(hits, query.grades, request.against, engine, query.truncated, notes, started)
+        search = SearchRequest(text, request.k, request.against, request.filters)
+        answer = await _model_call(engine.texts.submit(search))
+        _observe_search(metrics, route, answer)
+        notes = _notes(answer.hits, request.k, request.filters, answer.query.truncated, engine)
+        return _json(_search_response(answer, request.against, engine, notes, started))
 
     @app.post("/search/image", response_model=SearchResponse, responses=ERRORS, tags=["search"])
     async def search_image(
@@ -231,7 +230,7 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
             Form(max_length=MAX_FORM_JSON_CHARS, description='JSON, e.g. {"icdr": [2, 3], "exam_eye": "left"}'),
         ] = None,
         against: Annotated[Against, Form(description="image or record embeddings.")] = "image",
-    ) -> SearchResponse:
+    ) -> Response:
         """The archived cases nearest a photograph, and the grades predicted from it."""
         started = time.perf_counter()
         route = "/search/image"
@@ -239,12 +238,10 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         engine.parts()
         with metrics.timed(route, "decode"):
             image = await _decode_upload(file, engine, settings)
-        with metrics.timed(route, "embed"):
-            query = await _model_call(engine.images.submit(image))
-        with metrics.timed(route, "search"):
-            hits = await engine.search(query.vector, k, against, parsed_filters)
-        notes = _notes(hits, k, parsed_filters, False, engine)
-        return _search_response(hits, query.grades, against, engine, False, notes, started)
+        answer = await _model_call(engine.images.submit(SearchRequest(image, k, against, parsed_filters)))
+        _observe_search(metrics, route, answer)
+        notes = _notes(answer.hits, k, parsed_filters, False, engine)
+        return _json(_search_response(answer, against, engine, notes, started))
 
     @app.post("/grade", response_model=GradeResponse, responses=ERRORS, tags=["grading"])
     async def grade(
@@ -450,23 +447,34 @@ def _notes(hits: list[Hit], k: int, filters: Filters | None, truncated: bool, en
 
 
 def _search_response(
-    hits: list[Hit], grades: Grades, against: Against, engine: Engine, truncated: bool, notes: list[str],
-    started: float,
+    answer: SearchAnswer, against: Against, engine: Engine, notes: list[str], started: float
 ) -> SearchResponse:
     _, store = engine.parts()
     return SearchResponse(
         neighbours=[
             Neighbour(id=hit.id, image_id=hit.row.image_id, score=round(hit.score, 6), labels=hit.row.labels,
                       narrative=hit.row.narrative, image_url=f"/archive/{hit.id}/image")
-            for hit in hits
+            for hit in answer.hits
         ],
-        predicted=_predicted(grades),
+        predicted=_predicted(answer.query.grades),
         against=against,
         index_size=store.ntotal,
-        text_truncated=truncated,
+        text_truncated=answer.query.truncated,
         notes=notes,
         took_ms=_ms(started),
     )
+
+
+def _observe_search(metrics: Metrics, route: str, answer: SearchAnswer) -> None:
+    """The request's stages: its batch's time in the model and in FAISS."""
+    metrics.stage.labels(route, "embed").observe(answer.embed_seconds)
+    metrics.stage.labels(route, "search").observe(answer.search_seconds)
+
+
+def _json(body: BaseModel) -> Response:
+    """A response model as JSON, serialised once by pydantic: FastAPI would validate it again against the
+    route's `response_model` (which still documents it) before serialising it."""
+    return Response(body.model_dump_json(), media_type="application/json")
 
 
 def _readiness(engine: Engine) -> Readiness:

@@ -2,9 +2,10 @@
 batched model calls of each route, and searches.
 
 Model work never runs on the event loop: each route kind has a `MicroBatcher` whose batches run in one
-model thread (ONNX Runtime already spreads one run over every core, so runs go one at a time), and
-searches run in their own small thread pool (FAISS CPU indexes are safe to search from several threads;
-GPU indexes are serialised inside `index.vector_index`).
+model thread (ONNX Runtime already spreads one run over every core, so runs go one at a time). A search
+batch runs its queries through the tower and then through FAISS in the same thread, one FAISS call for the
+batch (per distinct `against` and filters): each search request is one hand-off to the model thread and
+back, and FAISS gets the batched queries it is fastest with.
 
 The index is served from memory, loaded from the bytes its integrity record verified. A watcher thread
 looks at the index folder every few seconds: a newly committed generation (a new `index.json`) is loaded,
@@ -14,7 +15,6 @@ in place under a running server are reported by /readyz while the verified copy 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -22,7 +22,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import faiss
 import numpy as np
@@ -36,9 +38,33 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
+Q = TypeVar("Q")
+
 
 class NotReady(Exception):
     """The bundle and index are still loading, or failed to load (the message says which)."""
+
+
+@dataclass(frozen=True)
+class SearchRequest(Generic[Q]):
+    """One search: a query (a text or a photograph), how many neighbours, against which embeddings, and
+    the filters."""
+
+    query: Q
+    k: int
+    against: Against = "image"
+    filters: Filters | None = None
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    """A search's query pass (vector and grades), its neighbours, and the seconds its batch spent in the
+    model and in FAISS."""
+
+    query: SearchQuery
+    hits: list[Hit]
+    embed_seconds: float
+    search_seconds: float
 
 
 FileStamp = tuple[str, int, int, int]
@@ -86,21 +112,20 @@ class Engine:
         self._index_stamp: tuple[FileStamp, ...] = ()
         self._loaded = threading.Event()
         self._stopping = threading.Event()
-        self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        # OpenMP thread counts are per calling thread: each search thread sets its own, or FAISS would
-        # start one OpenMP team per core in every search and fight the model thread for the cores.
-        self._search_pool = ThreadPoolExecutor(
-            max_workers=2, thread_name_prefix="search", initializer=faiss.omp_set_num_threads,
+        # OpenMP thread counts are per calling thread: the model thread, which also searches, sets its own,
+        # or FAISS would start one OpenMP team per core in every search and fight ONNX Runtime for the cores.
+        self._model_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="model", initializer=faiss.omp_set_num_threads,
             initargs=(settings.faiss_threads,),
         )
         self.decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
         wait_s = settings.batch_wait_ms / 1000
         batch = settings.batch_max
-        self.texts: MicroBatcher[str, SearchQuery] = MicroBatcher(
-            "text", self._run_texts, self._model_pool, batch, wait_s, on_batch
+        self.texts: MicroBatcher[SearchRequest[str], SearchAnswer] = MicroBatcher(
+            "text", self._run_text_searches, self._model_pool, batch, wait_s, on_batch
         )
-        self.images: MicroBatcher[Image.Image, SearchQuery] = MicroBatcher(
-            "image", self._run_images, self._model_pool, batch, wait_s, on_batch
+        self.images: MicroBatcher[SearchRequest[Image.Image], SearchAnswer] = MicroBatcher(
+            "image", self._run_image_searches, self._model_pool, batch, wait_s, on_batch
         )
         self.grades: MicroBatcher[GradeInput, Grades] = MicroBatcher(
             "grade", self._run_grades, self._model_pool, batch, wait_s, on_batch
@@ -212,7 +237,7 @@ class Engine:
         self._stopping.set()
         for batcher in (self.texts, self.images, self.grades):
             await batcher.stop()
-        for pool in (self._model_pool, self._search_pool, self.decode_pool):
+        for pool in (self._model_pool, self.decode_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
@@ -236,23 +261,44 @@ class Engine:
 
     # --- searches ---------------------------------------------------------------------------------
 
-    async def search(self, vector: np.ndarray, k: int, against: Against, filters: Filters | None) -> list[Hit]:
-        """The `k` nearest archived cases of one query vector, in the search pool."""
-        _, store = self.parts()
-        loop = asyncio.get_running_loop()
-        hits = await loop.run_in_executor(self._search_pool, store.search, vector, k, against, filters)
-        return hits[0]
-
     # --- batched model calls (run in the model thread) ----------------------------------------------
 
-    def _run_texts(self, texts: Sequence[str]) -> list[SearchQuery]:
-        embedder, _ = self.parts()
-        return embedder.query_texts(list(texts))  # one text-tower pass: the vector and the grades
+    def _run_text_searches(self, requests: Sequence[SearchRequest[str]]) -> list[SearchAnswer]:
+        embedder, store = self.parts()
+        return _searched(store, requests, lambda: embedder.query_texts([r.query for r in requests]))
 
-    def _run_images(self, images: Sequence[Image.Image]) -> list[SearchQuery]:
-        embedder, _ = self.parts()
-        return embedder.query_images(list(images))  # one image-tower pass: the vector and the grades
+    def _run_image_searches(self, requests: Sequence[SearchRequest[Image.Image]]) -> list[SearchAnswer]:
+        embedder, store = self.parts()
+        return _searched(store, requests, lambda: embedder.query_images([r.query for r in requests]))
 
     def _run_grades(self, inputs: Sequence[GradeInput]) -> list[Grades]:
         embedder, _ = self.parts()
         return embedder.grade_many(list(inputs))
+
+
+def _searched(
+    store: IndexStore, requests: Sequence[SearchRequest[Q]], run_queries: Callable[[], list[SearchQuery]]
+) -> list[SearchAnswer]:
+    """Run the batch's queries through the model (one tower pass each: vector and grades), then search
+    FAISS once per group of requests with the same `against` and filters (with the group's largest k)."""
+    started = time.perf_counter()
+    queries = run_queries()
+    embedded = time.perf_counter()
+    groups: list[tuple[Against, Filters | None, list[int]]] = []
+    for i, request in enumerate(requests):
+        group = next((g for g in groups if g[0] == request.against and g[1] == request.filters), None)
+        if group is None:
+            groups.append((request.against, request.filters, [i]))
+        else:
+            group[2].append(i)
+    hits: list[list[Hit]] = [[] for _ in requests]
+    for against, filters, members in groups:
+        vectors = np.stack([queries[i].vector for i in members])
+        found = store.search(vectors, max(requests[i].k for i in members), against, filters)
+        for i, neighbours in zip(members, found, strict=True):
+            hits[i] = neighbours[: requests[i].k]
+    searched = time.perf_counter()
+    return [
+        SearchAnswer(query, neighbours, embedded - started, searched - embedded)
+        for query, neighbours in zip(queries, hits, strict=True)
+    ]

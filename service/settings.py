@@ -25,7 +25,9 @@ class ServiceSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, description="uvicorn worker processes, each with its own model copy.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(default=None, ge=1, description="ONNX Runtime threads per graph (None: one per core).")
+    threads: int | None = Field(
+        default=None, ge=1, description="ONNX Runtime threads per graph (None: the CPUs the process may use)."
+    )
     faiss_threads: int = Field(
         default=1, ge=1,
         description="OpenMP threads of one FAISS search. 1: searches of concurrent requests run side by side and "

@@ -159,10 +159,10 @@ def test_an_internal_error_is_500_and_the_connection_stays_open(paths: tuple[Pat
     with serve(ServiceSettings(bundle=bundle, index=index, device="cpu", index_check_s=0)) as server:
         engine = server.app.state.engine  # type: ignore[attr-defined]
 
-        async def broken_search(*_: object) -> list[object]:
+        def broken_search(*_: object) -> list[object]:
             raise RuntimeError("a fault injected by the test")
 
-        engine.search = broken_search
+        engine.store.search = broken_search
         body = json.dumps({"text": QUERY}).encode()
         search = (b"POST /search/text HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                   + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from service.batching import MicroBatcher
@@ -71,9 +72,10 @@ def test_submit_before_start_is_an_error() -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 3])
-def test_every_search_thread_runs_faiss_with_the_configured_openmp_threads(threads: int) -> None:
+def test_the_thread_that_searches_runs_faiss_with_the_configured_openmp_threads(threads: int) -> None:
     # OpenMP thread counts are per calling thread: set only where the index loads, the search threads
     # kept one OpenMP thread per core and their searches took 25 ms instead of 1 ms beside the model.
+    # Searches now run in the model thread, after the batch's tower pass.
     import faiss
 
     from service.engine import Engine
@@ -81,7 +83,38 @@ def test_every_search_thread_runs_faiss_with_the_configured_openmp_threads(threa
 
     engine = Engine(ServiceSettings(faiss_threads=threads))
     try:
-        seen = {engine._search_pool.submit(faiss.omp_get_max_threads).result() for _ in range(8)}
+        seen = {engine._model_pool.submit(faiss.omp_get_max_threads).result() for _ in range(8)}
     finally:
-        engine._search_pool.shutdown()
+        engine._model_pool.shutdown()
     assert seen == {threads}
+
+
+def test_a_batch_of_mixed_searches_answers_each_as_if_it_ran_alone(paths) -> None:  # noqa: ANN001
+    # One batch, one tower pass, one FAISS call per (against, filters) group with the group's largest k:
+    # each request must still get exactly its own k, its own filters and its own embeddings.
+    from index.metadata import Filters
+    from service.engine import Engine, SearchRequest
+    from service.settings import ServiceSettings
+
+    bundle, index, _ = paths
+    engine = Engine(ServiceSettings(bundle=bundle, index=index, device="cpu", index_check_s=0))
+    engine.load()
+    try:
+        requests = [
+            SearchRequest("moderate NPDR in the right eye", 3),
+            SearchRequest("no diabetic retinopathy", 7),
+            SearchRequest("moderate NPDR in the right eye", 5, "record"),
+            SearchRequest("severe NPDR with haemorrhages", 4, "image", Filters(exam_eye="left")),
+            SearchRequest("no diabetic retinopathy", 2, "image", Filters(exam_eye="left")),
+        ]
+        together = engine._run_text_searches(requests)
+        alone = [engine._run_text_searches([request])[0] for request in requests]
+    finally:
+        engine._model_pool.shutdown()
+    for request, mixed, single in zip(requests, together, alone, strict=True):
+        assert len(mixed.hits) == request.k
+        assert [h.id for h in mixed.hits] == [h.id for h in single.hits]
+        np.testing.assert_allclose(mixed.query.vector, single.query.vector, atol=1e-5)
+        if request.filters is not None:
+            assert all(h.row.labels.exam_eye == "left" for h in mixed.hits)
+    assert together[0].embed_seconds > 0 and together[0].search_seconds > 0
