@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
 from bundle_factory import TinyBundle, tiny_bundle
+from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
 from index.bundle import (
