@@ -86,9 +86,8 @@ def test_image_embeddings_match_pytorch(embedder: Embedder, run: LoadedRun, samp
     # The service's preprocessing (numpy, constants from the bundle) is the training preprocessing.
     archive = read_archive(tiny.archive)
     trained = np.stack([load_photo(archive.photo_path(r.image_id), embedder.image_spec) for r in records])
-    config = run.model.config.vision
-    np.testing.assert_allclose(pixels, normalise(torch.from_numpy(trained), config.image.mean, config.image.std).numpy(),
-                               atol=1e-6)
+    spec = run.model.config.vision.image
+    np.testing.assert_allclose(pixels, normalise(torch.from_numpy(trained), spec.mean, spec.std).numpy(), atol=1e-6)
     with torch.no_grad():
         reference = run.model.encode_image(torch.from_numpy(pixels)).numpy()
     got = embedder.embed_pixels(pixels)
