@@ -12,7 +12,6 @@ serialises access, so the table can be shared between threads.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -344,6 +343,6 @@ def _row(values: tuple[Any, ...]) -> MetadataRow:
         id=int(values[0]),
         image_id=values[1],
         path=values[2],
-        labels=Labels.model_validate(json.loads(values[7])),
+        labels=Labels.model_validate_json(values[7]),
         narrative=values[8],
     )

@@ -7,10 +7,10 @@ import asyncio
 import itertools
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 import numpy as np
 
 ROUTES = ("text", "image", "grade")
@@ -68,35 +68,57 @@ class LoadResult:
     rss_mb: list[float]  # the server's resident memory, sampled over the run (empty if not exposed)
 
 
-async def _fetch_photo(client: httpx.AsyncClient) -> bytes:
+async def _fetch_photo(session: aiohttp.ClientSession) -> bytes:
     """A photograph to send: the top neighbour of a text search, fetched from the server itself."""
-    response = await client.post("/search/text", json={"text": QUERIES[0], "k": 1})
-    response.raise_for_status()
-    url = response.json()["neighbours"][0]["image_url"]
-    image = await client.get(url)
-    image.raise_for_status()
-    return image.content
+    async with session.post("/search/text", json={"text": QUERIES[0], "k": 1}) as response:
+        response.raise_for_status()
+        url = (await response.json())["neighbours"][0]["image_url"]
+    async with session.get(url) as image:
+        image.raise_for_status()
+        return await image.read()
 
 
-def _requests(photo: bytes | None) -> dict[str, Callable[[httpx.AsyncClient, int], object]]:
-    def text(client: httpx.AsyncClient, i: int) -> object:
-        return client.post("/search/text", json={"text": QUERIES[i % len(QUERIES)], "k": 10})
+def _form(photo: bytes, **fields: str) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("file", photo, filename="photo.jpg", content_type="image/jpeg")
+    for name, value in fields.items():
+        form.add_field(name, value)
+    return form
 
-    def image(client: httpx.AsyncClient, i: int) -> object:
-        return client.post("/search/image", files={"file": ("photo.jpg", photo or b"")}, data={"k": "10"})
 
-    def grade(client: httpx.AsyncClient, i: int) -> object:
-        return client.post("/grade", files={"file": ("photo.jpg", photo or b"")},
-                           data={"text": QUERIES[i % len(QUERIES)]})
+Send = Callable[[aiohttp.ClientSession, int], Awaitable[int]]
+
+
+def _requests(photo: bytes | None) -> dict[str, Send]:
+    """One request of each route, sent and read whole; each returns the status code."""
+
+    async def send(session: aiohttp.ClientSession, path: str, **kwargs: object) -> int:
+        async with session.post(path, **kwargs) as response:  # type: ignore[arg-type]
+            await response.read()
+            return response.status
+
+    async def text(session: aiohttp.ClientSession, i: int) -> int:
+        return await send(session, "/search/text", json={"text": QUERIES[i % len(QUERIES)], "k": 10})
+
+    async def image(session: aiohttp.ClientSession, i: int) -> int:
+        return await send(session, "/search/image", data=_form(photo or b"", k="10"))
+
+    async def grade(session: aiohttp.ClientSession, i: int) -> int:
+        return await send(session, "/grade", data=_form(photo or b"", text=QUERIES[i % len(QUERIES)]))
 
     return {"text": text, "image": image, "grade": grade}
 
 
-async def _sample_rss(client: httpx.AsyncClient, until: float, every_s: float, into: list[float]) -> None:
+async def _metrics_text(session: aiohttp.ClientSession) -> str:
+    async with session.get("/metrics") as response:
+        return await response.text()
+
+
+async def _sample_rss(session: aiohttp.ClientSession, until: float, every_s: float, into: list[float]) -> None:
     while time.perf_counter() < until:
         try:
-            match = RSS_METRIC.search((await client.get("/metrics")).text)
-        except httpx.HTTPError:
+            match = RSS_METRIC.search(await _metrics_text(session))
+        except aiohttp.ClientError:
             match = None
         if match:
             into.append(float(match.group(1)) / 1e6)
@@ -111,17 +133,20 @@ async def run_load(
     api_key: str | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> LoadResult:
-    """`concurrency` clients send requests (routes in turn) to `url` for `duration_s` seconds."""
+    """`concurrency` clients send requests (routes in turn) to `url` for `duration_s` seconds, each on its
+    own keep-alive connection. The client is aiohttp (its HTTP parser is compiled): with httpx the load
+    generator itself cost 2-4 ms of Python per request and, on a small machine, measured its own limits."""
     unknown = set(routes) - set(ROUTES)
     if unknown:
         raise ValueError(f"unknown routes {sorted(unknown)}; known: {', '.join(ROUTES)}")
     headers = {"X-API-Key": api_key} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as client:
-        photo = await _fetch_photo(client) if {"image", "grade"} & set(routes) else None
+    connector = aiohttp.TCPConnector(limit=concurrency + 2)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(url, headers=headers, connector=connector, timeout=timeout) as session:
+        photo = await _fetch_photo(session) if {"image", "grade"} & set(routes) else None
         make = _requests(photo)
         for route in routes:  # warm-up, not counted
-            await make[route](client, 0)  # type: ignore[misc]
+            await make[route](session, 0)
         stats = {route: RouteStats() for route in routes}
         counter = itertools.count()
         started = time.perf_counter()
@@ -133,9 +158,9 @@ async def run_load(
                 i = next(counter)
                 route = routes[i % len(routes)]
                 try:
-                    response = await make[route](client, i)  # type: ignore[misc]
-                    outcome = None if response.status_code < 400 else str(response.status_code)
-                except httpx.HTTPError as error:
+                    status = await make[route](session, i)
+                    outcome = None if status < 400 else str(status)
+                except (aiohttp.ClientError, TimeoutError) as error:
                     outcome = type(error).__name__
                 stats[route].record(time.perf_counter() - now, outcome)
 
@@ -146,10 +171,10 @@ async def run_load(
                 await asyncio.sleep(0.5)
 
         await asyncio.gather(
-            *(worker() for _ in range(concurrency)), ticker(), _sample_rss(client, deadline, 5.0, rss)
+            *(worker() for _ in range(concurrency)), ticker(), _sample_rss(session, deadline, 5.0, rss)
         )
         elapsed = time.perf_counter() - started
-        match = RSS_METRIC.search((await client.get("/metrics")).text)
+        match = RSS_METRIC.search(await _metrics_text(session))
         if match:
             rss.append(float(match.group(1)) / 1e6)
     summaries = {route: stat.summary(elapsed) for route, stat in stats.items()}
