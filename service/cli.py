@@ -92,6 +92,9 @@ def bench(
     ort_spinning: Annotated[
         bool, typer.Option(help="Let the bare model's ONNX Runtime spin (as the server's RETINA_ORT_SPINNING).")
     ] = False,
+    runtime: Annotated[
+        str, typer.Option(envvar="RETINA_RUNTIME", help="The bare model's runtime (as the server's RETINA_RUNTIME).")
+    ] = "onnxruntime",
 ) -> None:
     """Load-test a running service: requests/s, p50/p95/p99 latency and errors per route, and the
     server's resident memory over the run. With --bundle and --index, also the service's overhead over
@@ -144,7 +147,7 @@ def bench(
         single = load(1, min(duration, 10.0), ["text"], "1 client (overhead)")
         console.print("timing the bare model in process (no HTTP)...")
         bare = measure_bare_text_search(bundle, index, seconds=min(duration, 10.0), batch_size=concurrency,
-                                        ort_spinning=ort_spinning)
+                                        ort_spinning=ort_spinning, runtime=runtime)
         service_p50 = float(single.routes["text"]["p50_ms"])  # type: ignore[arg-type]
         service_rate = float(result.routes["text"]["requests_per_s"]) if "text" in result.routes else float("nan")  # type: ignore[arg-type]
         overhead = service_p50 - bare.single_p50_ms
