@@ -96,6 +96,10 @@ class OpenVinoInt8(BaseModel):
     """How many training-split items NNCF calibrated on (never the parity samples)."""
     quantizer: str
     """What quantized them, with versions and settings."""
+    needs_vnni: bool = False
+    """True: weights in the full 8-bit range (exported on a CPU with VNNI or AMX), which saturate on CPUs
+    without them, where the openvino runtime therefore does not use this IR. False: 7-bit weights, exact on
+    every x86 CPU."""
 
 
 class Manifest(BaseModel):

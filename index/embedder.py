@@ -11,8 +11,9 @@ Execution providers: CUDA first when onnxruntime offers it and `device` is not "
 reported (`Embedder.providers`) is what each session actually runs on: onnxruntime-gpu silently falls
 back to CPU when the CUDA libraries do not match, and that fallback is logged as a warning.
 "openvino" (the `openvino` extra; CPU only) runs the encoders' OpenVINO INT8 IR when the bundle has it
-(`retina-train export --openvino-int8`), else their fp32 ONNX graphs on OpenVINO (with a note in `notes`),
-and the grader's fp32 ONNX graph on OpenVINO too. `Embedder.runtimes` says per graph what runs it (e.g.
+(`retina-train export --openvino-int8`) and this CPU runs it exactly (an IR with full-range 8-bit weights
+needs VNNI), else their fp32 ONNX graphs on OpenVINO (with a note in `notes`), and the grader's fp32 ONNX
+graph on OpenVINO too. `Embedder.runtimes` says per graph what runs it (e.g.
 "OpenVINO CPU int8").
 
 Thread-safety: after `__init__` an `Embedder` holds only read-only state (the graphs, whose `run` is
@@ -43,6 +44,7 @@ from index.runtimes import (
     OpenVinoGraph,
     Performance,
     Runtime,
+    cpu_has_vnni,
     openvino_module,
 )
 
@@ -266,6 +268,14 @@ class Embedder:
             self.notes.append(
                 "runtime openvino: this bundle has no OpenVINO INT8 IR (export it with `retina-train export "
                 "--openvino-int8`), so the encoders run their fp32 ONNX graphs on OpenVINO"
+            )
+            log.warning("%s", self.notes[-1])
+        elif self.manifest.openvino_int8 and self.manifest.openvino_int8.needs_vnni and not cpu_has_vnni():
+            ir = {}
+            self.notes.append(
+                "runtime openvino: this bundle's OpenVINO INT8 IR has full-range 8-bit weights (exported on a CPU "
+                "with VNNI), which saturate on this CPU without VNNI, so the encoders run their fp32 ONNX graphs on "
+                "OpenVINO; export with --openvino-int8 on a CPU without VNNI for an IR with 7-bit weights"
             )
             log.warning("%s", self.notes[-1])
         graphs: dict[str, Graph] = {}

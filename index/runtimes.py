@@ -59,6 +59,25 @@ class Graph(Protocol):
         ...
 
 
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+"""CPU flags of int8 dot-product instructions that do not saturate (VNNI, AMX)."""
+
+
+def cpu_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has VNNI or AMX int8 instructions (its /proc/cpuinfo flags; False where unreadable).
+    Without them (x86 with AVX2 or AVX-512 only), int8 kernels multiply u8 x s8 pairs into saturating
+    16-bit sums, and weights quantized to the full 8-bit range lose accuracy there."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return bool(VNNI_FLAGS & set(value.split()))
+    return False
+
+
 def static_shape(dims: Sequence[object]) -> Shape:
     """A shape with every dimension that is not a fixed integer (a symbol, -1, None) as None."""
     return tuple(dim if isinstance(dim, int) and dim >= 0 else None for dim in dims)

@@ -21,12 +21,13 @@ from service_server import serve, tiny_index
 from test_no_torch_imports import BLOCKER, ROOT
 from typer.testing import CliRunner
 
+from index import embedder as embedder_module
 from index.brset import read_archive
 from index.bundle import GRADER, IMAGE_ENCODER, OPENVINO_INT8_IR, TEXT_ENCODER, BundleError, read_manifest, sha256_of
 from index.cli import app as index_app
 from index.embedder import Embedder
 from index.preprocess import decode_image
-from index.runtimes import OPENVINO_INSTALL, RuntimeUnavailable
+from index.runtimes import OPENVINO_INSTALL, RuntimeUnavailable, cpu_has_vnni
 from index.store import read_info
 from service.settings import ServiceSettings
 from training.cli import app as train_app
@@ -181,6 +182,7 @@ def test_export_writes_the_checked_int8_ir(ir_bundle: Path) -> None:
     assert all(MIN_COSINE <= cosine <= 1.0 + 1e-6 for cosine in cosines.values()), cosines
     assert manifest.openvino_int8.samples > 0 and manifest.openvino_int8.calibration_items > 0
     assert "NNCF" in manifest.openvino_int8.quantizer
+    assert manifest.openvino_int8.needs_vnni == cpu_has_vnni()  # 8-bit weights only where VNNI runs them
 
 
 def test_embedder_runs_the_int8_ir(ir_bundle: Path, tiny: TinyBundle, photos: list[Image.Image],
@@ -224,6 +226,30 @@ def test_an_ir_without_its_checksum_is_refused(ir_bundle: Path, tmp_path: Path) 
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"lists no checksum for text_encoder\.ov-int8\.xml"):
         read_manifest(copy)
+
+
+def test_an_ir_with_8_bit_weights_is_not_run_without_vnni(ir_bundle: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(ir_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["openvino_int8"]["needs_vnni"] = True  # as exported on a CPU with VNNI
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(embedder_module, "cpu_has_vnni", lambda: False)
+    embedder = Embedder(copy, device="cpu", runtime="openvino")
+    assert set(embedder.runtimes.values()) == {"OpenVINO CPU fp32"}
+    assert len(embedder.notes) == 1 and "without VNNI" in embedder.notes[0]
+    monkeypatch.setattr(embedder_module, "cpu_has_vnni", lambda: True)
+    assert Embedder(copy, device="cpu", runtime="openvino").runtimes[IMAGE_ENCODER] == "OpenVINO CPU int8"
+
+
+def test_cpu_has_vnni_reads_the_flags(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n")
+    assert cpu_has_vnni(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 fma\n")
+    assert not cpu_has_vnni(cpuinfo)
+    assert not cpu_has_vnni(tmp_path / "missing")
 
 
 def test_openvino_int8_export_is_for_fp32_bundles(tiny: TinyBundle, tmp_path: Path) -> None:

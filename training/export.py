@@ -21,7 +21,8 @@ encoders are also NNCF-quantized into OpenVINO IR (`training.openvino_int8`), ca
 runtime runs them (`index.runtimes.OpenVinoGraph`): each IR's embedding, and the record embedding of the
 grader (fp32 on OpenVINO) fed with the IR's tokens, must keep cosine >= 0.999 (min over the parity rows) to
 PyTorch fp32, else the export fails (ExportError) and no bundle is written. The IR files are listed in the
-manifest's `files` and the cosines in `manifest.openvino_int8`.
+manifest's `files` and the cosines in `manifest.openvino_int8`. The weights' range follows this CPU
+(`training.openvino_int8`): 8-bit with VNNI (`needs_vnni`: not used on CPUs without it), else 7-bit.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from index.runtimes import OpenVinoGraph
 from training.data import BatchBuilder, stored_narrative
 from training.evaluation.metrics import instance_recall, summarise
 from training.model.model import RetinaAlignModel
-from training.openvino_int8 import INSTALL, missing_packages, quantize_to_ir, quantizer_description
+from training.openvino_int8 import INSTALL, full_range, missing_packages, quantize_to_ir, quantizer_description
 from training.splits import load_splits
 from training.train import MODEL_FILE, LoadedRun, load_run, split_for_evaluation
 
@@ -469,7 +470,8 @@ def _export_openvino_int8(
             f"({measured}; {samples} parity samples): export without --openvino-int8"
         )
     return OpenVinoInt8(graphs=dict(OPENVINO_INT8_IR), min_cosine=cosines, samples=samples,
-                        calibration_items=len(items[IMAGE_ENCODER]), quantizer=quantizer_description())
+                        calibration_items=len(items[IMAGE_ENCODER]), quantizer=quantizer_description(),
+                        needs_vnni=full_range())
 
 
 def _batches(builder: BatchBuilder, texts: list[str]) -> list[dict[str, Tensor]]:
