@@ -18,8 +18,8 @@ RESULTS_MINUTES ?= 15
 
 .PHONY: setup test test-all demo lint clean results zoo lock lock-check
 
-# requirements/dev.txt (the train, serve and dev extras, the torch pair: PyPI's CUDA build), an offline check
-# that the locks still match pyproject.toml, then the project itself (--no-deps: nothing beyond the lock).
+# requirements/dev.txt (the train, serve, dev and openvino extras, the torch pair: PyPI's CUDA build), an offline
+# check that the locks still match pyproject.toml, then the project itself (--no-deps: nothing beyond the lock).
 $(VENV)/.installed: pyproject.toml requirements/dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-hashes -r requirements/dev.txt

@@ -84,6 +84,7 @@ class BuildOptions(BaseModel):
     chunk_size: int = Field(default=512, ge=1)
     target_recall: float = Field(default=0.95, gt=0, le=1)
     device: Literal["auto", "cpu"] = "auto"
+    runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"  # index.runtimes.Runtime (not imported here)
     progress: bool = True
     seed: int = 0
 
@@ -313,7 +314,9 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
     if embedder is None:
         from index.embedder import Embedder  # onnxruntime is loaded only when a build really runs
 
-        embedder = Embedder(options.bundle, device="cpu" if options.device == "cpu" else "auto")
+        # OpenVINO's throughput hint: a build's batches are split over parallel streams (ONNX Runtime ignores it).
+        embedder = Embedder(options.bundle, device="cpu" if options.device == "cpu" else "auto",
+                            runtime=options.runtime, performance="throughput")
     archive = read_archive(options.archive, check_photos=False)
     n = len(archive.records)
     if n == 0:
@@ -387,6 +390,7 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
         build_seconds=round(time.perf_counter() - started, 3),
         images_per_second=round(meter.rate(), 2),
         providers=dict(embedder.providers),
+        runtimes=dict(embedder.runtimes),
         sha256=file_digests(out, files),
     )
     write_info(out, info)  # the commit

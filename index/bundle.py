@@ -8,6 +8,9 @@ A folder that `retina-train export` writes and everything online reads:
     BUNDLE/grader.onnx          image_tokens, text_tokens, attention_mask, tabular + presence flags (B,)
                                 -> icdr_logits, sdrg_logits (B, 5), record_embedding (B, D)
     BUNDLE/tokenizer.json       the text tokenizer (Hugging Face `tokenizers` format)
+    BUNDLE/image_encoder.ov-int8.xml/.bin, text_encoder.ov-int8.xml/.bin
+                                optional (`retina-train export --openvino-int8`): the encoders as OpenVINO
+                                INT8 IR, run by the `openvino` runtime (`manifest.openvino_int8`)
 
 Schema v2: each tower runs once per query. The grader reads the tokens the encoders already returned (their
 second output) instead of raw pixels and ids, so a search embeds and grades with one pass of its tower, and
@@ -37,6 +40,13 @@ TEXT_ENCODER = "text_encoder.onnx"
 GRADER = "grader.onnx"
 TOKENIZER = "tokenizer.json"
 REQUIRED_FILES = (IMAGE_ENCODER, TEXT_ENCODER, GRADER, TOKENIZER)
+OPENVINO_INT8_IR = {IMAGE_ENCODER: "image_encoder.ov-int8.xml", TEXT_ENCODER: "text_encoder.ov-int8.xml"}
+"""The OpenVINO INT8 IR file of each encoder, when the bundle has them (its weights: `ir_weights`)."""
+
+
+def ir_weights(xml: str) -> str:
+    """The weights file of an OpenVINO IR: the .bin beside its .xml."""
+    return str(Path(xml).with_suffix(".bin"))
 
 
 class BundleError(Exception):
@@ -50,6 +60,28 @@ class TextSettings(BaseModel):
 
     max_length: int = Field(gt=0)
     pad_token_id: int = Field(ge=0)
+
+
+class OpenVinoInt8(BaseModel):
+    """The encoders as OpenVINO INT8 IR (`retina-train export --openvino-int8`), and what their parity
+    check measured. Both files of each IR are in `Manifest.files`, checked like every other file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    graphs: dict[str, str]
+    """ONNX graph -> its IR (.xml; the weights are the .bin beside it)."""
+    min_cosine: dict[str, float]
+    """Output -> the smallest row-wise cosine to PyTorch fp32 on the parity samples (the check: >= 0.999)."""
+    samples: int
+    """How many parity samples the cosines come from."""
+    calibration_items: int
+    """How many training-split items NNCF calibrated on (never the parity samples)."""
+    quantizer: str
+    """What quantized them, with versions and settings."""
+    needs_vnni: bool = False
+    """True: weights in the full 8-bit range (exported on a CPU with VNNI or AMX), which saturate on CPUs
+    without them, where the openvino runtime therefore does not use this IR. False: 7-bit weights, exact on
+    every x86 CPU."""
 
 
 class Manifest(BaseModel):
@@ -74,6 +106,7 @@ class Manifest(BaseModel):
     opset: int
     exporter: str
     files: dict[str, str]  # file name -> sha256
+    openvino_int8: OpenVinoInt8 | None = None  # absent: the bundle has no OpenVINO IR (and older bundles)
 
     @property
     def fingerprint(self) -> str:
@@ -132,7 +165,9 @@ def read_manifest(folder: Path) -> Manifest:
         manifest = Manifest.model_validate(raw)
     except ValidationError as error:
         raise BundleError(f"{path}: invalid manifest: {error}") from None
-    for name in REQUIRED_FILES:
+    ir = manifest.openvino_int8
+    ir_files = [file for xml in ir.graphs.values() for file in (xml, ir_weights(xml))] if ir else []
+    for name in (*REQUIRED_FILES, *ir_files):
         if name not in manifest.files:
             raise BundleError(f"{path}: lists no checksum for {name}")
     for name, expected in manifest.files.items():

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from index.archive.brset import ArchiveError, read_archive
@@ -50,23 +51,33 @@ def build(
     bundle: Annotated[Path, typer.Option(help="The bundle folder (`retina-train export`).")],
     archive: Annotated[Path, typer.Option(help="The BRSET-layout archive to embed.")],
     out: Annotated[Path, typer.Option(help="The index folder to write (new or empty, or a partial build).")],
-    batch_size: Annotated[int, typer.Option(min=1, help="Photographs per ONNX Runtime batch.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Photographs per model batch.")] = 32,
     kind: Annotated[str, typer.Option(help="auto, flat, ivf, hnsw or ivfpq (auto: by size and memory).")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build in OUT.")] = False,
     chunk_size: Annotated[int, typer.Option(min=1, help="Photographs per resumable chunk.")] = 512,
     cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even when a GPU is present.")] = False,
+    runtime: Annotated[
+        str, typer.Option(help="onnxruntime, or openvino (CPU; the `openvino` extra; the bundle's INT8 IR if any).")
+    ] = "onnxruntime",
 ) -> None:
     """Embed every photograph of ARCHIVE with BUNDLE (image-only and record embeddings) into an index:
     image.faiss, record.faiss, metadata.sqlite and index.json (written last)."""
     if kind not in ("auto", "flat", "ivf", "hnsw", "ivfpq"):
         raise _fail(f"--kind must be auto, flat, ivf, hnsw or ivfpq, not {kind!r}")
+    if runtime not in ("onnxruntime", "openvino"):
+        raise _fail(f"--runtime must be onnxruntime or openvino, not {runtime!r}")
     kind_choice: KindChoice = kind  # type: ignore[assignment]
     options = BuildOptions(bundle=bundle, archive=archive, out=out, batch_size=batch_size, kind=kind_choice,
-                           resume=resume, chunk_size=chunk_size, device="cpu" if cpu else "auto")
+                           resume=resume, chunk_size=chunk_size, device="cpu" if cpu else "auto",
+                           runtime=runtime)  # type: ignore[arg-type]
+    from index.runtimes import RuntimeUnavailable  # onnxruntime: only for commands that embed
+
     try:
         info = build_index(options, console=console)
     except (BuildError, BundleError, ArchiveError, IndexStoreError) as error:
         raise _fail(str(error)) from None
+    except RuntimeUnavailable as error:
+        raise _fail(escape(str(error))) from None  # the extra's [brackets] are not rich markup
     table = Table(title=f"index {out}", show_header=False)
     table.add_row("bundle", f"{info.bundle_fingerprint} ({info.bundle_path})")
     table.add_row("archive", f"{info.archive_root}: {info.counts.archive_records:,} records")
@@ -74,7 +85,8 @@ def build(
     table.add_row("skipped", f"{info.counts.skipped:,}")
     for name, vectors in info.indexes.items():
         table.add_row(f"{name} index", f"{vectors.kind} on {vectors.device}, recall@10 {vectors.recall_at_10:.3f}")
-    table.add_row("providers", ", ".join(f"{graph}: {provider}" for graph, provider in info.providers.items()))
+    ran = info.runtimes or info.providers
+    table.add_row("runtimes", ", ".join(f"{graph}: {runtime}" for graph, runtime in ran.items()))
     table.add_row("throughput", f"{info.images_per_second:.1f} images/s; build {info.build_seconds:.1f} s")
     console.print(table)
     for photo in info.skipped:

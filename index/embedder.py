@@ -1,4 +1,4 @@
-"""The bundle's models on ONNX Runtime: photographs, texts and records -> embeddings and grades.
+"""The bundle's models on ONNX Runtime or OpenVINO: photographs, texts and records -> embeddings and grades.
 
 Used by the index builder (`retina-index build`) and the service. Everything that turns raw input into
 model input comes from the bundle: image size and normalisation (`index.preprocess` with
@@ -6,12 +6,19 @@ model input comes from the bundle: image size and normalisation (`index.preproce
 to `manifest.text.max_length` and padded with `manifest.text.pad_token_id`, which gives the ids the
 training tokenizer gave) and the tabular feature spec (`manifest.feature_spec`). No torch here.
 
+Runtimes (`index.runtimes`): "onnxruntime" (the default) runs the three ONNX graphs in ONNX Runtime.
 Execution providers: CUDA first when onnxruntime offers it and `device` is not "cpu", else CPU. What is
 reported (`Embedder.providers`) is what each session actually runs on: onnxruntime-gpu silently falls
 back to CPU when the CUDA libraries do not match, and that fallback is logged as a warning.
+"openvino" (the `openvino` extra; CPU only) runs the encoders' OpenVINO INT8 IR when the bundle has it
+(`retina-train export --openvino-int8`) and this CPU runs it exactly (an IR with full-range 8-bit weights
+needs VNNI), else their fp32 ONNX graphs on OpenVINO (with a note in `notes`), and the grader's fp32 ONNX
+graph on OpenVINO too. `Embedder.runtimes` says per graph what runs it (e.g.
+"OpenVINO CPU int8").
 
-Thread-safety: after `__init__` an `Embedder` holds only read-only state (ONNX Runtime sessions, whose
-`run` is thread-safe, and a configured tokenizer), so one instance may serve several threads at once.
+Thread-safety: after `__init__` an `Embedder` holds only read-only state (the graphs, whose `run` is
+thread-safe, see `index.runtimes`, and a configured tokenizer), so one instance may serve several threads
+at once.
 """
 
 from __future__ import annotations
@@ -31,6 +38,16 @@ from index.bundle import GRADER, IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER, BundleE
 from index.cpus import available_cpus
 from index.preprocess import ImageSpec, batch_model_inputs
 from index.records import ICDR_NAMES, REFERABLE_ICDR, SDRG_NAMES, FundusRecord
+from index.runtimes import (
+    RUNTIMES,
+    Graph,
+    OnnxRuntimeGraph,
+    OpenVinoGraph,
+    Performance,
+    Runtime,
+    cpu_has_vnni,
+    openvino_module,
+)
 from index.tokens import configure_tokenizer, configured_as
 
 log = logging.getLogger(__name__)
@@ -180,50 +197,99 @@ def choose_providers(device: Device) -> list[str]:
 
 
 class Embedder:
-    """A bundle's three ONNX graphs (image encoder, text encoder, grader), its tokenizer and its specs."""
+    """A bundle's three graphs (image encoder, text encoder, grader) on one runtime, its tokenizer and its
+    specs."""
 
-    def __init__(self, bundle: Path, device: Device = "auto", threads: int | None = None, spin: bool = True) -> None:
+    def __init__(
+        self, bundle: Path, device: Device = "auto", threads: int | None = None, spin: bool = True,
+        runtime: Runtime = "onnxruntime", performance: Performance = "latency",
+    ) -> None:
         """Load and verify the bundle at `bundle` (checksums, schema) and open its graphs.
 
-        `threads`: ONNX Runtime intra-op threads per graph (None: the CPUs this process may use,
+        `threads`: intra-op threads per graph (None: the CPUs this process may use,
         `index.cpus.available_cpus`, which respects taskset and container CPU quotas).
         `spin`: let ONNX Runtime's worker threads spin between runs: the lowest latency when nothing else
         needs the cores (batch jobs); off in the service, whose event loop and searches share them.
-        Raises BundleError for a bad bundle, ValueError for a bad device.
+        `runtime`: "onnxruntime" or "openvino" (CPU only; see the module docstring).
+        `performance`: OpenVINO's performance hint, "latency" (the service) or "throughput" (batch builds);
+        ONNX Runtime ignores it.
+        Raises BundleError for a bad bundle, ValueError for a bad device or runtime, RuntimeUnavailable
+        for runtime "openvino" without openvino installed (`index.runtimes.RuntimeUnavailable`).
         """
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be {' or '.join(RUNTIMES)}, not {runtime!r}")
         self.bundle = Path(bundle)
         self.manifest: Manifest = read_manifest(self.bundle)
         self.fingerprint: str = self.manifest.fingerprint
         self.dim: int = self.manifest.embedding_dim
         self.image_spec: ImageSpec = self.manifest.image
         self.max_length: int = self.manifest.text.max_length
-
-        wanted = choose_providers(device)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.runtime: Runtime = runtime
         self.threads: int = threads or available_cpus()
-        options.intra_op_num_threads = self.threads
-        options.log_severity_level = 3
-        if not spin:
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._sessions: dict[str, ort.InferenceSession] = {}
-        self.providers: dict[str, str] = {}
-        for name in GRAPHS:
-            try:
-                session = ort.InferenceSession(str(self.bundle / name), options, providers=wanted)
-            except Exception as error:  # onnxruntime raises its own exception types for a bad graph
-                raise BundleError(f"{self.bundle}: ONNX Runtime cannot load {name}: {error}") from None
-            self._sessions[name] = session
-            self.providers[name] = session.get_providers()[0]
-            if wanted[0] == CUDA and self.providers[name] != CUDA:
-                log.warning(
-                    "%s: CUDA was %s but ONNX Runtime runs on %s (CUDA/cuDNN libraries missing or mismatched?)",
-                    name, "asked for" if device == "cuda" else "available", self.providers[name],
-                )
+        self.notes: list[str] = []
+        """What an operator should know about how the graphs run (e.g. no OpenVINO IR in the bundle)."""
+        if runtime == "openvino":
+            self._graphs = self._open_openvino(device, self.threads, performance)
+        else:
+            self._graphs = self._open_onnxruntime(device, self.threads, spin)
+        self.providers: dict[str, str] = {name: graph.provider for name, graph in self._graphs.items()}
+        """What each graph runs on: the ONNX Runtime execution provider, or "OpenVINO CPU"."""
+        self.runtimes: dict[str, str] = {name: graph.description for name, graph in self._graphs.items()}
+        """What runs each graph, with its precision: e.g. "ONNX Runtime CPUExecutionProvider fp32",
+        "OpenVINO CPU int8"."""
         self._tabular_width = self.manifest.feature_spec.width
         self._image_token_shape = self._token_shape("image_tokens")
         self._text_token_shape = self._token_shape("text_tokens")
         self._tokenizer = self._load_tokenizer()
+
+    def _open_onnxruntime(self, device: Device, threads: int | None, spin: bool) -> dict[str, Graph]:
+        """The three ONNX graphs in ONNX Runtime, on CUDA when asked for or available."""
+        wanted = choose_providers(device)
+        graphs: dict[str, Graph] = {}
+        for name in GRAPHS:
+            try:
+                graph = OnnxRuntimeGraph(self.bundle / name, wanted, threads, spin, self.manifest.precision)
+            except Exception as error:  # onnxruntime raises its own exception types for a bad graph
+                raise BundleError(f"{self.bundle}: ONNX Runtime cannot load {name}: {error}") from None
+            graphs[name] = graph
+            if wanted[0] == CUDA and graph.provider != CUDA:
+                log.warning(
+                    "%s: CUDA was %s but ONNX Runtime runs on %s (CUDA/cuDNN libraries missing or mismatched?)",
+                    name, "asked for" if device == "cuda" else "available", graph.provider,
+                )
+        return graphs
+
+    def _open_openvino(self, device: Device, threads: int | None, performance: Performance) -> dict[str, Graph]:
+        """The encoders' OpenVINO INT8 IR where the bundle has it (else their ONNX graphs) and the grader's
+        ONNX graph, compiled by OpenVINO for the CPU."""
+        if device not in ("auto", "cpu"):
+            raise ValueError(f"the openvino runtime runs on the CPU: use device auto or cpu, not {device!r}")
+        if performance not in ("latency", "throughput"):
+            raise ValueError(f"performance must be latency or throughput, not {performance!r}")
+        openvino_module()  # RuntimeUnavailable, naming the extra, before anything is read
+        ir = self.manifest.openvino_int8.graphs if self.manifest.openvino_int8 else {}
+        if not ir:
+            self.notes.append(
+                "runtime openvino: this bundle has no OpenVINO INT8 IR (export it with `retina-train export "
+                "--openvino-int8`), so the encoders run their fp32 ONNX graphs on OpenVINO"
+            )
+            log.warning("%s", self.notes[-1])
+        elif self.manifest.openvino_int8 and self.manifest.openvino_int8.needs_vnni and not cpu_has_vnni():
+            ir = {}
+            self.notes.append(
+                "runtime openvino: this bundle's OpenVINO INT8 IR has full-range 8-bit weights (exported on a CPU "
+                "with VNNI), which saturate on this CPU without VNNI, so the encoders run their fp32 ONNX graphs on "
+                "OpenVINO; export with --openvino-int8 on a CPU without VNNI for an IR with 7-bit weights"
+            )
+            log.warning("%s", self.notes[-1])
+        graphs: dict[str, Graph] = {}
+        for name in GRAPHS:
+            file = ir.get(name, name)
+            try:
+                graphs[name] = OpenVinoGraph(self.bundle / file, performance, threads)
+            except Exception as error:  # openvino raises its own exception types for a bad graph
+                raise BundleError(f"{self.bundle}: OpenVINO cannot load {file}: {error}") from None
+        return graphs
 
     # --- public API -------------------------------------------------------------------------------
 
@@ -441,7 +507,7 @@ class Embedder:
     def _token_shape(self, name: str) -> tuple[int, ...]:
         """The fixed trailing dimensions of a grader input (image_tokens: (N, W); text_tokens: (1, W) for
         an absent text)."""
-        shape = next(item.shape for item in self._sessions[GRADER].get_inputs() if item.name == name)
+        shape = self._graphs[GRADER].inputs[name]
         width = shape[-1]
         if not isinstance(width, int):
             raise BundleError(f"{self.bundle}: {GRADER} input {name} has no fixed width ({shape})")
@@ -459,14 +525,12 @@ class Embedder:
         return np.ascontiguousarray(array, dtype=np.float32)
 
     def _run_image(self, pixels: np.ndarray) -> _TowerOutput:
-        embedding, tokens = self._sessions[IMAGE_ENCODER].run(None, {"pixels": self._check_pixels(pixels)})
-        return _TowerOutput(np.ascontiguousarray(embedding, dtype=np.float32), tokens)
+        out = self._graphs[IMAGE_ENCODER].run({"pixels": self._check_pixels(pixels)})
+        return _TowerOutput(np.ascontiguousarray(out["image_embedding"], dtype=np.float32), out["image_tokens"])
 
     def _run_text(self, tokens: Tokens) -> _TowerOutput:
-        embedding, states = self._sessions[TEXT_ENCODER].run(
-            None, {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
-        )
-        return _TowerOutput(np.ascontiguousarray(embedding, dtype=np.float32), states)
+        out = self._graphs[TEXT_ENCODER].run({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
+        return _TowerOutput(np.ascontiguousarray(out["text_embedding"], dtype=np.float32), out["text_tokens"])
 
     def _run_grader(
         self, n: int, *, image_tokens: np.ndarray | None = None, text_tokens: np.ndarray | None = None,
@@ -481,8 +545,7 @@ class Embedder:
             attention_mask = np.zeros((n, 1), np.int64)
         if tabular is None:
             tabular = np.zeros((n, self._tabular_width), np.float32)
-        icdr_logits, sdrg_logits, record = self._sessions[GRADER].run(
-            None,
+        out = self._graphs[GRADER].run(
             {
                 "image_tokens": np.ascontiguousarray(image_tokens, dtype=np.float32),
                 "text_tokens": np.ascontiguousarray(text_tokens, dtype=np.float32),
@@ -493,7 +556,8 @@ class Embedder:
                 "tabular_present": tabular_present.astype(bool),
             },
         )
-        return softmax(icdr_logits), softmax(sdrg_logits), np.ascontiguousarray(record, dtype=np.float32)
+        return (softmax(out["icdr_logits"]), softmax(out["sdrg_logits"]),
+                np.ascontiguousarray(out["record_embedding"], dtype=np.float32))
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -119,7 +119,10 @@ class IndexInfo(BaseModel):
     images_per_second: float
     """Embedding throughput of the run that finished the build (photos embedded / embedding time)."""
     providers: dict[str, str]
-    """ONNX Runtime execution provider per graph, as actually used."""
+    """What each graph ran on, as actually used: the ONNX Runtime execution provider, or "OpenVINO CPU"."""
+    runtimes: dict[str, str] = Field(default_factory=dict)
+    """What ran each graph, with its precision, e.g. "OpenVINO CPU int8" (empty in indexes built before it
+    was recorded)."""
     faiss_version: str = faiss.__version__
     sha256: dict[str, str] | None = None
     """The integrity record: hex sha256 of each file in `files`, by file name, written with them. Indexes

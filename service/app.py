@@ -197,8 +197,9 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["operations"])
     async def readyz() -> JSONResponse:
-        """Whether the bundle and index are loaded: their fingerprints, execution providers, index size,
-        and any warning about the index files on disk."""
+        """Whether the bundle and index are loaded: their fingerprints, the runtime and what runs each graph
+        (execution providers, precision), index size, and any warning (index files changed on disk, a bundle
+        without the OpenVINO IR the openvino runtime would run)."""
         readiness = _readiness(engine)
         return JSONResponse(readiness.model_dump(), status_code=200 if readiness.ready else 503)
 
@@ -483,6 +484,7 @@ def _readiness(engine: Engine) -> Readiness:
         return Readiness(ready=False, detail=detail)
     embedder, store = engine.parts()
     warnings = [engine.public_message(engine.index_warning)] if engine.index_warning else []
+    warnings += embedder.notes
     if not store.verified:
         warnings.append("the index has no integrity record (built by an older version): its files were loaded "
                         "unverified; rebuild it with `retina-index build`")
@@ -498,6 +500,8 @@ def _readiness(engine: Engine) -> Readiness:
         index_size=store.ntotal,
         index_kinds={name: info.kind for name, info in store.info.indexes.items()},
         providers=embedder.providers,
+        runtime=embedder.runtime,
+        runtimes=embedder.runtimes,
         faiss_device=store.image.device,
         embedding_dim=embedder.dim,
         max_text_tokens=embedder.max_length,

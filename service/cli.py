@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from service.settings import ServiceSettings
 
@@ -30,12 +31,16 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (env RETINA_HOST; 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env RETINA_PORT; 8000).")] = None,
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (env RETINA_WORKERS; 1).")] = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(help="onnxruntime, or openvino (CPU, the `openvino` extra; env RETINA_RUNTIME; onnxruntime)."),
+    ] = None,
 ) -> None:
     """Serve the search and grading API for BUNDLE and INDEX (flags win over RETINA_* variables).
     Other settings come from the environment: RETINA_API_KEY, RETINA_MAX_UPLOAD_MB, RETINA_DEVICE, ..."""
     if ctx.invoked_subcommand is not None:
         return
-    given = {"bundle": bundle, "index": index, "host": host, "port": port, "workers": workers}
+    given = {"bundle": bundle, "index": index, "host": host, "port": port, "workers": workers, "runtime": runtime}
     try:
         settings = ServiceSettings(**{name: value for name, value in given.items() if value is not None})
     except ValidationError as error:
@@ -45,6 +50,13 @@ def serve(
     for name, path in (("bundle", settings.bundle), ("index", settings.index)):
         if not Path(path).is_dir():
             raise _fail(f"--{name} {path}: no such folder")
+    if settings.runtime == "openvino":
+        from index.runtimes import RuntimeUnavailable, openvino_module
+
+        try:
+            openvino_module()
+        except RuntimeUnavailable as error:
+            raise _fail(escape(str(error))) from None  # the extra's [brackets] are not rich markup
 
     import uvicorn
 
@@ -61,6 +73,7 @@ def serve(
     os.environ.update({
         "RETINA_BUNDLE": str(Path(settings.bundle).resolve()),
         "RETINA_INDEX": str(Path(settings.index).resolve()),
+        "RETINA_RUNTIME": settings.runtime,
     })
     uvicorn.run("service.app:create_app_from_environment", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, access_log=False, log_level=settings.log_level)
@@ -79,6 +92,9 @@ def bench(
     ort_spinning: Annotated[
         bool, typer.Option(help="Let the bare model's ONNX Runtime spin (as the server's RETINA_ORT_SPINNING).")
     ] = False,
+    runtime: Annotated[
+        str, typer.Option(envvar="RETINA_RUNTIME", help="The bare model's runtime (as the server's RETINA_RUNTIME).")
+    ] = "onnxruntime",
 ) -> None:
     """Load-test a running service: requests/s, p50/p95/p99 latency and errors per route, and the
     server's resident memory over the run. With --bundle and --index, also the service's overhead over
@@ -131,7 +147,7 @@ def bench(
         single = load(1, min(duration, 10.0), ["text"], "1 client (overhead)")
         console.print("timing the bare model in process (no HTTP)...")
         bare = measure_bare_text_search(bundle, index, seconds=min(duration, 10.0), batch_size=concurrency,
-                                        ort_spinning=ort_spinning)
+                                        ort_spinning=ort_spinning, runtime=runtime)
         service_p50 = float(single.routes["text"]["p50_ms"])  # type: ignore[arg-type]
         service_rate = float(result.routes["text"]["requests_per_s"]) if "text" in result.routes else float("nan")  # type: ignore[arg-type]
         overhead = service_p50 - bare.single_p50_ms

@@ -1,8 +1,8 @@
-"""The service's model and index: one bundle (ONNX Runtime) and one index (FAISS + metadata), the
+"""The service's model and index: one bundle (ONNX Runtime or OpenVINO) and one index (FAISS + metadata), the
 batched model calls of each route, and searches.
 
 Model work never runs on the event loop: each route kind has a `MicroBatcher` whose batches run in one
-model thread (ONNX Runtime already spreads one run over every core, so runs go one at a time). A search
+model thread (the runtime already spreads one run over every core, so runs go one at a time). A search
 batch runs its queries through the tower and then through FAISS in the same thread, one FAISS call for the
 batch (per distinct `against` and filters): each search request is one hand-off to the model thread and
 back, and FAISS gets the batched queries it is fastest with.
@@ -141,7 +141,7 @@ class Engine:
                 raise NotReady("no bundle or index configured: start with --bundle BUNDLE --index INDEX")
             embedder = Embedder(
                 Path(self.settings.bundle), device=self.settings.device, threads=self.settings.threads,
-                spin=self.settings.ort_spinning,
+                spin=self.settings.ort_spinning, runtime=self.settings.runtime,
             )
             stamp = self._stamp_of_folder()
             store = open_index(Path(self.settings.index), embedder, in_memory=True)
@@ -152,8 +152,8 @@ class Engine:
             self.embedder, self.store = embedder, store
             self._index_stamp = stamp
             log.info(
-                "ready in %.1f s: bundle %s, index of %d photographs, providers %s",
-                time.perf_counter() - started, embedder.fingerprint, store.ntotal, embedder.providers,
+                "ready in %.1f s: bundle %s, index of %d photographs, runtimes %s",
+                time.perf_counter() - started, embedder.fingerprint, store.ntotal, embedder.runtimes,
             )
         finally:
             self._loaded.set()

@@ -140,7 +140,13 @@ class Readiness(BaseModel):
     index_fingerprint: str | None = Field(default=None, description="The bundle fingerprint the index was built with.")
     index_size: int | None = None
     index_kinds: dict[str, str] | None = None
-    providers: dict[str, str] | None = None
+    providers: dict[str, str] | None = Field(
+        default=None, description="What each graph runs on: the ONNX Runtime execution provider, or OpenVINO CPU."
+    )
+    runtime: str | None = Field(default=None, description="The inference engine chosen: onnxruntime or openvino.")
+    runtimes: dict[str, str] | None = Field(
+        default=None, description="What runs each graph, with its precision, e.g. 'OpenVINO CPU int8'."
+    )
     faiss_device: str | None = None
     embedding_dim: int | None = None
     max_text_tokens: int | None = None

@@ -1,5 +1,5 @@
 """Service settings: from `retina-serve` flags, or from environment variables prefixed `RETINA_`
-(`RETINA_BUNDLE`, `RETINA_INDEX`, `RETINA_API_KEY`, `RETINA_MAX_UPLOAD_MB`, ...)."""
+(`RETINA_BUNDLE`, `RETINA_INDEX`, `RETINA_RUNTIME`, `RETINA_API_KEY`, `RETINA_MAX_UPLOAD_MB`, ...)."""
 
 from __future__ import annotations
 
@@ -25,8 +25,15 @@ class ServiceSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, description="uvicorn worker processes, each with its own model copy.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    runtime: Literal["onnxruntime", "openvino"] = Field(
+        default="onnxruntime",
+        description="The inference engine of the bundle's graphs. openvino (CPU only; needs the `openvino` extra) "
+        "runs the encoders' OpenVINO INT8 IR when the bundle has it (`retina-train export --openvino-int8`), "
+        "else their fp32 ONNX graphs, and the grader's fp32 graph; /readyz says which per graph.",
+    )
     threads: int | None = Field(
-        default=None, ge=1, description="ONNX Runtime threads per graph (None: the CPUs the process may use)."
+        default=None, ge=1,
+        description="Inference threads per graph, ONNX Runtime's or OpenVINO's (None: the CPUs the process may use).",
     )
     faiss_threads: int = Field(
         default=1, ge=1,

@@ -180,3 +180,13 @@ def test_embed_bench_tiny(tmp_path: Path) -> None:
         assert by_engine[(tower, "torch eager bf16 autocast")].min_cosine > 0.999
     assert by_engine[("image", "torch eager")].gflop_per_item > by_engine[("text", "torch eager")].gflop_per_item
     assert all(r.target == "-" for r in rows)  # targets are for `paper`
+    if has_module("openvino") and has_module("nncf"):
+        for tower in ("image", "text"):
+            # The service's own OpenVinoGraph on the IR the bench made: timed, and as faithful as the
+            # bench's own compile of the same IR (same graph, same inputs).
+            reference = by_engine[(tower, "OpenVINO INT8 (NNCF)")]
+            for performance in ("latency", "throughput"):
+                row = by_engine[(tower, f"Embedder OpenVINO INT8 ({performance})")]
+                assert row.items_per_second > 0 and row.precision == "int8", row
+                assert row.min_cosine == pytest.approx(reference.min_cosine, abs=1e-3)
+                assert row.roofline_items_per_second is None  # the int8 peak was not measured here

@@ -17,6 +17,7 @@ from index.archive.brset import read_archive
 from index.embedder import CPU, CUDA, Embedder, GradeInput, Grades
 from index.preprocess import batch_model_inputs, decode_image
 from index.records import FundusRecord
+from index.runtimes import Graph
 from training.data import load_photo, normalise, stored_narrative
 from training.run import LoadedRun, load_run
 
@@ -60,17 +61,21 @@ def _unit(vectors: np.ndarray) -> bool:
 
 def test_onnx_runtime_spinning_is_chosen_per_embedder(tiny: TinyBundle, embedder: Embedder) -> None:
     quiet = Embedder(tiny.bundle, device="cpu", spin=False)
-    for session in quiet._sessions.values():
-        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    for session in embedder._sessions.values():  # the default: ONNX Runtime's own (spinning), no entry set
+    for graph in quiet._graphs.values():
+        options = graph.session.get_session_options()  # type: ignore[attr-defined]
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for graph in embedder._graphs.values():  # the default: ONNX Runtime's own (spinning), no entry set
         with pytest.raises(RuntimeError, match="does not have configuration"):
-            session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            graph.session.get_session_options().get_session_config_entry(  # type: ignore[attr-defined]
+                "session.intra_op.allow_spinning")
     np.testing.assert_allclose(quiet.embed_texts(["no retinopathy"]).vectors,
                                embedder.embed_texts(["no retinopathy"]).vectors, atol=1e-6)
 
 
 def test_providers_and_identity(tiny: TinyBundle, embedder: Embedder) -> None:
     assert embedder.providers == {name: CPU for name in ("image_encoder.onnx", "text_encoder.onnx", "grader.onnx")}
+    assert embedder.runtime == "onnxruntime" and embedder.notes == []
+    assert set(embedder.runtimes.values()) == {f"ONNX Runtime {CPU} fp32"}
     assert embedder.fingerprint == embedder.manifest.fingerprint and embedder.dim == embedder.manifest.embedding_dim
     if CUDA not in ort.get_available_providers():
         assert set(Embedder(tiny.bundle, device="auto", threads=1).providers.values()) == {CPU}
@@ -230,26 +235,23 @@ def test_grade_many_mixes_modality_subsets_in_one_batch(embedder: Embedder, samp
         embedder.grade_many([GradeInput(text="no retinopathy"), GradeInput()])
 
 
-class _CountingSession:
-    """An ONNX Runtime session that counts its runs."""
+class _CountingGraph:
+    """A graph (`index.runtimes`) that counts its runs."""
 
-    def __init__(self, session: ort.InferenceSession) -> None:
-        self._session = session
+    def __init__(self, graph: Graph) -> None:
+        self._graph = graph
         self.runs = 0
 
-    def run(self, *args: object, **kwargs: object) -> list[np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.runs += 1
-        return self._session.run(*args, **kwargs)
-
-    def get_inputs(self) -> list[object]:
-        return self._session.get_inputs()
+        return self._graph.run(feeds)
 
 
-def _counted(tiny: TinyBundle) -> tuple[Embedder, dict[str, _CountingSession]]:
+def _counted(tiny: TinyBundle) -> tuple[Embedder, dict[str, _CountingGraph]]:
     counted = Embedder(tiny.bundle, device="cpu")
-    sessions = {name: _CountingSession(session) for name, session in counted._sessions.items()}
-    counted._sessions = sessions  # type: ignore[assignment]
-    return counted, sessions
+    graphs = {name: _CountingGraph(graph) for name, graph in counted._graphs.items()}
+    counted._graphs = graphs  # type: ignore[assignment]
+    return counted, graphs
 
 
 def test_each_tower_runs_once_per_query(tiny: TinyBundle, sample) -> None:

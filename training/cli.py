@@ -284,15 +284,28 @@ def export(
     splits: Annotated[Path | None, typer.Option(help="Its splits.json (default: the run's).")] = None,
     precision: Annotated[str, typer.Option(help="fp32, or int8 (ONNX Runtime dynamic quantization).")] = "fp32",
     split: Annotated[str, typer.Option(help="Split whose samples the parity check runs on.")] = "val",
+    openvino_int8: Annotated[
+        bool,
+        typer.Option("--openvino-int8", help="Also write the encoders as OpenVINO INT8 IR (NNCF, calibrated on "
+                     "training items; parity cosine >= 0.999) for the openvino runtime. fp32 only; needs the "
+                     "`openvino` extra."),
+    ] = False,
 ) -> None:
     """Export a run to a bundle (ONNX graphs, tokenizer, manifest), checked against PyTorch on the archive
     the run was trained on (as its run.json records it), or on --archive/--splits."""
+    from rich.markup import escape
+
     from index.bundle import read_manifest
     from training.export import ExportError, export_bundle
+    from training.openvino_int8 import INSTALL, missing_packages
     from training.zoo import ZooError, resolve_run
 
     if precision not in ("fp32", "int8"):
         raise _fail(f"--precision must be fp32 or int8, not {precision!r}")
+    if openvino_int8 and precision != "fp32":
+        raise _fail("--openvino-int8 goes with --precision fp32 (the openvino runtime runs the grader's fp32 graph)")
+    if openvino_int8 and missing_packages():
+        raise _fail(escape(f"--openvino-int8 needs {' and '.join(missing_packages())}: {INSTALL}"))
     try:
         run_dir = resolve_run(run)
     except ZooError as error:
@@ -301,15 +314,18 @@ def export(
         raise _fail(f"--run {run}: no such run folder")
     archive, splits = _recorded_data(run_dir, run, archive, splits)
     try:
-        with console.status(f"exporting {run} ({precision}) and checking ONNX Runtime against PyTorch"):
-            report = export_bundle(run_dir, archive, splits, out, precision=precision, split=split)  # type: ignore[arg-type]
+        engines = "ONNX Runtime and OpenVINO INT8" if openvino_int8 else "ONNX Runtime"
+        with console.status(f"exporting {run} ({precision}) and checking {engines} against PyTorch"):
+            report = export_bundle(run_dir, archive, splits, out, precision=precision, split=split,  # type: ignore[arg-type]
+                                   openvino_int8=openvino_int8)
     except ExportError as error:
         raise _fail(f"export failed the parity check, no bundle written:\n{error}") from None
     except (ArchiveError, ValueError, KeyError, OSError) as error:
         raise _fail(str(error)) from None
     for line in report.lines():
         print(line)
-    console.print(f"wrote bundle {out} ({precision}, fingerprint {read_manifest(out).fingerprint})")
+    with_ir = " + OpenVINO INT8 IR" if openvino_int8 else ""
+    console.print(f"wrote bundle {out} ({precision}{with_ir}, fingerprint {read_manifest(out).fingerprint})")
 
 
 def _recorded_data(run_dir: Path, run: str, archive: Path | None, splits: Path | None) -> tuple[Path, Path]:

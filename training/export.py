@@ -14,6 +14,15 @@ and each row with another modality subset present; an fp32 bundle fails above a 
 1e-4 on the embeddings. A reduced-precision bundle (int8:
 ONNX Runtime dynamic quantization of the weights) must keep cosine >= 0.999 to fp32 and change
 text->image R@10 on the validation split by at most 1 point; both numbers are reported.
+
+OpenVINO INT8 (`openvino_int8=True`, `retina-train export --openvino-int8`; fp32 bundles only): the two
+encoders are also NNCF-quantized into OpenVINO IR (`training.openvino_int8`), calibrated on up to
+`OV_CALIBRATION_ITEMS` training-split items that are not parity samples, and checked as the `openvino`
+runtime runs them (`index.runtimes.OpenVinoGraph`): each IR's embedding, and the record embedding of the
+grader (fp32 on OpenVINO) fed with the IR's tokens, must keep cosine >= 0.999 (min over the parity rows) to
+PyTorch fp32, else the export fails (ExportError) and no bundle is written. The IR files are listed in the
+manifest's `files` and the cosines in `manifest.openvino_int8`. The weights' range follows this CPU
+(`training.openvino_int8`): 8-bit with VNNI (`needs_vnni`: not used on CPUs without it), else 7-bit.
 """
 
 from __future__ import annotations
@@ -37,20 +46,25 @@ from index.archive.brset import read_archive
 from index.bundle import (
     GRADER,
     IMAGE_ENCODER,
+    OPENVINO_INT8_IR,
     SCHEMA_VERSION,
     TEXT_ENCODER,
     TOKENIZER,
     Manifest,
+    OpenVinoInt8,
     TextSettings,
+    ir_weights,
     now_iso,
     sha256_of,
     write_manifest,
 )
 from index.quantize import EXPORT_OP_TYPES, quantize_int8
 from index.records import ICDR_NAMES, SDRG_NAMES
+from index.runtimes import OpenVinoGraph
 from training.data import BatchBuilder, stored_narrative
 from training.evaluation.metrics import instance_recall, summarise
 from training.model.model import RetinaAlignModel
+from training.openvino_int8 import INSTALL, full_range, missing_packages, quantize_to_ir, quantizer_description
 from training.run import MODEL_FILE, LoadedRun, load_run, split_for_evaluation
 from training.splits import load_splits
 from training.tokenizer import batch_tokenizer
@@ -63,6 +77,9 @@ FP32_TOLERANCE = 1e-4
 MIN_COSINE = 0.999
 MAX_RECALL_CHANGE = 0.01
 PARITY_SAMPLES = 64
+OV_CALIBRATION_ITEMS = 128
+"""Training-split items NNCF calibrates the OpenVINO INT8 IR on (fewer when the split is smaller)."""
+BATCH = 16
 
 Precision = Literal["fp32", "int8"]
 
@@ -172,6 +189,8 @@ class ParityReport:
     recall_at_10_fp32: float | None = None
     recall_at_10_exported: float | None = None
     samples: int = 0
+    openvino_int8: dict[str, float] | None = None
+    """With --openvino-int8: output -> min cosine to PyTorch fp32 of the openvino runtime on the INT8 IR."""
 
     def lines(self) -> list[str]:
         """Human-readable summary."""
@@ -182,6 +201,9 @@ class ParityReport:
         if self.recall_at_10_fp32 is not None:
             out.append(f"  text->image R@10 on val: PyTorch fp32 {self.recall_at_10_fp32:.4f}, "
                        f"exported {self.recall_at_10_exported:.4f}")
+        if self.openvino_int8 is not None:
+            out.append(f"OpenVINO INT8 IR (runtime openvino) on the same {self.samples} samples:")
+            out += [f"  {name:28s} min cosine {cosine:.6f}" for name, cosine in self.openvino_int8.items()]
         return out
 
 
@@ -386,10 +408,91 @@ def _check(report: ParityReport) -> None:
             )
 
 
+def _calibration_items(batches: list[dict[str, Tensor]]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """One feed dict per item for each encoder (a text cut to its own length, as a single query is)."""
+    items: dict[str, list[dict[str, np.ndarray]]] = {IMAGE_ENCODER: [], TEXT_ENCODER: []}
+    for batch in batches:
+        for i in range(batch["pixels"].shape[0]):
+            items[IMAGE_ENCODER].append({"pixels": batch["pixels"][i : i + 1].numpy()})
+            length = int(batch["attention_mask"][i].sum())
+            items[TEXT_ENCODER].append({"input_ids": batch["input_ids"][i : i + 1, :length].numpy(),
+                                        "attention_mask": batch["attention_mask"][i : i + 1, :length].numpy()})
+    return items
+
+
+def _openvino_parity(run: LoadedRun, folder: Path, batches: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Min row cosine to PyTorch fp32 of what the openvino runtime returns from the INT8 IR (the service's
+    own `OpenVinoGraph`): each encoder's embedding, and the record embedding of the grader (its fp32 ONNX
+    graph on OpenVINO) fed with the IR's tokens, every modality present."""
+    model = run.model
+    image = OpenVinoGraph(folder / OPENVINO_INT8_IR[IMAGE_ENCODER])
+    text = OpenVinoGraph(folder / OPENVINO_INT8_IR[TEXT_ENCODER])
+    grader = OpenVinoGraph(folder / GRADER)
+    reference: dict[str, list[np.ndarray]] = {}
+    exported: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        pixels, input_ids, tabular = batch["pixels"], batch["input_ids"], batch["tabular"]
+        mask = batch["attention_mask"]
+        flags = _presence(pixels.shape[0], mixed=False)
+        with torch.no_grad():
+            image_ref = model.encode_image_for_fusion(pixels)[0]
+            text_ref = model.encode_text_for_fusion(input_ids, mask)[0]
+            record_ref = FullGrader(model)(pixels, input_ids, mask, tabular, *flags)[2]
+        image_got = image.run({"pixels": pixels.numpy()})
+        text_got = text.run({"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
+        feeds = dict(zip(INPUT_NAMES[GRADER], (image_got["image_tokens"], text_got["text_tokens"], mask.numpy(),
+                                               tabular.numpy(), *(f.numpy() for f in flags)), strict=True))
+        record_got = grader.run(feeds)["record_embedding"]
+        for name, ref, got in (("image_embedding", image_ref, image_got["image_embedding"]),
+                               ("text_embedding", text_ref, text_got["text_embedding"]),
+                               ("record_embedding", record_ref, record_got)):
+            reference.setdefault(name, []).append(ref.float().numpy())
+            exported.setdefault(name, []).append(got)
+    return {name: float(_cosine_rows(np.concatenate(reference[name]), np.concatenate(exported[name])).min())
+            for name in reference}
+
+
+def _export_openvino_int8(
+    run: LoadedRun, folder: Path, calibration: list[dict[str, Tensor]], parity: list[dict[str, Tensor]]
+) -> OpenVinoInt8:
+    """Quantize both encoders of the fp32 ONNX graphs in `folder` into OpenVINO INT8 IR beside them and
+    check them (`_openvino_parity`); raises ExportError below MIN_COSINE."""
+    items = _calibration_items(calibration)
+    for graph, xml in OPENVINO_INT8_IR.items():
+        quantize_to_ir(folder / graph, items[graph], folder / xml)
+    cosines = _openvino_parity(run, folder, parity)
+    samples = sum(b["pixels"].shape[0] for b in parity)
+    worst = min(cosines, key=cosines.__getitem__)
+    if cosines[worst] < MIN_COSINE:
+        measured = ", ".join(f"{name} {cosine:.5f}" for name, cosine in cosines.items())
+        raise ExportError(
+            f"the OpenVINO INT8 IR reaches cosine {cosines[worst]:.5f} < {MIN_COSINE} to PyTorch fp32 on {worst} "
+            f"({measured}; {samples} parity samples): export without --openvino-int8"
+        )
+    return OpenVinoInt8(graphs=dict(OPENVINO_INT8_IR), min_cosine=cosines, samples=samples,
+                        calibration_items=len(items[IMAGE_ENCODER]), quantizer=quantizer_description(),
+                        needs_vnni=full_range())
+
+
+def _batches(builder: BatchBuilder, texts: list[str]) -> list[dict[str, Tensor]]:
+    """The split in batches of BATCH rows."""
+    size = len(texts)
+    return [builder.batch(np.arange(s, min(size, s + BATCH)), texts[s : s + BATCH]) for s in range(0, size, BATCH)]
+
+
 def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path,
-                  precision: Precision = "fp32", split: str = "val") -> ParityReport:
+                  precision: Precision = "fp32", split: str = "val", openvino_int8: bool = False) -> ParityReport:
     """Export a run to a bundle at `out` (written to a temporary folder and moved into place only
-    after the parity check passes). Raises ExportError when the check fails."""
+    after the parity check passes). Raises ExportError when the check fails.
+
+    `openvino_int8`: also write the encoders as OpenVINO INT8 IR, checked (see the module docstring); fp32
+    only (the openvino runtime runs the grader's fp32 graph), and needs the `openvino` extra (ValueError)."""
+    if openvino_int8:
+        if precision != "fp32":
+            raise ValueError("the OpenVINO INT8 IR goes with precision fp32 (the openvino runtime runs the "
+                             f"grader's fp32 ONNX graph), not {precision}")
+        if missing_packages():
+            raise ValueError(f"the OpenVINO INT8 IR needs {' and '.join(missing_packages())}: {INSTALL}")
     torch.manual_seed(0)
     run = load_run(run_dir)
     model = run.model.float().eval()
@@ -402,8 +505,18 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
     data = split_for_evaluation(archive, ids, run)
     config = model.config
     builder = BatchBuilder(data, run.tokenizer, config.vision.image, config.text.max_length)
-    texts = [stored_narrative(r) for r in data.records]
-    batches = [builder.batch(np.arange(s, min(len(data), s + 16)), texts[s : s + 16]) for s in range(0, len(data), 16)]
+    batches = _batches(builder, [stored_narrative(r) for r in data.records])
+    calibration: list[dict[str, Tensor]] = []
+    if openvino_int8:
+        checked = set(ids)
+        calibration_ids = [i for i in splits["train"] if i not in checked][:OV_CALIBRATION_ITEMS]
+        if not calibration_ids:
+            raise ValueError(f"no training-split items outside the {split} parity samples to calibrate "
+                             "the OpenVINO INT8 IR on")
+        calibration_data = split_for_evaluation(archive, calibration_ids, run)
+        calibration_builder = BatchBuilder(calibration_data, run.tokenizer, config.vision.image,
+                                           config.text.max_length)
+        calibration = _batches(calibration_builder, [stored_narrative(r) for r in calibration_data.records])
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=Path(out).parent))
@@ -419,8 +532,14 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
             _quantize_int8(staging)
         report = _parity(run, staging, batches, precision)
         _check(report)
+        openvino = _export_openvino_int8(run, staging, calibration, batches) if openvino_int8 else None
+        if openvino is not None:
+            report.openvino_int8 = openvino.min_cosine
         # The bundle's tokenizer.json carries its truncation and padding (`index.tokens`).
         batch_tokenizer(run.tokenizer, config.text.max_length).save(str(staging / TOKENIZER))
+        files = [IMAGE_ENCODER, TEXT_ENCODER, GRADER, TOKENIZER]
+        if openvino is not None:
+            files += [file for xml in openvino.graphs.values() for file in (xml, ir_weights(xml))]
         metrics_path = Path(run_dir) / "eval-test" / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
         manifest = Manifest(
@@ -440,7 +559,8 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
             metrics=dict(summarise(metrics)),
             opset=OPSET,
             exporter=EXPORTER,
-            files={name: sha256_of(staging / name) for name in (IMAGE_ENCODER, TEXT_ENCODER, GRADER, TOKENIZER)},
+            files={name: sha256_of(staging / name) for name in files},
+            openvino_int8=openvino,
         )
         write_manifest(staging, manifest)
         staging.chmod(0o755)

@@ -26,13 +26,14 @@ class BareResult:
 
 def measure_bare_text_search(
     bundle: Path, index: Path, seconds: float = 10.0, batch_size: int = 16, k: int = 10, device: str = "auto",
-    faiss_threads: int = 1, ort_spinning: bool = False,
+    faiss_threads: int = 1, ort_spinning: bool = False, runtime: str = "onnxruntime",
 ) -> BareResult:
     """Time what one `/search/text` does, with no server: one query at a time (p50 latency) and in
     batches of `batch_size` (queries/s), `seconds` each. FAISS runs with `faiss_threads` OpenMP threads
-    and ONNX Runtime spins or not (`ort_spinning`), as the service does by default."""
+    and ONNX Runtime spins or not (`ort_spinning`), as the service does by default; `runtime` is the
+    service's RETINA_RUNTIME."""
     faiss.omp_set_num_threads(faiss_threads)
-    embedder = Embedder(bundle, device=device, spin=ort_spinning)  # type: ignore[arg-type]
+    embedder = Embedder(bundle, device=device, spin=ort_spinning, runtime=runtime)  # type: ignore[arg-type]
     store = open_index(index, embedder)
 
     def run(texts: list[str]) -> None:

@@ -6,7 +6,9 @@ runs in a subprocess, `retina-train bench-embed`, because `index/` never imports
 when torch is not installed. This half times the exported graphs with ONNX Runtime (fp32; int8 dynamic
 quantization per tensor and per channel; the transformer optimizer, alone and before int8; IO binding)
 and, when installed, OpenVINO (fp32, bf16, and INT8 after NNCF post-training quantization), all against
-the same inputs and the same PyTorch fp32 embeddings.
+the same inputs and the same PyTorch fp32 embeddings. The INT8 IR is also timed through the service's own
+code path, `index.runtimes.OpenVinoGraph`, with the latency hint `retina-serve` uses and the throughput
+hint of `retina-index build` ("Embedder OpenVINO INT8" rows).
 
 ONNX Runtime has no bf16 path on x86 CPUs: its CPU execution provider registers no bf16 arithmetic
 kernel (onnxruntime#28768; its bf16 "fastmath" GEMM is arm64-only), so its reduced-precision options here
@@ -26,10 +28,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from index.quantize import quantize_int8
+
+if TYPE_CHECKING:
+    from index.runtimes import Performance
 
 MIN_COSINE = 0.999
 TARGETS: dict[tuple[str, str], float] = {("paper", "image"): 40.0, ("paper", "text"): 60.0}
@@ -373,7 +379,25 @@ def openvino_engines(tower: Tower, seconds: float, progress: Callable[[str], Non
     config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "THROUGHPUT"}
     results.append(time_openvino(core.compile_model(quantized, "CPU", config), tower, label, "int8", seconds,
                                  tower.openvino_int8_note))
+    for performance, user in (("latency", "retina-serve"), ("throughput", "retina-index build")):
+        label = f"Embedder OpenVINO INT8 ({performance})"
+        progress(label)
+        results.append(time_embedder_graph(tower, tower.openvino_int8, label, performance,
+                                           f"index.runtimes.OpenVinoGraph as {user} runs it", seconds))
     return results
+
+
+def time_embedder_graph(tower: Tower, path: Path, engine: str, performance: Performance, note: str,
+                        seconds: float) -> EngineResult:
+    """Time the service's own code path: `index.runtimes.OpenVinoGraph` (what `Embedder` runs with runtime
+    openvino) on `path`, one call per batch, with OpenVINO's `performance` hint."""
+    from index.runtimes import OpenVinoGraph
+
+    graph = OpenVinoGraph(path, performance)
+    got = graph.run(tower.feeds)[OUTPUT_NAMES[tower.name]]
+    rate, _ = throughput(lambda: graph.run(tower.feeds), tower.batch, seconds)
+    note = f"{note}; {graph.requests} request(s) per batch"
+    return EngineResult(engine, graph.precision, rate, min_cosine(got, tower.reference), note)
 
 
 # --- the PyTorch half ----------------------------------------------------------------------------

@@ -10,11 +10,7 @@ reference. Everything is reported in one JSON file.
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import json
-import logging
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +26,7 @@ from training.export import ImageEncoder, TextEncoder, _export_graph
 from training.hardware import choose_precision
 from training.model.factory import create_model
 from training.model.model import RetinaAlignModel
+from training.openvino_int8 import missing_packages, quantize_to_ir
 
 TABULAR_WIDTH = 39
 """Any width works: the tabular encoder is not part of the image or text tower."""
@@ -123,36 +120,16 @@ def _time_tower(
     return reference.float(), timings
 
 
-def has_module(name: str) -> bool:
-    """Whether `name` can be imported."""
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def openvino_int8(onnx_path: Path, calibration: dict[str, np.ndarray], target: Path) -> str:
     """NNCF post-training INT8 quantization of an ONNX graph into an OpenVINO IR at `target` (.xml + .bin),
-    calibrated one item at a time on `calibration` (other inputs than the timed ones; the transformer
-    preset without SmoothQuant). Returns "" on success, else why nothing was written (openvino and nncf are
-    optional). Done here rather than in `retina-index bench` because nncf imports torch when present."""
-    if not (has_module("openvino") and has_module("nncf")):
+    calibrated one item at a time on `calibration` (other inputs than the timed ones), with the bundle
+    export's policy (`training.openvino_int8`). Returns "" on success, else why nothing was written (openvino
+    and nncf are optional). Done here rather than in `retina-index bench` because nncf imports torch when
+    present."""
+    if missing_packages():
         return "skipped: install openvino and nncf for this row"
-    import nncf
-    import openvino as ov
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
-
-    nncf.set_log_level(logging.ERROR)
-    model = ov.Core().read_model(str(onnx_path))
     count = int(next(iter(calibration.values())).shape[0])
-    items = [{k: v[i : i + 1] for k, v in calibration.items()} for i in range(count)]
-    # SmoothQuant (on by default for transformers) cost accuracy here: tiny's image tower 0.9986 -> 0.9996
-    # cosine to fp32 without it, its text tower 0.9977 -> 0.9999; speed is the same.
-    no_smooth_quant = AdvancedQuantizationParameters(smooth_quant_alphas=AdvancedSmoothQuantParameters(matmul=-1))
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=count, model_type=nncf.ModelType.TRANSFORMER,
-                                  advanced_parameters=no_smooth_quant)
-    ov.save_model(quantized, str(target))
+    quantize_to_ir(onnx_path, [{k: v[i : i + 1] for k, v in calibration.items()} for i in range(count)], target)
     return ""
 
 
@@ -176,7 +153,7 @@ def _export_towers(
         except Exception as error:  # noqa: BLE001 - an optional engine failing must not end the benchmark
             why = f"failed: {type(error).__name__}: {error}"[:200]
         towers[tower]["openvino_int8"] = "" if why else str(target)
-        towers[tower]["openvino_int8_note"] = why or f"NNCF, no SmoothQuant, calibrated on {CALIBRATION_ITEMS} inputs"
+        towers[tower]["openvino_int8_note"] = why or f"NNCF as the export, calibrated on {CALIBRATION_ITEMS} inputs"
 
 
 def run_embed_bench(
