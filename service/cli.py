@@ -119,7 +119,9 @@ def bench(
             try:
                 return asyncio.run(run_load(url, which, clients, seconds, api_key,
                                             lambda done: progress.update(task, completed=done)))
-            except Exception as error:  # connection refused, 401, a server without an index...
+            except OSError as error:  # aiohttp's ClientConnectorError: nothing listens there
+                raise _fail(f"{url}: cannot connect ({error}); is retina-serve running there?") from None
+            except Exception as error:  # 401, a server without an index...
                 raise _fail(f"{url}: {type(error).__name__}: {error}") from None
 
     result = load(concurrency, duration, chosen, f"{concurrency} clients, {duration:g} s")

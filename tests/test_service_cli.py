@@ -89,4 +89,4 @@ def test_bench_command_prints_and_saves_the_numbers(served: Served, paths: tuple
 
 def test_bench_against_nothing_fails_clearly() -> None:
     result = CliRunner().invoke(app, ["bench", "--url", f"http://127.0.0.1:{free_port()}", "--duration", "1"])
-    assert result.exit_code == 2 and "ConnectError" in result.output
+    assert result.exit_code == 2 and "cannot connect" in result.output and "is retina-serve running" in result.output
