@@ -214,7 +214,7 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         """The archived cases nearest a clinical description, and the grades predicted from it."""
         started = time.perf_counter()
         route = "/search/text"
-        text = _checked_text(request.text, settings)
+        text = _checked_text(request.text)
         engine.parts()
         search = SearchRequest(text, request.k, request.against, request.filters)
         answer = await _model_call(engine.texts.submit(search))
@@ -260,7 +260,7 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         started = time.perf_counter()
         route = "/grade"
         # A blank text is no text here (a form sends its empty fields): grading uses the other inputs.
-        given_text = _checked_text(text, settings) if text is not None and text.strip() else None
+        given_text = _checked_text(text) if text is not None and text.strip() else None
         fields = _parse_structured(structured) if structured else None
         if file is None and given_text is None and fields is None:
             raise BadInput(422, "give at least one of: file (a photograph), text, structured")
@@ -350,15 +350,12 @@ def _strip_position(message: str) -> str:
     return rest if sep and (head.startswith("text ") or head.startswith("input ")) else message
 
 
-def _checked_text(text: str, settings: ServiceSettings) -> str:
-    if not text.strip():
-        raise BadInput(422, "text: the text is empty; describe the case, e.g. 'moderate NPDR, left eye'")
+def _checked_text(text: str) -> str:
+    """A text the tokenizer can read. Its length and that it is not blank are the request schema's checks
+    (`text_search_request`, the form's `max_length`); a lone surrogate (which JSON's \\ud800 escapes can
+    carry) is not a schema type, so it is refused here, before it reaches a batch."""
     if not is_valid_unicode(text):
         raise BadInput(422, "text: not valid Unicode (it holds a lone surrogate code point)")
-    if len(text) > settings.max_text_chars:
-        raise BadInput(
-            422, f"text: {len(text):,} characters, more than the limit of {settings.max_text_chars:,}"
-        )
     return text
 
 

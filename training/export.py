@@ -155,8 +155,7 @@ class Grader(nn.Module):
             image_tokens=image_tokens, text_tokens=text_tokens, attention_mask=attention_mask, tabular=tabular,
             image_present=image_present, text_present=text_present, tabular_present=tabular_present,
         )
-        record = nn.functional.normalize(self.model.record_proj(fused.cls), dim=-1)
-        return fused.icdr_logits, fused.sdrg_logits, record
+        return fused.icdr_logits, fused.sdrg_logits, self.model.embed_record(fused)
 
 
 class FullGrader(nn.Module):
@@ -175,8 +174,7 @@ class FullGrader(nn.Module):
             pixels=pixels, input_ids=input_ids, attention_mask=attention_mask, tabular=tabular,
             image_present=image_present, text_present=text_present, tabular_present=tabular_present,
         )
-        record = nn.functional.normalize(self.model.record_proj(fused.cls), dim=-1)
-        return fused.icdr_logits, fused.sdrg_logits, record
+        return fused.icdr_logits, fused.sdrg_logits, self.model.embed_record(fused)
 
 
 @dataclass

@@ -184,7 +184,7 @@ class RetinaAlignModel(nn.Module):
 
     def encode_record(self, pixels: Tensor, tabular: Tensor | None = None) -> Tensor:
         """Photograph (+ structured data) through the joint transformer -> L2-normalised record embedding."""
-        return self._embed_record(self.fuse(pixels=pixels, tabular=tabular))
+        return self.embed_record(self.fuse(pixels=pixels, tabular=tabular))
 
     def fuse(
         self,
@@ -272,7 +272,7 @@ class RetinaAlignModel(nn.Module):
             embeddings["tabular"] = F.normalize(self.tabular_proj(tabular_hidden), dim=-1)
         if weights.contrastive_text_record > 0 and text_states is not None and image_states is not None:
             record = self._fuse_states(image_states, None, None, tabular_hidden, present={})
-            embeddings["record"] = self._embed_record(record)
+            embeddings["record"] = self.embed_record(record)
 
         losses: dict[str, Tensor] = {}
         for a, b in CONTRASTIVE_PAIRS:
@@ -343,7 +343,8 @@ class RetinaAlignModel(nn.Module):
     def _embed_text(self, states: Tensor) -> Tensor:
         return F.normalize(self.text_proj(states[:, 0]), dim=-1)
 
-    def _embed_record(self, fused: FusionOutput) -> Tensor:
+    def embed_record(self, fused: FusionOutput) -> Tensor:
+        """The record embedding of a fusion output: its CLS projected and L2-normalised."""
         return F.normalize(self.record_proj(fused.cls), dim=-1)
 
     def _fuse_states(
