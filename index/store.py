@@ -176,6 +176,13 @@ class IndexIntegrityError(IndexStoreError):
     """An index file whose bytes are not the ones its `index.json` records (changed, truncated, swapped)."""
 
 
+def _integrity_error(folder: Path, name: str) -> IndexIntegrityError:
+    return IndexIntegrityError(
+        f"{folder}: {name} is not the file this index was built with (its sha256 differs from the one "
+        f"{INFO_FILE} records): it was changed, truncated or replaced; restore it or rebuild the index"
+    )
+
+
 def _verified_bytes(folder: Path, name: str, expected: str | None) -> bytes:
     path = Path(folder) / name
     try:
@@ -183,11 +190,16 @@ def _verified_bytes(folder: Path, name: str, expected: str | None) -> bytes:
     except FileNotFoundError:
         raise IndexStoreError(f"{folder}: {name} is missing (named by {INFO_FILE})") from None
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise IndexIntegrityError(
-            f"{folder}: {name} is not the file this index was built with (its sha256 differs from the one "
-            f"{INFO_FILE} records): it was changed, truncated or replaced; restore it or rebuild the index"
-        )
+        raise _integrity_error(folder, name)
     return data
+
+
+def _verify_file(folder: Path, name: str, expected: str | None) -> None:
+    path = Path(folder) / name
+    if not path.is_file():
+        raise IndexStoreError(f"{folder}: {name} is missing (named by {INFO_FILE})")
+    if expected is not None and sha256_of(path) != expected:
+        raise _integrity_error(folder, name)
 
 
 def write_info(folder: Path, info: IndexInfo) -> None:
@@ -228,11 +240,11 @@ def open_index(
                                        folder / files.image, device)
         record = VectorIndex.from_bytes(_verified_bytes(folder, files.record, digests.get(files.record)),
                                         folder / files.record, device)
-        if in_memory or files.metadata in digests:
-            metadata_bytes = _verified_bytes(folder, files.metadata, digests.get(files.metadata))
         if in_memory:
+            metadata_bytes = _verified_bytes(folder, files.metadata, digests.get(files.metadata))
             metadata = MetadataTable.from_bytes(metadata_bytes, folder / files.metadata)
-        else:
+        else:  # opened on disk (to be changed): its digest is read in chunks, not the file into memory
+            _verify_file(folder, files.metadata, digests.get(files.metadata))
             metadata = MetadataTable.open(folder / files.metadata)
     except (VectorIndexError, MetadataError) as error:
         raise IndexStoreError(f"{folder}: {error}") from None
