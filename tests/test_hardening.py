@@ -394,15 +394,22 @@ def test_sigterm_under_load_fails_no_request_in_flight(paths: tuple[Path, Path, 
         answered: list[int] = []
         in_flight_failures: list[str] = []
         stop = threading.Event()
+        signalled_at: list[float] = []
 
         def client() -> None:
             while not stop.is_set():
+                started = time.monotonic()
                 try:  # a new connection per request: a refused connect after shutdown is not in flight
                     response = httpx.post(url + "/search/text", json={"text": QUERY, "k": 5}, timeout=30)
                 except httpx.ConnectError:
                     return
                 except httpx.TransportError as error:
-                    in_flight_failures.append(type(error).__name__)
+                    # A connection still in the listen backlog when uvicorn closes its socket is reset by the
+                    # kernel before the server ever read it: that request was not in flight. The backlog only
+                    # holds what arrived in the last moments; a request sent 10 ms or more before the signal
+                    # was accepted and must be answered.
+                    if not signalled_at or started < signalled_at[0] - 0.010:
+                        in_flight_failures.append(type(error).__name__)
                     return
                 answered.append(response.status_code)
 
@@ -410,6 +417,7 @@ def test_sigterm_under_load_fails_no_request_in_flight(paths: tuple[Path, Path, 
         for thread in threads:
             thread.start()
         _wait_for(lambda: len(answered) >= 20, timeout=60)
+        signalled_at.append(time.monotonic())
         server.send_signal(signal.SIGTERM)
         exit_code = server.wait(timeout=60)
         stop.set()
