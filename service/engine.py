@@ -177,7 +177,7 @@ class Engine:
     def _stamp_of_folder(self) -> tuple[FileStamp, ...]:
         folder = Path(self.settings.index or ".")
         try:
-            names = list(read_info(folder).files.model_dump().values())
+            names = read_info(folder).files.names()
         except IndexStoreError:
             names = []
         return folder_stamp(folder, [INFO_FILE, *names])
