@@ -556,6 +556,7 @@ def write_collections(
             vectors = MilvusVectors.create(uri, names[against], kind, matrix.shape[1], len(matrix))  # type: ignore[index]
             created.append(vectors)
             vectors.add(matrix, rows)
+            vectors.client.flush(vectors.collection, timeout=TIMEOUT_S)  # seal the segments: the index is built
             rng = np.random.default_rng(seed)
             queries = matrix[rng.choice(len(matrix), min(recall_queries, len(matrix)), replace=False)]
             params, recall = tune_milvus_search(vectors, matrix, ids, queries, target_recall)

@@ -219,3 +219,34 @@ def test_unsupported_kind_is_refused_before_embedding(built: Built, tmp_path: Pa
     with pytest.raises(IndexStoreError, match="builds only"):
         build_index(options, built.embedder)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_service_engine_serves_a_milvus_index(built: Built) -> None:
+    from service.engine import Engine, SearchRequest
+    from service.settings import ServiceSettings
+
+    bundle = Path(read_info(built.milvus).bundle_path)
+    engines = {
+        name: Engine(ServiceSettings(bundle=bundle, index=folder, device="cpu", index_check_s=0, store=store))
+        for name, folder, store in (("faiss", built.faiss, None), ("milvus", built.milvus, "milvus"))
+    }
+    try:
+        for engine in engines.values():
+            engine.load()
+            assert engine.ready, engine.error
+        requests = [
+            SearchRequest("moderate NPDR in the right eye", 5),
+            SearchRequest("no diabetic retinopathy", 4, "record", Filters(exam_eye="left", icdr=[0, 1])),
+        ]
+        answers = {name: engine._run_text_searches(requests) for name, engine in engines.items()}
+    finally:
+        for engine in engines.values():
+            engine._model_pool.shutdown()
+    for served, expected in zip(answers["milvus"], answers["faiss"], strict=True):
+        assert [h.id for h in served.hits] == [h.id for h in expected.hits] and served.hits
+    wrong = Engine(ServiceSettings(bundle=bundle, index=built.faiss, device="cpu", index_check_s=0, store="milvus"))
+    try:
+        wrong.load()
+    finally:
+        wrong._model_pool.shutdown()
+    assert not wrong.ready and "--store milvus" in (wrong.error or "")
