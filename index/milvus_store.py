@@ -277,6 +277,7 @@ class MilvusVectors:
         try:
             client.create_collection(collection, schema=schema, index_params=index_params,
                                      consistency_level="Strong", timeout=TIMEOUT_S)
+            client.load_collection(collection, timeout=TIMEOUT_S)  # milvus-lite 3 does not load on create
         except Exception as error:
             raise MilvusStoreError(f"cannot create Milvus collection {collection!r} at {uri}: {error}") from None
         vectors = cls(client, normalise_uri(uri), collection, kind)
