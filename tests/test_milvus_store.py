@@ -250,3 +250,18 @@ def test_the_service_engine_serves_a_milvus_index(built: Built) -> None:
     finally:
         wrong._model_pool.shutdown()
     assert not wrong.ready and "--store milvus" in (wrong.error or "")
+
+
+def test_build_cli_with_the_milvus_store(built: Built, tmp_path: Path) -> None:
+    info = read_info(built.faiss)
+    common = ["build", "--bundle", info.bundle_path, "--archive", info.archive_root, "--chunk-size", "32"]
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "a"), "--store", "milvus"])
+    assert result.exit_code == 2 and "--milvus-uri" in result.output
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "b"), "--store", "milvus", "--milvus-uri",
+                                 str(tmp_path / "cli.db"), "--milvus-collection", "bad-name"])
+    assert result.exit_code == 2 and "bad-name" in result.output
+    result = runner.invoke(app, [*common, "--out", str(tmp_path / "c"), "--store", "milvus", "--milvus-uri",
+                                 str(tmp_path / "cli.db"), "--milvus-collection", "cli", "--kind", "flat"])
+    assert result.exit_code == 0, result.output
+    assert "Milvus at" in result.output and "cli_image, cli_record" in result.output
+    assert read_info(tmp_path / "c").milvus.collections["record"] == "cli_record"  # type: ignore[union-attr]
