@@ -265,3 +265,13 @@ def test_build_cli_with_the_milvus_store(built: Built, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "Milvus at" in result.output and "cli_image, cli_record" in result.output
     assert read_info(tmp_path / "c").milvus.collections["record"] == "cli_record"  # type: ignore[union-attr]
+
+
+def test_without_pymilvus_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from index.milvus_store import pymilvus_module
+
+    monkeypatch.setitem(sys.modules, "pymilvus", None)
+    with pytest.raises(MilvusStoreError, match=r"retina-align\[milvus\]"):
+        pymilvus_module()
