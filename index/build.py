@@ -87,6 +87,12 @@ class BuildOptions(BaseModel):
     runtime: Literal["onnxruntime", "openvino"] = "onnxruntime"  # index.runtimes.Runtime (not imported here)
     progress: bool = True
     seed: int = 0
+    store: Literal["faiss", "milvus"] = "faiss"
+    """Where the vectors go: FAISS files in `out`, or Milvus collections (`index.milvus_store`)."""
+    milvus_uri: str | None = None
+    """A milvus-lite file (`./retina.db`) or a server (`http://HOST:19530`); required with store milvus."""
+    milvus_collection: str = "retina"
+    """The collections' name prefix: `<prefix>_image` and `<prefix>_record`."""
 
 
 class PartialPlan(BaseModel):
@@ -328,6 +334,20 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
         chunk_size=options.chunk_size,
         batch_size=options.batch_size,
     )
+    if options.store == "milvus":
+        if not options.milvus_uri:
+            raise BuildError("--store milvus needs --milvus-uri (a ./file.db for milvus-lite, or http://HOST:19530)")
+        from index.milvus_store import check_kind, existing_collections
+
+        if options.kind != "auto":
+            check_kind(options.milvus_uri, options.kind)
+
+        taken = existing_collections(options.milvus_uri, options.milvus_collection)  # before anything is embedded
+        if taken:
+            raise BuildError(
+                f"Milvus at {options.milvus_uri} already has the collection(s) {', '.join(taken)}; choose another "
+                "--milvus-collection or drop them first"
+            )
     partial = _prepare_out(options, plan, console)
 
     all_ids = np.arange(n, dtype=np.int64)
@@ -362,16 +382,32 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
     sdrg = np.concatenate([r.sdrg for r in results])
 
     kind: IndexKind = choose_kind(len(ids), embedder.dim) if options.kind == "auto" else options.kind
-    console.print(f"indexing {len(ids):,} photographs ({kind})")
-    image_index, image_info = _vector_index(image_vectors, ids, kind, options)
-    record_index, record_info = _vector_index(record_vectors, ids, kind, options)
+    if options.store == "milvus" and options.kind == "auto":
+        from index.milvus_store import supported_kinds
+
+        if kind not in supported_kinds(options.milvus_uri or ""):
+            kind = "ivf"  # milvus-lite 2.5: FLAT or IVF_FLAT only
+    console.print(f"indexing {len(ids):,} photographs ({kind}, {options.store})")
+    rows = _metadata_rows(archive, ids, icdr, sdrg)
+    out = Path(options.out)
+    files = files_for(1, options.store)
+    milvus_info = None
+    if options.store == "milvus":
+        from index.milvus_store import write_collections
+
+        milvus_info, image_info, record_info = write_collections(
+            options.milvus_uri or "", options.milvus_collection, kind, ids, image_vectors, record_vectors, rows,
+            options.target_recall, options.seed,
+        )
+    else:
+        image_index, image_info = _vector_index(image_vectors, ids, kind, options)
+        record_index, record_info = _vector_index(record_vectors, ids, kind, options)
+        assert files.image is not None and files.record is not None
+        image_index.save(out / files.image)
+        record_index.save(out / files.record)
 
     metadata = MetadataTable.in_memory()
-    metadata.insert(_metadata_rows(archive, ids, icdr, sdrg))
-    out = Path(options.out)
-    files = files_for(1)
-    image_index.save(out / files.image)
-    record_index.save(out / files.record)
+    metadata.insert(rows)
     with atomic_target(out / files.metadata) as temp:
         metadata.write(temp)
     metadata.close()
@@ -386,6 +422,8 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
         counts=IndexCounts(archive_records=n, indexed=len(ids), skipped=len(skipped)),
         indexes={"image": image_info, "record": record_info},
         files=files,
+        store=options.store,
+        milvus=milvus_info,
         skipped=skipped,
         build_seconds=round(time.perf_counter() - started, 3),
         images_per_second=round(meter.rate(), 2),

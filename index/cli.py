@@ -59,26 +59,44 @@ def build(
     runtime: Annotated[
         str, typer.Option(help="onnxruntime, or openvino (CPU; the `openvino` extra; the bundle's INT8 IR if any).")
     ] = "onnxruntime",
+    store: Annotated[
+        str, typer.Option(help="faiss (files in OUT) or milvus (collections; the `milvus` extra).")
+    ] = "faiss",
+    milvus_uri: Annotated[
+        str | None, typer.Option(help="With --store milvus: a milvus-lite file (./retina.db) or http://HOST:19530.")
+    ] = None,
+    milvus_collection: Annotated[
+        str, typer.Option(help="With --store milvus: the collections' prefix (PREFIX_image, PREFIX_record).")
+    ] = "retina",
 ) -> None:
     """Embed every photograph of ARCHIVE with BUNDLE (image-only and record embeddings) into an index:
-    image.faiss, record.faiss, metadata.sqlite and index.json (written last)."""
+    image.faiss, record.faiss, metadata.sqlite and index.json (written last); with --store milvus the
+    vectors go to two Milvus collections instead of the .faiss files, and index.json records where."""
     if kind not in ("auto", "flat", "ivf", "hnsw", "ivfpq"):
         raise _fail(f"--kind must be auto, flat, ivf, hnsw or ivfpq, not {kind!r}")
+    if store not in ("faiss", "milvus"):
+        raise _fail(f"--store must be faiss or milvus, not {store!r}")
+    if store == "milvus" and not milvus_uri:
+        raise _fail("--store milvus needs --milvus-uri (a ./file.db for milvus-lite, or http://HOST:19530)")
     if runtime not in ("onnxruntime", "openvino"):
         raise _fail(f"--runtime must be onnxruntime or openvino, not {runtime!r}")
     kind_choice: KindChoice = kind  # type: ignore[assignment]
     options = BuildOptions(bundle=bundle, archive=archive, out=out, batch_size=batch_size, kind=kind_choice,
                            resume=resume, chunk_size=chunk_size, device="cpu" if cpu else "auto",
-                           runtime=runtime)  # type: ignore[arg-type]
+                           runtime=runtime, store=store, milvus_uri=milvus_uri,  # type: ignore[arg-type]
+                           milvus_collection=milvus_collection)
     from index.runtimes import RuntimeUnavailable  # onnxruntime: only for commands that embed
 
     try:
         info = build_index(options, console=console)
     except (BuildError, BundleError, ArchiveError, IndexStoreError) as error:
-        raise _fail(str(error)) from None
+        raise _fail(escape(str(error))) from None
     except RuntimeUnavailable as error:
         raise _fail(escape(str(error))) from None  # the extra's [brackets] are not rich markup
     table = Table(title=f"index {out}", show_header=False)
+    if info.milvus is not None:
+        collections = ", ".join(info.milvus.collections.values())
+        table.add_row("store", f"Milvus at {info.milvus.uri} ({info.milvus.server}): {collections}")
     table.add_row("bundle", f"{info.bundle_fingerprint} ({info.bundle_path})")
     table.add_row("archive", f"{info.archive_root}: {info.counts.archive_records:,} records")
     table.add_row("indexed", f"{info.counts.indexed:,} photographs, dim {info.dim}")
@@ -105,8 +123,12 @@ def query(
         typer.Option("--filter", help="FIELD=VALUE, repeatable: icdr, sdrg (icdr=2,3), exam_eye, age_min, age_max."),
     ] = None,
     bundle: Annotated[Path | None, typer.Option(help="The bundle (default: the one recorded in index.json).")] = None,
+    milvus_uri: Annotated[
+        str | None, typer.Option(help="A Milvus-backed index: reach its collections here, not at the recorded URI.")
+    ] = None,
 ) -> None:
-    """Search an index with a text or a photograph and print the nearest archived cases."""
+    """Search an index with a text or a photograph and print the nearest archived cases (FAISS- or
+    Milvus-backed: index.json says which)."""
     if (text is None) == (image is None):
         raise _fail("give exactly one of --text or --image")
     if against not in ("image", "record"):
@@ -116,15 +138,15 @@ def query(
         filters = parse_filters(filter_ or [])
         info = read_info(index)
     except (MetadataError, IndexStoreError) as error:
-        raise _fail(str(error)) from None
+        raise _fail(escape(str(error))) from None
 
     from index.embedder import Embedder  # onnxruntime: only for commands that embed
 
     try:
         embedder = Embedder(bundle or Path(info.bundle_path))
-        store = open_index(index, embedder)
+        store = open_index(index, embedder, milvus_uri=milvus_uri)
     except (BundleError, IndexStoreError) as error:
-        raise _fail(str(error)) from None
+        raise _fail(escape(str(error))) from None
     if text is not None:
         try:
             embedded = embedder.embed_texts([text])

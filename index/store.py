@@ -5,6 +5,10 @@
     INDEX/record.faiss      record embeddings (photograph + the archive's structured data)
     INDEX/metadata.sqlite   `index.metadata`: id -> image_id, photo path, labels, narrative
 
+With `store: "milvus"` (`retina-index build --store milvus`) the two vector indexes live in two Milvus
+collections instead of the .faiss files (`index.milvus_store`); `index.json` names their URI and
+collections, and the folder holds only the metadata table and `index.json`.
+
 Atomicity: every file is written atomically (`index.atomic`), and `index.json` is written last. A folder
 without `index.json` is an unfinished build, which `open_index` refuses. `IndexStore.save` never
 overwrites the files that `index.json` names: it writes the next generation's files under new names
@@ -47,20 +51,44 @@ class IndexStoreError(Exception):
     """An index folder that cannot be opened, or a change that cannot be made; the message says why."""
 
 
+StoreKind = Literal["faiss", "milvus"]
+
+
 class IndexFiles(BaseModel):
-    """The files of the current generation, relative to the index folder."""
+    """The files of the current generation, relative to the index folder (a Milvus-backed index has no
+    vector files: `image` and `record` are None)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str
-    record: str
+    image: str | None
+    record: str | None
     metadata: str
 
+    def names(self) -> list[str]:
+        """The file names of this generation (those that exist for its store)."""
+        return [name for name in (self.image, self.record, self.metadata) if name is not None]
 
-def files_for(generation: int) -> IndexFiles:
+
+def files_for(generation: int, store: StoreKind = "faiss") -> IndexFiles:
     """File names of a generation: plain names for the build (generation 1), suffixed after that."""
     suffix = "" if generation == 1 else f".g{generation}"
+    if store == "milvus":
+        return IndexFiles(image=None, record=None, metadata=f"metadata{suffix}.sqlite")
     return IndexFiles(image=f"image{suffix}.faiss", record=f"record{suffix}.faiss", metadata=f"metadata{suffix}.sqlite")
+
+
+class MilvusInfo(BaseModel):
+    """Where a Milvus-backed index keeps its vectors: the URI (a milvus-lite file, resolved, or a server
+    `http://HOST:19530`) and the collection of each embedding. Credentials are never recorded (a server's
+    token comes from the environment, `MILVUS_TOKEN`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str
+    collections: dict[Against, str]
+    pymilvus_version: str
+    server: str
+    """What answered the build: "milvus-lite X.Y.Z" or the server's version."""
 
 
 class VectorIndexInfo(BaseModel):
@@ -114,6 +142,9 @@ class IndexInfo(BaseModel):
     counts: IndexCounts
     indexes: dict[Against, VectorIndexInfo]
     files: IndexFiles
+    store: StoreKind = "faiss"
+    """Where the vectors are: the FAISS files of `files`, or the Milvus collections of `milvus`."""
+    milvus: MilvusInfo | None = None
     skipped: list[SkippedPhoto]
     build_seconds: float
     images_per_second: float
@@ -169,7 +200,7 @@ def read_info(folder: Path) -> IndexInfo:
 
 def file_digests(folder: Path, files: IndexFiles) -> dict[str, str]:
     """The integrity record of a generation's files: {file name: hex sha256}."""
-    return {name: sha256_of(Path(folder) / name) for name in files.model_dump().values()}
+    return {name: sha256_of(Path(folder) / name) for name in files.names()}
 
 
 class IndexIntegrityError(IndexStoreError):
@@ -209,7 +240,7 @@ def write_info(folder: Path, info: IndexInfo) -> None:
 
 def open_index(
     folder: Path, bundle: HasFingerprint | str | None, device: Literal["auto", "cpu"] = "auto",
-    in_memory: bool = False,
+    in_memory: bool = False, milvus_uri: str | None = None,
 ) -> IndexStore:
     """Open an index for the bundle `bundle` (an Embedder, or a bundle fingerprint; None skips the check).
 
@@ -220,6 +251,9 @@ def open_index(
 
     Raises IndexStoreError when the index was built with another bundle (naming both fingerprints), is
     unfinished, a file is not the one recorded (IndexIntegrityError), or its files disagree.
+
+    An index with `store: "milvus"` searches its Milvus collections (`index.milvus_store`, the `milvus`
+    extra); `milvus_uri` replaces the URI recorded in `index.json` (the same server seen from elsewhere).
     """
     folder = Path(folder)
     info = read_info(folder)
@@ -232,22 +266,23 @@ def open_index(
                 "built with or rebuild the index"
             )
     digests = info.sha256 or {}
-    if info.sha256 is not None and set(digests) != set(info.files.model_dump().values()):
+    if info.sha256 is not None and set(digests) != set(info.files.names()):
         raise IndexIntegrityError(f"{folder}: the integrity record of {INFO_FILE} does not name its files")
+    if info.store == "milvus":
+        from index.milvus_store import open_milvus_index  # pymilvus only for Milvus-backed indexes
+
+        return open_milvus_index(folder, info, _open_metadata(folder, info, in_memory), milvus_uri)
     try:
         files = info.files
+        if files.image is None or files.record is None:
+            raise IndexStoreError(f"{folder}: {INFO_FILE} names no FAISS files for a FAISS-backed index")
         image = VectorIndex.from_bytes(_verified_bytes(folder, files.image, digests.get(files.image)),
                                        folder / files.image, device)
         record = VectorIndex.from_bytes(_verified_bytes(folder, files.record, digests.get(files.record)),
                                         folder / files.record, device)
-        if in_memory:
-            metadata_bytes = _verified_bytes(folder, files.metadata, digests.get(files.metadata))
-            metadata = MetadataTable.from_bytes(metadata_bytes, folder / files.metadata)
-        else:  # opened on disk (to be changed): its digest is read in chunks, not the file into memory
-            _verify_file(folder, files.metadata, digests.get(files.metadata))
-            metadata = MetadataTable.open(folder / files.metadata)
-    except (VectorIndexError, MetadataError) as error:
+    except VectorIndexError as error:
         raise IndexStoreError(f"{folder}: {error}") from None
+    metadata = _open_metadata(folder, info, in_memory)
     counts = {"image.faiss": image.ntotal, "record.faiss": record.ntotal, "metadata": len(metadata)}
     if len(set(counts.values()) | {info.counts.indexed}) != 1:
         raise IndexStoreError(
@@ -255,6 +290,19 @@ def open_index(
             + ", ".join(f"{name} {count}" for name, count in counts.items())
         )
     return IndexStore(folder, info, image, record, metadata)
+
+
+def _open_metadata(folder: Path, info: IndexInfo, in_memory: bool) -> MetadataTable:
+    """The verified metadata table of an index (in memory, or read-only on disk)."""
+    name = info.files.metadata
+    expected = (info.sha256 or {}).get(name)
+    try:
+        if in_memory:
+            return MetadataTable.from_bytes(_verified_bytes(folder, name, expected), folder / name)
+        _verify_file(folder, name, expected)  # opened on disk (to be changed): its digest is read in chunks
+        return MetadataTable.open(folder / name)
+    except MetadataError as error:
+        raise IndexStoreError(f"{folder}: {error}") from None
 
 
 class IndexStore:
@@ -314,21 +362,7 @@ class IndexStore:
     ) -> None:
         """Add photographs: their ids, image and record embeddings (L2-normalised) and metadata rows (in
         the same order, `rows[i].id == ids[i]`). Ids and image_ids must be new. Call `save` to persist."""
-        identifiers = np.asarray(ids, dtype=np.int64).reshape(-1)
-        n = len(identifiers)
-        if not (len(image_vectors) == len(record_vectors) == len(rows) == n):
-            raise IndexStoreError(
-                f"add: {n} ids, {len(image_vectors)} image vectors, {len(record_vectors)} record vectors, "
-                f"{len(rows)} rows: they must be equal"
-            )
-        if [row.id for row in rows] != identifiers.tolist():
-            raise IndexStoreError("add: rows[i].id must equal ids[i]")
-        for name, vectors in (("image", image_vectors), ("record", record_vectors)):
-            norms = np.linalg.norm(np.asarray(vectors, dtype=np.float32).reshape(n, -1), axis=1)
-            if n and np.abs(norms - 1.0).max() > NORM_TOLERANCE:
-                raise IndexStoreError(
-                    f"add: {name} vectors must be L2-normalised (norms {norms.min():.3f}..{norms.max():.3f})"
-                )
+        identifiers = check_additions(ids, image_vectors, record_vectors, rows)
         with self._write_lock:
             try:
                 self.metadata.insert(rows)  # checks that ids and image_ids are new, atomically
@@ -348,16 +382,19 @@ class IndexStore:
         changing nothing, when an id is not in the index. Call `save` to persist."""
         identifiers = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
         with self._write_lock:
-            present = set(self.metadata.get(identifiers.tolist()))
-            unknown = [int(i) for i in identifiers if int(i) not in present]
-            if unknown:
-                more = " ..." if len(unknown) > 10 else ""
-                raise IndexStoreError(f"remove: ids not in the index: {unknown[:10]}{more}")
+            self._check_present(identifiers)
             self.image.remove(identifiers)
             self.record.remove(identifiers)
             removed = self.metadata.delete(identifiers.tolist())
             self._update_counts()
         return removed
+
+    def _check_present(self, identifiers: np.ndarray) -> None:
+        present = set(self.metadata.get(identifiers.tolist()))
+        unknown = [int(i) for i in identifiers if int(i) not in present]
+        if unknown:
+            more = " ..." if len(unknown) > 10 else ""
+            raise IndexStoreError(f"remove: ids not in the index: {unknown[:10]}{more}")
 
     def _update_counts(self) -> None:
         counts = self.info.counts.model_copy(update={"indexed": self.image.ntotal})
@@ -372,13 +409,12 @@ class IndexStore:
         then the previous generation's files are deleted."""
         with self._write_lock:
             generation = self.info.generation + 1
-            files = files_for(generation)
+            files = files_for(generation, self.info.store)
             old = self.info.files
-            for name in files.model_dump().values():  # leftovers of a save that crashed before its commit
+            for name in files.names():  # leftovers of a save that crashed before its commit
                 with contextlib.suppress(FileNotFoundError):
                     (self.folder / name).unlink()
-            self.image.save(self.folder / files.image)
-            self.record.save(self.folder / files.record)
+            self._save_vectors(files)
             with atomic_target(self.folder / files.metadata) as temp:
                 self.metadata.write(temp)
             info = self.info.model_copy(update={
@@ -389,6 +425,34 @@ class IndexStore:
             self.info = info
             self.metadata.close()
             self.metadata = MetadataTable.open(self.folder / files.metadata)
-            for name in old.model_dump().values():
+            for name in old.names():
                 with contextlib.suppress(FileNotFoundError):
                     (self.folder / name).unlink()
+
+    def _save_vectors(self, files: IndexFiles) -> None:
+        assert files.image is not None and files.record is not None
+        self.image.save(self.folder / files.image)
+        self.record.save(self.folder / files.record)
+
+
+def check_additions(
+    ids: np.ndarray, image_vectors: np.ndarray, record_vectors: np.ndarray, rows: list[MetadataRow]
+) -> np.ndarray:
+    """The ids of an `add` as int64, after checking that ids, vectors and rows agree and that the vectors
+    are L2-normalised; raises IndexStoreError saying what does not."""
+    identifiers = np.asarray(ids, dtype=np.int64).reshape(-1)
+    n = len(identifiers)
+    if not (len(image_vectors) == len(record_vectors) == len(rows) == n):
+        raise IndexStoreError(
+            f"add: {n} ids, {len(image_vectors)} image vectors, {len(record_vectors)} record vectors, "
+            f"{len(rows)} rows: they must be equal"
+        )
+    if [row.id for row in rows] != identifiers.tolist():
+        raise IndexStoreError("add: rows[i].id must equal ids[i]")
+    for name, vectors in (("image", image_vectors), ("record", record_vectors)):
+        norms = np.linalg.norm(np.asarray(vectors, dtype=np.float32).reshape(n, -1), axis=1)
+        if n and np.abs(norms - 1.0).max() > NORM_TOLERANCE:
+            raise IndexStoreError(
+                f"add: {name} vectors must be L2-normalised (norms {norms.min():.3f}..{norms.max():.3f})"
+            )
+    return identifiers

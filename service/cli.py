@@ -35,12 +35,20 @@ def serve(
         str | None,
         typer.Option(help="onnxruntime, or openvino (CPU, the `openvino` extra; env RETINA_RUNTIME; onnxruntime)."),
     ] = None,
+    store: Annotated[
+        str | None, typer.Option(help="faiss or milvus: the store INDEX must use (env RETINA_STORE; its index.json).")
+    ] = None,
+    milvus_uri: Annotated[
+        str | None,
+        typer.Option(help="A Milvus-backed INDEX: reach Milvus here, not at the recorded URI (env RETINA_MILVUS_URI)."),
+    ] = None,
 ) -> None:
     """Serve the search and grading API for BUNDLE and INDEX (flags win over RETINA_* variables).
     Other settings come from the environment: RETINA_API_KEY, RETINA_MAX_UPLOAD_MB, RETINA_DEVICE, ..."""
     if ctx.invoked_subcommand is not None:
         return
-    given = {"bundle": bundle, "index": index, "host": host, "port": port, "workers": workers, "runtime": runtime}
+    given = {"bundle": bundle, "index": index, "host": host, "port": port, "workers": workers, "runtime": runtime,
+             "store": store, "milvus_uri": milvus_uri}
     try:
         settings = ServiceSettings(**{name: value for name, value in given.items() if value is not None})
     except ValidationError as error:
@@ -74,6 +82,8 @@ def serve(
         "RETINA_BUNDLE": str(Path(settings.bundle).resolve()),
         "RETINA_INDEX": str(Path(settings.index).resolve()),
         "RETINA_RUNTIME": settings.runtime,
+        **({"RETINA_STORE": settings.store} if settings.store else {}),
+        **({"RETINA_MILVUS_URI": settings.milvus_uri} if settings.milvus_uri else {}),
     })
     uvicorn.run("service.app:create_app_from_environment", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, access_log=False, log_level=settings.log_level)

@@ -144,7 +144,7 @@ class Engine:
                 spin=self.settings.ort_spinning, runtime=self.settings.runtime,
             )
             stamp = self._stamp_of_folder()
-            store = open_index(Path(self.settings.index), embedder, in_memory=True)
+            store = self._open(Path(self.settings.index), embedder)
         except Exception as error:  # every load failure is reported by /readyz, never raised into uvicorn
             self.error = str(error)
             log.error("loading failed: %s", error)
@@ -174,10 +174,20 @@ class Engine:
             except Exception as error:  # the watcher must never die; the served generation stays valid
                 log.error("checking the index folder failed: %s", type(error).__name__)
 
+    def _open(self, folder: Path, embedder: Embedder) -> IndexStore:
+        """Open the index in memory (a Milvus-backed one at `milvus_uri` when set), checking its store."""
+        store = open_index(folder, embedder, in_memory=True, milvus_uri=self.settings.milvus_uri)
+        if self.settings.store is not None and store.info.store != self.settings.store:
+            raise IndexStoreError(
+                f"{folder}: the index uses the {store.info.store} store, but the service was started with "
+                f"--store {self.settings.store}"
+            )
+        return store
+
     def _stamp_of_folder(self) -> tuple[FileStamp, ...]:
         folder = Path(self.settings.index or ".")
         try:
-            names = list(read_info(folder).files.model_dump().values())
+            names = read_info(folder).files.names()
         except IndexStoreError:
             names = []
         return folder_stamp(folder, [INFO_FILE, *names])
@@ -197,7 +207,7 @@ class Engine:
         info_changed = stamp[0] != self._index_stamp[0]
         if info_changed:
             try:
-                fresh = open_index(folder, self.embedder, in_memory=True)
+                fresh = self._open(folder, self.embedder)
             except Exception as error:
                 self._warn(f"the index on disk changed and cannot be loaded ({error}); still serving generation "
                            f"{served.info.generation}, loaded and verified earlier")

@@ -21,6 +21,16 @@ class ServiceSettings(BaseSettings):
 
     bundle: Path | None = Field(default=None, description="The bundle folder (`retina-train export`).")
     index: Path | None = Field(default=None, description="The index folder (`retina-index build`).")
+    store: Literal["faiss", "milvus"] | None = Field(
+        default=None,
+        description="The store the index must use (its index.json says which; a mismatch fails the load). "
+        "None: either.",
+    )
+    milvus_uri: str | None = Field(
+        default=None,
+        description="A Milvus-backed index: reach its collections at this URI (a milvus-lite .db file or "
+        "http://HOST:19530) instead of the one recorded in index.json. milvus-lite: one process per file.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1, description="uvicorn worker processes, each with its own model copy.")

@@ -220,6 +220,8 @@ def load_mixture(options: BenchOptions, console: Console) -> ClusteredMixture:
     from index.vector_index import VectorIndex
 
     info = read_info(options.index)
+    if info.files.image is None:
+        raise ValueError(f"--index {options.index}: its vectors are in Milvus; give a FAISS-backed index")
     vectors_index = VectorIndex.load(options.index / info.files.image, device="cpu")
     vectors = vectors_index.reconstruct(vectors_index.ids())
     mixture = fit_mixture(vectors, seed=options.seed)
