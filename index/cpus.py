@@ -1,4 +1,5 @@
-"""How many CPUs this process may use: the default thread count of the model runtime.
+"""What CPU this is and how many of its cores this process may use (the default thread count of the
+model runtime), read at run time, never assumed.
 
 ONNX Runtime's own default is one thread per physical core of the machine, whatever the process may run
 on. Under `taskset`, a cpuset or a container CPU quota that oversubscribes the cores it has: measured on
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from pathlib import Path
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -38,3 +40,28 @@ def available_cpus() -> int:
         allowed = os.cpu_count() or 1
     limit = cgroup_cpu_limit()
     return max(1, min(allowed, limit) if limit is not None else allowed)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None where that file cannot be read, e.g. not Linux)."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (from /proc/cpuinfo; the platform's processor string elsewhere)."""
+    try:
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -489,11 +489,7 @@ class MilvusIndexStore(IndexStore):
         filter expression)."""
         vectors = self.milvus(against)
         scores, ids = vectors.search(queries, k, params or self.info.indexes[against].search, filters)
-        rows = self.metadata.get(ids[ids >= 0].tolist())
-        return [
-            [Hit(int(i), float(s), rows[int(i)]) for s, i in zip(score_row, id_row, strict=True) if int(i) in rows]
-            for score_row, id_row in zip(scores, ids, strict=True)
-        ]
+        return self._hits(scores, ids)
 
     def add(
         self, ids: np.ndarray, image_vectors: np.ndarray, record_vectors: np.ndarray, rows: list[MetadataRow]

@@ -27,6 +27,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from index.cpus import cpu_flags
+
 Runtime = Literal["onnxruntime", "openvino"]
 RUNTIMES: tuple[Runtime, ...] = ("onnxruntime", "openvino")
 Performance = Literal["latency", "throughput"]
@@ -67,15 +69,7 @@ def cpu_has_vnni(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU has VNNI or AMX int8 instructions (its /proc/cpuinfo flags; False where unreadable).
     Without them (x86 with AVX2 or AVX-512 only), int8 kernels multiply u8 x s8 pairs into saturating
     16-bit sums, and weights quantized to the full 8-bit range lose accuracy there."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return bool(VNNI_FLAGS & set(value.split()))
-    return False
+    return bool(VNNI_FLAGS & (cpu_flags(cpuinfo) or set()))
 
 
 def static_shape(dims: Sequence[object]) -> Shape:

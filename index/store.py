@@ -351,6 +351,10 @@ class IndexStore:
         index = self.vectors(against)
         allowed = self.metadata.allowed_ids(filters)
         scores, ids = index.search(queries, k, params or self.info.indexes[against].search, allowed)
+        return self._hits(scores, ids)
+
+    def _hits(self, scores: np.ndarray, ids: np.ndarray) -> list[list[Hit]]:
+        """Search results (scores, ids; id -1 for none) with their metadata rows; ids without a row are left out."""
         rows = self.metadata.get(ids[ids >= 0].tolist())
         return [
             [Hit(int(i), float(s), rows[int(i)]) for s, i in zip(score_row, id_row, strict=True) if int(i) in rows]

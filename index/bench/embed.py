@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from index import cpus
+from index.cpus import available_cpus, cpu_flags
 from index.quantize import quantize_int8
 
 if TYPE_CHECKING:
@@ -64,25 +66,15 @@ def has_module(name: str) -> bool:
 
 def cpu_threads() -> int:
     """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return available_cpus()
 
 
 def cpu_model() -> str:
     """The CPU's model name, and which of the matrix extensions that matter here it has."""
-    name, flags = "unknown CPU", set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name == "unknown CPU":
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
+    flags = cpu_flags() or set()
     wanted = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     present = [f for f in wanted if f in flags]
-    return f"{name} ({', '.join(present) or 'no AVX-512'})"
+    return f"{cpus.cpu_model()} ({', '.join(present) or 'no AVX-512'})"
 
 
 def throughput(call: Callable[[], object], items: int, seconds: float, min_repeats: int = 2) -> tuple[float, int]:
