@@ -73,9 +73,9 @@ def serve(
     console.print(f"retina-serve: open http://{shown}:{settings.port}/ (API docs at /docs)", highlight=False)
     if settings.workers == 1:
         from service.app import create_app
+        from service.server import serve as run_server
 
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=False,
-                    log_level=settings.log_level)
+        run_server(create_app(settings), settings.host, settings.port, settings.log_level)
         return
     # Several workers import the app by name in each process: settings travel as environment variables.
     os.environ.update({
