@@ -1,5 +1,7 @@
 """`docker compose up` for real: build both images, run the one-shot `prepare` job (a small demo) into a fresh
-volume, wait for the API's /readyz, call the three POST routes, tear everything down (volumes too).
+volume, wait for the API's /readyz, call the three POST routes; then the same project with replicas
+(compose.scale.yaml: two `api` replicas behind HAProxy) and a replica restarted under load; tear everything
+down (volumes too).
 
 Opt-in: RETINA_DOCKER_TEST=1 (`.ci/run` sets it when ../shared/tools/docker-local.sh is there). Needs a
 Docker engine and `docker-compose` (v1.29+) or the `docker compose` plugin. Containers are reached only
@@ -10,6 +12,7 @@ through a port published on 127.0.0.1. Timeouts (seconds) from the environment: 
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -21,13 +24,19 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# What a plain `docker compose up` reads (compose.override.yaml publishes the API's port), and the replicas.
+BASE_FILES = ("compose.yaml", "compose.override.yaml")
+SCALE_FILES = ("compose.yaml", "compose.scale.yaml")
+REPLICA_HEADER = "X-Retina-Replica"  # set by the load balancer (docker/haproxy.cfg): server slot and address
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("RETINA_DOCKER_TEST") != "1",
@@ -67,9 +76,14 @@ class Stack:
     project: str
     env: dict[str, str]
     base_url: str
+    files: tuple[str, ...] = field(default=BASE_FILES)
+
+    def _command(self, *args: str) -> list[str]:
+        files = [part for name in self.files for part in ("-f", str(ROOT / name))]
+        return [*self.compose, "-p", self.project, *files, *args]
 
     def run(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
-        command = [*self.compose, "-p", self.project, "-f", str(ROOT / "compose.yaml"), *args]
+        command = self._command(*args)
         try:
             result = subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, text=True,
                                     timeout=timeout)
@@ -82,8 +96,7 @@ class Stack:
         return result
 
     def logs(self, lines: int = 60) -> str:
-        command = [*self.compose, "-p", self.project, "-f", str(ROOT / "compose.yaml"), "logs", "--no-color",
-                   "--tail", str(lines)]
+        command = self._command("logs", "--no-color", "--tail", str(lines))
         try:
             result = subprocess.run(command, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=60)
         except subprocess.TimeoutExpired:
@@ -232,3 +245,120 @@ def test_grade(ready: Stack) -> None:
     assert status == 200, f"HTTP {status}: {body[:1000]!r}\n{ready.logs()}"
     answer = json.loads(body)
     assert answer["icdr"]["grade"] in range(5) and answer["modalities"] == ["image"], body[:1000]
+
+
+# --- replicas behind the load balancer (compose.scale.yaml) -------------------------------------------------
+
+REPLICAS = 2
+LOAD_CLIENTS = 8
+LOAD_SECONDS = 15.0
+RESTART_AFTER_S = 3.0
+QUERIES = (
+    "moderate non-proliferative diabetic retinopathy with hard exudates near the macula",
+    "proliferative diabetic retinopathy with new vessels at the disc, left eye",
+    "no diabetic retinopathy, normal fundus of a 45-year-old woman",
+)
+
+
+def _port(stack: Stack) -> int:
+    return int(stack.base_url.rsplit(":", 1)[1])
+
+
+def _replica_of(stack: Stack, path: str = "/readyz") -> tuple[int, str | None]:
+    """GET `path` through the load balancer on a new connection: the status and the replica that answered."""
+    connection = http.client.HTTPConnection("127.0.0.1", _port(stack), timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        return response.status, response.getheader(REPLICA_HEADER)
+    finally:
+        connection.close()
+
+
+def _wait_replicas_ready(stack: Stack, timeout: float) -> set[str]:
+    """Wait until /readyz, asked through the load balancer, has been answered 200 by REPLICAS distinct replicas."""
+    deadline = time.monotonic() + timeout
+    seen: set[str] = set()
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        try:
+            status, replica = _replica_of(stack)
+            last = f"HTTP {status} from {replica}"
+            if status == 200 and replica:
+                seen.add(replica)
+                if len(seen) >= REPLICAS:
+                    return seen
+        except (OSError, http.client.HTTPException) as error:
+            last = f"{type(error).__name__}: {error}"
+        time.sleep(0.25)
+    pytest.fail(f"/readyz through the load balancer was answered by {sorted(seen)} only within {timeout:.0f} s "
+                f"(want {REPLICAS} replicas; last: {last})\n{stack.logs()}")
+
+
+def _search_client(port: int, until: float, offset: int) -> tuple[int, Counter[str], Counter[str]]:
+    """POST /search/text on one keep-alive connection until `until`: (answers, errors by kind, answers per replica)."""
+    ok, errors, replicas = 0, Counter[str](), Counter[str]()
+    connection: http.client.HTTPConnection | None = None
+    i = offset
+    while time.monotonic() < until:
+        body = json.dumps({"text": QUERIES[i % len(QUERIES)], "k": 5}).encode()
+        i += 1
+        try:
+            if connection is None:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            connection.request("POST", "/search/text", body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status == 200 and json.loads(answer)["neighbours"]:
+                ok += 1
+                replicas[response.getheader(REPLICA_HEADER) or "?"] += 1
+            else:
+                errors[f"HTTP {response.status}"] += 1
+        except (OSError, http.client.HTTPException, ValueError) as error:
+            errors[type(error).__name__] += 1
+            if connection is not None:
+                connection.close()
+            connection = None
+    if connection is not None:
+        connection.close()
+    return ok, errors, replicas
+
+
+@pytest.fixture(scope="module")
+def replicas(ready: Stack) -> Stack:
+    """The same project (images, volume, demo) brought up with compose.scale.yaml and `--scale api=2`: the
+    replicas replace the single `api` container and HAProxy takes over the published port."""
+    ready.files = SCALE_FILES
+    ready.run("build", "lb", timeout=_timeout("RETINA_DOCKER_BUILD_TIMEOUT", 3600))
+    ready.run("up", "-d", "--scale", f"api={REPLICAS}", timeout=_timeout("RETINA_DOCKER_UP_TIMEOUT", 1200))
+    _wait_replicas_ready(ready, _timeout("RETINA_DOCKER_READY_TIMEOUT", 300))
+    return ready
+
+
+def test_replicas_behind_the_load_balancer_survive_a_restart(replicas: Stack) -> None:
+    """Two replicas both get traffic through HAProxy; one restarted under load costs the clients nothing
+    (the service drains on SIGTERM, HAProxy's health checks take it out and back in, and requests that
+    failed on it are sent again to the other replica)."""
+    api = replicas.run("ps", "-q", "api").stdout.split()
+    assert len(api) == REPLICAS, f"want {REPLICAS} api containers, got {api}\n{replicas.logs()}"
+    assert replicas.run("ps", "-q", "lb").stdout.strip(), f"no load balancer container\n{replicas.logs()}"
+
+    until = time.monotonic() + LOAD_SECONDS
+    with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
+        clients = [pool.submit(_search_client, _port(replicas), until, n) for n in range(LOAD_CLIENTS)]
+        time.sleep(RESTART_AFTER_S)
+        restart = subprocess.run(["docker", "restart", "-t", "10", api[0]], capture_output=True, text=True,
+                                 timeout=120)
+        results = [client.result() for client in clients]
+    assert restart.returncode == 0, f"docker restart failed: {restart.stderr}"
+    ok = sum(result[0] for result in results)
+    errors = sum((result[1] for result in results), Counter[str]())
+    served = sum((result[2] for result in results), Counter[str]())
+    summary = f"{ok} answers, errors {dict(errors)}, per replica {dict(served)}"
+    print(f"\nreplica restart under load ({LOAD_CLIENTS} clients, {LOAD_SECONDS:g} s): {summary}")
+    assert not errors, f"{summary}\n{replicas.logs()}"
+    assert ok >= 100, summary
+    assert len(served) >= REPLICAS, f"not every replica got traffic: {summary}"
+    # The restarted replica is back in rotation.
+    _wait_replicas_ready(replicas, 120)
