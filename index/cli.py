@@ -219,6 +219,50 @@ def bench(
         console.print(f"wrote {json_path}")
 
 
+@app.command("bench-scale")
+def bench_scale(
+    work: Annotated[Path, typer.Option(help="Folder for the shards and the index (10^7 x 256: ~31 GB at peak).")],
+    n: Annotated[str, typer.Option(help="Vectors to index (1e7).")] = "1e7",
+    dim: Annotated[int, typer.Option(min=2, help="Width of the vectors.")] = 256,
+    shard_size: Annotated[str, typer.Option(help="Vectors per shard.")] = "1e6",
+    kind: Annotated[str, typer.Option(help="ivf (IVF-Flat) or ivfpq.")] = "ivf",
+    pq_m: Annotated[int | None, typer.Option(min=1, help="ivfpq: bytes per vector (default: by memory).")] = None,
+    ondisk: Annotated[bool, typer.Option("--ondisk/--in-memory", help="Merge the lists into a mapped file.")] = True,
+    queries: Annotated[int, typer.Option(min=1, help="Timed single-query searches.")] = 1000,
+    tune_queries: Annotated[int, typer.Option(min=1, help="Queries used to choose nprobe (not timed).")] = 200,
+    target_recall: Annotated[float, typer.Option(min=0.0, max=1.0, help="recall@10 nprobe must reach.")] = 0.95,
+    threads: Annotated[int, typer.Option(min=1, help="FAISS threads while searching.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the vectors and the build.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Save the report to this JSON file.")] = None,
+) -> None:
+    """Build an index of N clustered vectors from shards, as the Ray engine does (train on a sample, add shard
+    by shard, merge the lists on disk), then time single queries against exact search: build time, sizes,
+    resident memory, p50/p99, recall@10."""
+    import json
+
+    from index.bench.scale import run_scale_bench
+    from index.cpus import cpu_model
+
+    if kind not in ("ivf", "ivfpq"):
+        raise _fail(f"--kind must be ivf or ivfpq, not {kind!r}")
+    try:
+        count, size = int(float(n)), int(float(shard_size))
+    except ValueError:
+        raise _fail(f"--n and --shard-size take numbers such as 1e7, not {n!r} / {shard_size!r}") from None
+
+    def progress(stage: str, done: int, total: int) -> None:
+        console.print(f"{stage}: {done}/{total}")
+
+    report = run_scale_bench(work, count, dim, size, kind, ondisk, queries, tune_queries,  # type: ignore[arg-type]
+                             target_recall, threads, seed, progress, pq_m)
+    report.cpu = cpu_model()
+    text = json.dumps(report.as_dict(), indent=1)
+    typer.echo(text)
+    if json_path is not None:
+        json_path.write_text(text + "\n")
+        console.print(f"wrote {json_path}")
+
+
 @app.command("import")
 def import_(
     images: Annotated[Path, typer.Option(help="The folder of photographs (not searched recursively).")],

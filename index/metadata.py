@@ -2,7 +2,7 @@
 
 Columns: `id` (int64, the FAISS id), `image_id`, `path` (the photo, relative to the archive root),
 `icdr`, `sdrg`, `exam_eye`, `patient_age` (the filterable fields, indexed), `labels` (JSON: ICDR, SDRG,
-eye, age, sex, camera, the pathology flags, and the model's predicted grade probabilities when the
+eye, age, sex, camera, image quality, the pathology flags, and the model's predicted grade probabilities when the
 builder stored them) and `narrative`.
 
 A table opened from a file is read-only; the first change copies it into memory, and `write` puts the
@@ -25,6 +25,7 @@ from index.records import PATHOLOGY_FIELDS, Eye, FundusRecord, Sex
 
 EyeName = Literal["right", "left"]
 SexName = Literal["male", "female"]
+QualityName = Literal["adequate", "inadequate"]
 
 MAX_RECORD_ID = 2**63 - 1
 """The largest id an index holds: FAISS ids and SQLite integers are signed 64-bit."""
@@ -71,6 +72,8 @@ class Labels(BaseModel):
     patient_age: float | None = None
     patient_sex: SexName | None = None
     camera: str | None = None
+    quality: QualityName | None = None
+    """The annotator's overall image quality (BRSET's `quality`)."""
     pathologies: dict[str, bool | None] = Field(default_factory=dict)
     predicted_icdr: list[float] | None = None
     """The model's ICDR grade probabilities for the record (photo + structured data)."""
@@ -157,6 +160,7 @@ def labels_of(record: FundusRecord) -> Labels:
         patient_age=record.patient_age,
         patient_sex=None if record.patient_sex is None else ("male" if record.patient_sex == Sex.MALE else "female"),
         camera=record.camera,
+        quality=None if record.quality_adequate is None else ("adequate" if record.quality_adequate else "inadequate"),
         pathologies={name: getattr(record, name) for name in PATHOLOGY_FIELDS},
     )
 

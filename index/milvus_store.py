@@ -4,14 +4,14 @@
 the two embeddings (image-only and record) into two collections, `<prefix>_image` and `<prefix>_record`,
 with the same int64 ids. URI is a milvus-lite file (`./retina.db`) or a server (`http://HOST:19530`).
 Each collection holds, besides `id` and `vector`, the archive's scalar fields (icdr, sdrg, exam_eye,
-patient_age, patient_sex, camera), each with an INVERTED scalar index, so filters run inside Milvus.
+patient_age, patient_sex, camera, quality), each with an INVERTED scalar index, so filters run inside Milvus.
 
 The metadata rows returned with hits (path, labels with the model's probabilities, narrative) stay in the
 index folder's SQLite table, as for FAISS: one verified copy of the rows, the same hit path for both
 stores, and no size limit of a Milvus VARCHAR on a narrative.
 
 Missing values: milvus-lite does not support nullable fields, so a missing grade is stored as -1, a missing
-age as -1.0 and a missing eye, sex or camera as "" (no filter value matches those; `age_max` also asks
+age as -1.0 and a missing eye, sex, camera or quality as "" (no filter value matches those; `age_max` also asks
 `patient_age >= 0`), so a row whose field is missing fails a condition on that field, as in SQLite.
 
 Filters become a Milvus boolean expression built from field names of this module only; the values are
@@ -46,7 +46,15 @@ from index.store import (
     VectorIndexInfo,
     check_additions,
 )
-from index.vector_index import HNSW_EF_CONSTRUCTION, HNSW_M, IndexKind, SearchParams, exact_search, recall_at_k
+from index.vector_index import (
+    HNSW_EF_CONSTRUCTION,
+    HNSW_M,
+    IndexKind,
+    SearchParams,
+    exact_search,
+    filtered_nprobe,
+    recall_at_k,
+)
 
 if TYPE_CHECKING:
     from pymilvus import MilvusClient
@@ -59,8 +67,10 @@ TEXT_LENGTH = 256
 INSERT_BATCH = 1000
 TIMEOUT_S = 60.0
 EF_CANDIDATES: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+DEFAULT_NPROBE = 8
+"""Milvus's nprobe when a search gives none."""
 NPROBE_CANDIDATES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
-SCALAR_FIELDS: tuple[str, ...] = ("icdr", "sdrg", "exam_eye", "patient_age", "patient_sex", "camera")
+SCALAR_FIELDS: tuple[str, ...] = ("icdr", "sdrg", "exam_eye", "patient_age", "patient_sex", "camera", "quality")
 _SAFE_TEXT = re.compile(r"[A-Za-z0-9 _.-]*")
 
 
@@ -221,6 +231,7 @@ def _scalars(row: MetadataRow) -> dict[str, Any]:
         "patient_age": MISSING_FLOAT if labels.patient_age is None else float(labels.patient_age),
         "patient_sex": labels.patient_sex or MISSING_TEXT,
         "camera": (labels.camera or MISSING_TEXT)[:TEXT_LENGTH],
+        "quality": labels.quality or MISSING_TEXT,
     }
 
 
@@ -268,7 +279,7 @@ class MilvusVectors:
         for name in ("icdr", "sdrg"):
             schema.add_field(name, data_type.INT64)
         schema.add_field("patient_age", data_type.DOUBLE)
-        for name in ("exam_eye", "patient_sex", "camera"):
+        for name in ("exam_eye", "patient_sex", "camera", "quality"):
             schema.add_field(name, data_type.VARCHAR, max_length=TEXT_LENGTH)
         index_params = client.prepare_index_params()
         index_params.add_index("vector", **index_parameters(kind, n_hint))
@@ -488,8 +499,20 @@ class MilvusIndexStore(IndexStore):
         """The `k` nearest indexed photographs of each query vector, restricted by `filters` (a Milvus
         filter expression)."""
         vectors = self.milvus(against)
-        scores, ids = vectors.search(queries, k, params or self.info.indexes[against].search, filters)
+        params = params or self.info.indexes[against].search
+        if vectors.kind in ("ivf", "ivfpq") and filters is not None and not filters.is_empty():
+            params = self._filtered_params(against, params, filters)
+        scores, ids = vectors.search(queries, k, params, filters)
         return self._hits(scores, ids)
+
+    def _filtered_params(self, against: Against, params: SearchParams, filters: Filters) -> SearchParams:
+        """nprobe raised for a selective filter (`filtered_nprobe`), sized by the metadata table's count of
+        allowed rows: Milvus's IVF, like FAISS's, otherwise meets few allowed vectors in its probed lists."""
+        allowed = self.metadata.allowed_ids(filters)
+        nlist = int(self.info.indexes[against].parameters.get("nlist", 1))  # as built
+        nprobe = filtered_nprobe(params.nprobe or DEFAULT_NPROBE, nlist, 0 if allowed is None else len(allowed),
+                                 self.milvus(against).ntotal)
+        return SearchParams(nprobe=nprobe, ef_search=params.ef_search)
 
     def add(
         self, ids: np.ndarray, image_vectors: np.ndarray, record_vectors: np.ndarray, rows: list[MetadataRow]

@@ -147,7 +147,8 @@ class Readiness(BaseModel):
     runtimes: dict[str, str] | None = Field(
         default=None, description="What runs each graph, with its precision, e.g. 'OpenVINO CPU int8'."
     )
-    faiss_device: str | None = None
+    vector_store: str | None = Field(default=None, description="Where the vectors are searched: faiss or milvus.")
+    faiss_device: str | None = Field(default=None, description="FAISS store: where searches run (cpu or gpu).")
     embedding_dim: int | None = None
     max_text_tokens: int | None = None
     icdr_names: list[str] | None = None

@@ -19,7 +19,7 @@ from bundle_factory import TinyBundle, tiny_bundle
 from index.archive.brset import read_archive
 from index.build import BuildOptions, build_index
 from index.metadata import MetadataTable
-from index.store import read_info
+from index.store import StoreKind, read_info
 from service.app import create_app
 from service.settings import ServiceSettings
 
@@ -43,14 +43,17 @@ def free_port() -> int:
 _indexes: dict[str, Path] = {}
 
 
-def tiny_index(factory: pytest.TempPathFactory) -> tuple[TinyBundle, Path]:
-    """The session's tiny bundle and an index of its archive, built on first use."""
+def tiny_index(factory: pytest.TempPathFactory, store: StoreKind = "faiss") -> tuple[TinyBundle, Path]:
+    """The session's tiny bundle and an index of its archive in `store` (Milvus: a milvus-lite file beside
+    the folder), built on first use."""
     tiny = tiny_bundle(factory)
-    if "tiny" not in _indexes:
-        out = factory.mktemp("service-index") / "index"
-        build_index(BuildOptions(bundle=tiny.bundle, archive=tiny.archive, out=out, batch_size=16, device="cpu"))
-        _indexes["tiny"] = out
-    return tiny, _indexes["tiny"]
+    if store not in _indexes:
+        out = factory.mktemp(f"service-index-{store}") / "index"
+        milvus_uri = str(out.parent / "retina.db") if store == "milvus" else None
+        build_index(BuildOptions(bundle=tiny.bundle, archive=tiny.archive, out=out, batch_size=16, device="cpu",
+                                 store=store, milvus_uri=milvus_uri))
+        _indexes[store] = out
+    return tiny, _indexes[store]
 
 
 def indexed_photo(index: Path, archive: Path) -> tuple[int, bytes]:

@@ -1,5 +1,6 @@
 """The HTTP service on a real uvicorn server: every endpoint, every bad input, the API key, metrics,
-logs free of patient data, and 50 concurrent requests."""
+logs free of patient data, and 50 concurrent requests. The tests of a served index run once for each
+vector store (FAISS files, and Milvus through milvus-lite) on indexes of the same archive."""
 
 from __future__ import annotations
 
@@ -24,11 +25,23 @@ from service.settings import ServiceSettings
 QUERY = "Left eye of a 61-year-old woman: moderate non-proliferative diabetic retinopathy with hard exudates."
 
 
+@pytest.fixture(scope="module", params=["faiss", "milvus"])
+def stored(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """(bundle, index, store): the session's tiny archive indexed in each store."""
+    from service_server import tiny_index
+
+    store = request.param
+    if store == "milvus":
+        pytest.importorskip("pymilvus", reason="the Milvus store needs the milvus extra")
+    tiny, index = tiny_index(tmp_path_factory, store)
+    return tiny.bundle, index, store
+
+
 @pytest.fixture(scope="module")
-def served(paths: tuple[Path, Path, Path]) -> Iterator[Served]:
-    bundle, index, _ = paths
+def served(stored: tuple[Path, Path, str]) -> Iterator[Served]:
+    bundle, index, store = stored
     settings = ServiceSettings(bundle=bundle, index=index, device="cpu", max_upload_mb=1.0,
-                               max_image_pixels=4_000_000, max_text_chars=2_000, max_k=50)
+                               max_image_pixels=4_000_000, max_text_chars=2_000, max_k=50, store=store)
     with serve(settings) as server:
         yield server
 
@@ -46,15 +59,17 @@ def _post_image(url: str, route: str, data: bytes, name: str = "photo.jpg", **fo
 # --- the endpoints ------------------------------------------------------------------------------------
 
 
-def test_health_and_readiness(served: Served, paths: tuple[Path, Path, Path]) -> None:
+def test_health_and_readiness(served: Served, stored: tuple[Path, Path, str]) -> None:
     assert httpx.get(served.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(served.url + "/readyz").json()
-    info = read_info(paths[1])
+    info = read_info(stored[1])
+    assert info.store == stored[2]
     assert ready["ready"] is True
     assert ready["bundle_fingerprint"] == ready["index_fingerprint"] == info.bundle_fingerprint
     assert ready["index_size"] == info.counts.indexed > 0
     assert set(ready["providers"].values()) == {"CPUExecutionProvider"}
-    assert ready["faiss_device"] == "cpu" and len(ready["icdr_names"]) == 5
+    assert ready["vector_store"] == stored[2] and len(ready["icdr_names"]) == 5
+    assert ready["faiss_device"] == ("cpu" if stored[2] == "faiss" else None)
 
 
 def test_text_search_returns_neighbours_and_grades(served: Served) -> None:
@@ -90,12 +105,12 @@ def test_text_search_filters_and_record_embeddings(served: Served) -> None:
 
 
 def test_image_search_matches_the_bare_model(served: Served, photo: tuple[int, bytes],
-                                             paths: tuple[Path, Path, Path]) -> None:
+                                             stored: tuple[Path, Path, str]) -> None:
     photo_id, data = photo
     response = _post_image(served.url, "/search/image", data, k="5", filters='{"exam_eye": null}')
     assert response.status_code == 200, response.text
-    embedder = Embedder(paths[0], device="cpu")
-    expected = open_index(paths[1], embedder).search(embedder.embed_images([decode_image(data)]), 5)[0]
+    embedder = Embedder(stored[0], device="cpu")
+    expected = open_index(stored[1], embedder).search(embedder.embed_images([decode_image(data)]), 5)[0]
     neighbours = response.json()["neighbours"]
     assert [n["id"] for n in neighbours] == [hit.id for hit in expected]
     assert [n["score"] for n in neighbours] == pytest.approx([hit.score for hit in expected], abs=1e-5)
