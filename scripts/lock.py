@@ -13,7 +13,7 @@ python:3.11-slim images) against PyPI.
 | lock                  | installed by                                  | what                                        |
 |-----------------------|-----------------------------------------------|---------------------------------------------|
 | dev.txt               | `make setup` (so `make test`, `.ci/run`)      | core + train + serve + dev + openvino +     |
-|                       |                                               | milvus, the torch pair                      |
+|                       |                                               | milvus + cluster, the torch pair            |
 | serve.txt             | docker/Dockerfile.serve (EXTRAS=serve)        | core + serve, no torch                      |
 | serve-gpu.txt         | docker/Dockerfile.serve (EXTRAS=serve,gpu)    | core + serve + gpu, less onnxruntime and    |
 |                       |                                               | faiss-cpu (the GPU builds replace them)     |
@@ -77,8 +77,9 @@ class Lock:
 
 
 DEV = Lock(
-    "dev.txt", ("train", "serve", "dev", "openvino", "milvus"), ("torch.in", "build.in"),
-    "`make setup` (and so `make test`, .ci/run): core + train + serve + dev + openvino + milvus, the torch pair.\n"
+    "dev.txt", ("train", "serve", "dev", "openvino", "milvus", "cluster"), ("torch.in", "build.in"),
+    "`make setup` (and so `make test`, .ci/run): core + train + serve + dev + openvino + milvus + cluster,\n"
+    "the torch pair.\n"
     "pip install --require-hashes -r requirements/dev.txt && pip install --no-deps --no-build-isolation -e .",
     constrained=False,
 )
