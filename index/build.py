@@ -6,11 +6,15 @@ image-only (what the photograph shows) and, through the grader from the same ima
 (photograph + structured data, with the model's ICDR/SDRG probabilities). A record whose photo is
 missing or cannot be decoded is skipped, with the reason, and the build goes on.
 
-Resumable: records are embedded in chunks of `chunk_size` consecutive ids; each finished chunk is written
-to `INDEX/.partial/chunk-NNNNN.npz` (ids, vectors, probabilities) and then `chunk-NNNNN.json` (the ids it
-covers, the photos it skipped) as its completion marker, both atomically. `--resume` checks that the
-partial build used the same bundle, archive labels and chunk size, and skips finished chunks; chunks and
-batches are the same in every run, so a resumed build gives the same vectors as an uninterrupted one.
+Three steps: plan (the chunks of `chunk_size` consecutive ids), prepare (the output folder and its
+`.partial/`), then an engine (`index.engines`: `local`, this process, or `ray`, an actor pool on a Ray
+cluster) embeds the chunks still to do, each into its shard (`index.shards`: `INDEX/.partial/chunk-NNNNN.npz`
+and its completion marker `chunk-NNNNN.json`, both atomic), and this module assembles the index from the
+shards. Both engines write the same shards, so they give the same index.
+
+Resumable: `--resume` checks that the partial build used the same bundle, archive labels and chunk size,
+and embeds only the chunks without a finished shard; chunks and batches are the same in every run (and in
+both engines), so a resumed build gives the same vectors as an uninterrupted one.
 
 Never half-written: the index files are written atomically one by one and `index.json`, the commit
 marker, last (see `index.store`); until it exists `open_index` refuses the folder as an unfinished build.
@@ -21,29 +25,27 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from index.archive.brset import Archive, read_archive
 from index.atomic import atomic_target, write_text_atomic
-from index.bundle import now_iso, sha256_of
+from index.bundle import Manifest, now_iso, read_manifest, sha256_of
+from index.engines import ChunkSummary, ChunkTodo, EngineError, EngineReport
+from index.engines import local as local_engine
 from index.metadata import MetadataRow, MetadataTable, row_of
-from index.preprocess import ImageDecodeError, decode_image
-from index.records import FundusRecord
+from index.shards import ChunkResult, archive_items, is_finished, load_chunk
 from index.store import (
     INDEX_SCHEMA_VERSION,
     PARTIAL_DIR,
     IndexCounts,
     IndexInfo,
-    SkippedPhoto,
     VectorIndexInfo,
     file_digests,
     files_for,
@@ -61,7 +63,9 @@ if TYPE_CHECKING:
     from index.embedder import Embedder
 
 KindChoice = Literal["auto", "flat", "ivf", "hnsw", "ivfpq"]
+EngineChoice = Literal["local", "ray"]
 PLAN_FILE = "plan.json"
+CLUSTER_INSTALL = "pip install 'retina-align[cluster]'"
 RECALL_QUERIES = 1000
 """How many indexed vectors (sampled) serve as queries when measuring an approximate index's recall."""
 
@@ -93,6 +97,29 @@ class BuildOptions(BaseModel):
     """A milvus-lite file (`./retina.db`) or a server (`http://HOST:19530`); required with store milvus."""
     milvus_collection: str = "retina"
     """The collections' name prefix: `<prefix>_image` and `<prefix>_record`."""
+    engine: EngineChoice = "local"
+    """Who embeds the chunks: this process, or an actor pool on a Ray cluster (`index.engines`)."""
+    address: str | None = None
+    """The Ray cluster (engine ray): anything `ray.init` accepts; None starts a local Ray."""
+    workers: int | None = Field(default=None, ge=1)
+    """Actors in the Ray pool (engine ray); None: as many as the cluster's CPUs (or GPUs) allow."""
+    cpus_per_worker: int = Field(default=1, ge=1)
+    """CPUs each Ray actor reserves, and its ONNX Runtime threads (engine ray)."""
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    """GPUs each Ray actor reserves (engine ray); with a GPU it runs on CUDA where onnxruntime-gpu is installed."""
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> BuildOptions:
+        if self.engine != "ray":
+            given = [flag for flag, value in (("--address", self.address), ("--workers", self.workers),
+                                              ("--cpus-per-worker", self.cpus_per_worker != 1),
+                                              ("--gpus-per-worker", self.gpus_per_worker))
+                     if value]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to --engine ray")
+        if self.gpus_per_worker and self.device == "cpu":
+            raise ValueError("--gpus-per-worker and --cpu contradict each other")
+        return self
 
 
 class PartialPlan(BaseModel):
@@ -105,145 +132,6 @@ class PartialPlan(BaseModel):
     records: int
     chunk_size: int
     batch_size: int
-
-
-class ChunkDone(BaseModel):
-    """`.partial/chunk-NNNNN.json`: a finished chunk (written after its .npz)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    chunk: int
-    ids: list[int]
-    """The ids this chunk covers (embedded or skipped)."""
-    skipped: list[SkippedPhoto]
-    seconds: float
-
-
-@dataclass
-class ChunkResult:
-    """What embedding one chunk produced."""
-
-    ids: np.ndarray
-    image: np.ndarray
-    record: np.ndarray
-    icdr: np.ndarray
-    sdrg: np.ndarray
-    skipped: list[SkippedPhoto]
-
-
-def load_photo(archive: Archive, record: FundusRecord) -> Image.Image | str:
-    """The decoded photograph of a record, or the reason it cannot be used."""
-    path = archive.photo_path(record.image_id)
-    if path is None:
-        return f"no photo file in {archive.photos_dir}"
-    try:
-        return decode_image(path)
-    except ImageDecodeError as error:
-        return f"{path.name}: {error}"
-    except OSError as error:
-        return f"{path.name}: cannot read ({error.strerror or error})"
-
-
-def embed_chunk(
-    embedder: Embedder,
-    archive: Archive,
-    ids: np.ndarray,
-    batch_size: int,
-    on_batch: Callable[[int], None] | None = None,
-) -> ChunkResult:
-    """Embed the records `ids` (row numbers of the archive), batch by batch; only one batch of decoded
-    photographs is in memory at a time. `on_batch(n)` reports each batch's size."""
-    kept: list[int] = []
-    image_parts, record_parts, icdr_parts, sdrg_parts = [], [], [], []
-    skipped: list[SkippedPhoto] = []
-    for start in range(0, len(ids), batch_size):
-        batch_ids = ids[start : start + batch_size]
-        images: list[Image.Image] = []
-        records: list[FundusRecord] = []
-        for identifier in batch_ids:
-            record = archive.records[int(identifier)]
-            photo = load_photo(archive, record)
-            if isinstance(photo, str):
-                skipped.append(SkippedPhoto(id=int(identifier), image_id=record.image_id, reason=photo))
-                continue
-            images.append(photo)
-            records.append(record)
-            kept.append(int(identifier))
-        if images:
-            embedded = embedder.embed_records(images, records, batch_size)
-            image_parts.append(embedded.image_vectors)
-            record_parts.append(embedded.record_vectors)
-            icdr_parts.append(embedded.icdr)
-            sdrg_parts.append(embedded.sdrg)
-        if on_batch is not None:
-            on_batch(len(batch_ids))
-    dim = embedder.dim
-    classes = len(embedder.manifest.icdr_names)
-
-    def stack(parts: list[np.ndarray], width: int) -> np.ndarray:
-        return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, width), np.float32)
-
-    return ChunkResult(
-        ids=np.asarray(kept, dtype=np.int64),
-        image=stack(image_parts, dim),
-        record=stack(record_parts, dim),
-        icdr=stack(icdr_parts, classes),
-        sdrg=stack(sdrg_parts, classes),
-        skipped=skipped,
-    )
-
-
-@dataclass
-class _Meter:
-    """Embedding throughput of this run: photographs (decoded + both embeddings) per second."""
-
-    images: int = 0
-    seconds: float = 0.0
-    _since: float | None = None
-
-    def start(self) -> None:
-        self._since = time.perf_counter()
-
-    def stop(self) -> float:
-        elapsed = time.perf_counter() - (self._since or time.perf_counter())
-        self.seconds += elapsed
-        self._since = None
-        return elapsed
-
-    def rate(self) -> float:
-        running = time.perf_counter() - self._since if self._since is not None else 0.0
-        total = self.seconds + running
-        return self.images / total if total > 0 else 0.0
-
-
-def _chunk_paths(partial: Path, chunk: int) -> tuple[Path, Path]:
-    return partial / f"chunk-{chunk:05d}.npz", partial / f"chunk-{chunk:05d}.json"
-
-
-def _save_chunk(partial: Path, chunk: int, result: ChunkResult, seconds: float, covered: np.ndarray) -> None:
-    arrays_path, done_path = _chunk_paths(partial, chunk)
-    with atomic_target(arrays_path) as temp:
-        with temp.open("wb") as handle:
-            np.savez(
-                handle, ids=result.ids, image=result.image, record=result.record, icdr=result.icdr, sdrg=result.sdrg
-            )
-    done = ChunkDone(chunk=chunk, ids=covered.tolist(), skipped=result.skipped, seconds=seconds)
-    write_text_atomic(done_path, done.model_dump_json() + "\n")
-
-
-def _load_chunk(partial: Path, chunk: int, covered: np.ndarray) -> ChunkResult | None:
-    """A finished chunk, or None when it is not finished (or its marker does not match)."""
-    arrays_path, done_path = _chunk_paths(partial, chunk)
-    if not (done_path.is_file() and arrays_path.is_file()):
-        return None
-    done = ChunkDone.model_validate_json(done_path.read_text())
-    if done.ids != covered.tolist():
-        return None
-    with np.load(arrays_path) as data:
-        return ChunkResult(
-            ids=data["ids"], image=data["image"], record=data["record"], icdr=data["icdr"], sdrg=data["sdrg"],
-            skipped=done.skipped,
-        )
 
 
 def _prepare_out(options: BuildOptions, plan: PartialPlan, console: Console) -> Path:
@@ -277,11 +165,45 @@ def _prepare_out(options: BuildOptions, plan: PartialPlan, console: Console) -> 
     return partial
 
 
+class _Progress:
+    """The build's progress bar: photographs, chunks done, and this run's images/s (wall clock since the
+    engine started; photographs of resumed chunks count toward the bar, not the rate)."""
+
+    def __init__(self, progress: Progress, total: int, chunks: int) -> None:
+        self.progress = progress
+        self.task = progress.add_task("embedding", total=total, rate=0.0, chunks=f"0/{chunks}")
+        self.chunks_total = chunks
+        self.chunks_done = 0
+        self.done = 0
+        self.started = time.perf_counter()
+
+    def resumed(self, photos: int) -> None:
+        """A chunk finished in an earlier run."""
+        self.chunks_done += 1
+        self.progress.update(self.task, advance=photos, chunks=f"{self.chunks_done}/{self.chunks_total}")
+
+    def start(self) -> None:
+        """The engine starts now: the rate counts from here."""
+        self.started = time.perf_counter()
+
+    def photos(self, count: int) -> None:
+        """`count` more photographs were processed (embedded or skipped)."""
+        self.done += count
+        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, advance=count, rate=rate)
+
+    def chunk(self, summary: ChunkSummary) -> None:
+        """A chunk's shard was written."""
+        self.chunks_done += 1
+        self.progress.update(self.task, chunks=f"{self.chunks_done}/{self.chunks_total}")
+
+
 def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(
         TextColumn("[bold]embedding"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("chunks {task.fields[chunks]}"),
         TextColumn("{task.fields[rate]:>6.1f} images/s"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
@@ -314,21 +236,24 @@ def _vector_index(
 
 def build_index(options: BuildOptions, embedder: Embedder | None = None, console: Console | None = None) -> IndexInfo:
     """Build (or, with `options.resume`, finish) an index; returns its `index.json`. `embedder` may be
-    passed in (it must be the bundle at `options.bundle`)."""
+    passed in (it must be the bundle at `options.bundle`; the local engine embeds with it, the Ray engine's
+    actors open their own)."""
     started = time.perf_counter()
     console = console or Console(stderr=True)
-    if embedder is None:
+    ray_engine = _ray_engine() if options.engine == "ray" else None  # before anything is written
+    if embedder is None and options.engine == "local":
         from index.embedder import Embedder  # onnxruntime is loaded only when a build really runs
 
         # OpenVINO's throughput hint: a build's batches are split over parallel streams (ONNX Runtime ignores it).
         embedder = Embedder(options.bundle, device="cpu" if options.device == "cpu" else "auto",
                             runtime=options.runtime, performance="throughput")
+    manifest: Manifest = embedder.manifest if embedder is not None else read_manifest(options.bundle)
     archive = read_archive(options.archive, check_photos=False)
     n = len(archive.records)
     if n == 0:
         raise BuildError(f"{archive.labels_path}: no records to index")
     plan = PartialPlan(
-        bundle_fingerprint=embedder.fingerprint,
+        bundle_fingerprint=manifest.fingerprint,
         labels_sha256=sha256_of(archive.labels_path),
         records=n,
         chunk_size=options.chunk_size,
@@ -352,26 +277,34 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
 
     all_ids = np.arange(n, dtype=np.int64)
     chunks = [all_ids[start : start + options.chunk_size] for start in range(0, n, options.chunk_size)]
-    results: list[ChunkResult] = []
-    meter = _Meter()
-    with _progress(console, options.progress) as progress:
-        task = progress.add_task("embedding", total=n, rate=0.0)
-
-        def advance(count: int) -> None:
-            meter.images += count
-            progress.update(task, advance=count, rate=meter.rate())
-
+    with _progress(console, options.progress) as bar:
+        progress = _Progress(bar, n, len(chunks))
+        todo: list[ChunkTodo] = []
         for number, covered in enumerate(chunks):
-            result = _load_chunk(partial, number, covered) if options.resume else None
-            if result is None:
-                meter.start()
-                result = embed_chunk(embedder, archive, covered, options.batch_size, advance)
-                seconds = meter.stop()
-                _save_chunk(partial, number, result, seconds, covered)
+            if options.resume and is_finished(partial, number, covered.tolist()):
+                progress.resumed(len(covered))
             else:
-                progress.update(task, advance=len(covered))
-            results.append(result)
+                todo.append(ChunkTodo(number, archive_items(archive, covered)))
+        try:
+            if ray_engine is not None:
+                settings = ray_engine.RaySettings(
+                    bundle=options.bundle, fingerprint=manifest.fingerprint, batch_size=options.batch_size,
+                    device=options.device, runtime=options.runtime, address=options.address, workers=options.workers,
+                    cpus_per_worker=options.cpus_per_worker, gpus_per_worker=options.gpus_per_worker,
+                )
+                report: EngineReport = ray_engine.embed_chunks(todo, partial, settings, progress, console)
+            else:
+                assert embedder is not None
+                report = local_engine.embed_chunks(embedder, todo, partial, options.batch_size, progress)
+        except EngineError as error:
+            raise BuildError(str(error)) from None
 
+    results: list[ChunkResult] = []
+    for number, covered in enumerate(chunks):
+        result = load_chunk(partial, number, covered.tolist())
+        if result is None:
+            raise BuildError(f"chunk {number} has no finished shard in {partial} after the {options.engine} engine ran")
+        results.append(result)
     ids = np.concatenate([r.ids for r in results])
     skipped = [photo for r in results for photo in r.skipped]
     if len(ids) == 0:
@@ -381,7 +314,7 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
     icdr = np.concatenate([r.icdr for r in results])
     sdrg = np.concatenate([r.sdrg for r in results])
 
-    kind: IndexKind = choose_kind(len(ids), embedder.dim) if options.kind == "auto" else options.kind
+    kind: IndexKind = choose_kind(len(ids), manifest.embedding_dim) if options.kind == "auto" else options.kind
     if options.store == "milvus" and options.kind == "auto":
         from index.milvus_store import supported_kinds
 
@@ -415,10 +348,10 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
         schema_version=INDEX_SCHEMA_VERSION,
         created=now_iso(),
         generation=1,
-        bundle_fingerprint=embedder.fingerprint,
+        bundle_fingerprint=manifest.fingerprint,
         bundle_path=str(Path(options.bundle).resolve()),
         archive_root=str(archive.root.resolve()),
-        dim=embedder.dim,
+        dim=manifest.embedding_dim,
         counts=IndexCounts(archive_records=n, indexed=len(ids), skipped=len(skipped)),
         indexes={"image": image_info, "record": record_info},
         files=files,
@@ -426,14 +359,26 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
         milvus=milvus_info,
         skipped=skipped,
         build_seconds=round(time.perf_counter() - started, 3),
-        images_per_second=round(meter.rate(), 2),
-        providers=dict(embedder.providers),
-        runtimes=dict(embedder.runtimes),
+        images_per_second=round(report.images_per_second, 2),
+        providers=report.providers,
+        runtimes=report.runtimes,
         sha256=file_digests(out, files),
     )
     write_info(out, info)  # the commit
     shutil.rmtree(partial, ignore_errors=True)
     return info
+
+
+def _ray_engine() -> ModuleType:
+    """`index.engines.ray_engine`, or BuildError naming the extra that installs Ray."""
+    try:
+        from index.engines import ray_engine
+    except ImportError as error:
+        if (error.name or "").split(".")[0] != "ray":
+            raise
+        raise BuildError(f"--engine ray needs Ray (Ray Data), which is not installed: install the cluster extra: "
+                         f"{CLUSTER_INSTALL}") from None
+    return ray_engine
 
 
 def _metadata_rows(archive: Archive, ids: np.ndarray, icdr: np.ndarray, sdrg: np.ndarray) -> list[MetadataRow]:

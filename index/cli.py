@@ -68,10 +68,27 @@ def build(
     milvus_collection: Annotated[
         str, typer.Option(help="With --store milvus: the collections' prefix (PREFIX_image, PREFIX_record).")
     ] = "retina",
+    engine: Annotated[
+        str, typer.Option(help="local (this process) or ray (an actor pool on a Ray cluster; the `cluster` extra).")
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(help="With --engine ray: the cluster (auto, HOST:6379, ray://HOST:10001); default: a local Ray."),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="With --engine ray: actors in the pool (default: as the cluster allows).")
+    ] = None,
+    cpus_per_worker: Annotated[
+        int | None, typer.Option(min=1, help="With --engine ray: CPUs per actor, its ONNX Runtime threads (default 1).")
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(min=0.0, help="With --engine ray: GPUs per actor (default 0: CPU).")
+    ] = None,
 ) -> None:
     """Embed every photograph of ARCHIVE with BUNDLE (image-only and record embeddings) into an index:
     image.faiss, record.faiss, metadata.sqlite and index.json (written last); with --store milvus the
-    vectors go to two Milvus collections instead of the .faiss files, and index.json records where."""
+    vectors go to two Milvus collections instead of the .faiss files, and index.json records where.
+    With --engine ray an actor pool on a Ray cluster embeds the chunks (the same shards, the same index)."""
     if kind not in ("auto", "flat", "ivf", "hnsw", "ivfpq"):
         raise _fail(f"--kind must be auto, flat, ivf, hnsw or ivfpq, not {kind!r}")
     if store not in ("faiss", "milvus"):
@@ -80,11 +97,22 @@ def build(
         raise _fail("--store milvus needs --milvus-uri (a ./file.db for milvus-lite, or http://HOST:19530)")
     if runtime not in ("onnxruntime", "openvino"):
         raise _fail(f"--runtime must be onnxruntime or openvino, not {runtime!r}")
+    if engine not in ("local", "ray"):
+        raise _fail(f"--engine must be local or ray, not {engine!r}")
+    ray_flags = {"--address": address, "--workers": workers, "--cpus-per-worker": cpus_per_worker,
+                 "--gpus-per-worker": gpus_per_worker}
+    given = [flag for flag, value in ray_flags.items() if value is not None]
+    if engine != "ray" and given:
+        raise _fail(f"{', '.join(given)} only apply to --engine ray")
+    if cpu and gpus_per_worker:
+        raise _fail("--gpus-per-worker and --cpu contradict each other")
     kind_choice: KindChoice = kind  # type: ignore[assignment]
     options = BuildOptions(bundle=bundle, archive=archive, out=out, batch_size=batch_size, kind=kind_choice,
                            resume=resume, chunk_size=chunk_size, device="cpu" if cpu else "auto",
                            runtime=runtime, store=store, milvus_uri=milvus_uri,  # type: ignore[arg-type]
-                           milvus_collection=milvus_collection)
+                           milvus_collection=milvus_collection, engine=engine,  # type: ignore[arg-type]
+                           address=address, workers=workers, cpus_per_worker=cpus_per_worker or 1,
+                           gpus_per_worker=gpus_per_worker or 0.0)
     from index.runtimes import RuntimeUnavailable  # onnxruntime: only for commands that embed
 
     try:

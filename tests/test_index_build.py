@@ -13,14 +13,15 @@ import pytest
 from bundle_factory import tiny_bundle
 from typer.testing import CliRunner
 
-from index import build as build_module
 from index import store as store_module
 from index.archive.brset import read_archive
 from index.build import BuildError, BuildOptions, build_index
 from index.cli import app
 from index.embedder import Embedder
+from index.engines import local as local_engine
 from index.metadata import Filters, MetadataRow
 from index.preprocess import decode_image
+from index.shards import ChunkResult
 from index.store import IndexStoreError, open_index, read_info
 
 CHUNK = 16  # 64 records -> 4 chunks
@@ -165,17 +166,17 @@ def test_resume_after_a_crash_gives_identical_vectors(
     setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "index"
-    real = build_module.embed_chunk
+    real = local_engine.embed_chunk
     calls: list[int] = []
     crash = True
 
-    def crash_after_first_chunk(*args: object, **kwargs: object) -> build_module.ChunkResult:
+    def crash_after_first_chunk(*args: object, **kwargs: object) -> ChunkResult:
         calls.append(1)
         if crash and len(calls) == 2:
             raise RuntimeError("power cut")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(build_module, "embed_chunk", crash_after_first_chunk)
+    monkeypatch.setattr(local_engine, "embed_chunk", crash_after_first_chunk)
     with pytest.raises(RuntimeError, match="power cut"):
         build_index(options_for(setup, out), setup.embedder)
     assert not (out / "index.json").exists()
