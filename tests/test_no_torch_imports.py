@@ -41,3 +41,18 @@ def test_blocker_really_blocks_torch() -> None:
     )
     assert result.returncode != 0
     assert "blocked" in result.stderr
+
+
+RAY_MODULE = "index.engines.ray_engine"
+"""The only module that imports ray (`retina-index build --engine ray`, the `cluster` extra)."""
+
+
+def test_only_the_ray_engine_imports_ray() -> None:
+    """Every module of index and service but the Ray engine imports with ray blocked, and none of them (the
+    build, its CLI and the service among them) loads ray as a side effect."""
+    modules = [m for m in _modules("index") + _modules("service") if m != RAY_MODULE]
+    assert "index.build" in modules and "index.cli" in modules and "service.app" in modules
+    blocker = BLOCKER.replace("{'torch', 'timm', 'transformers', 'torchvision'}", "{'ray'}")
+    code = blocker + "".join(f"import {m}\n" for m in modules) + "assert 'ray' not in sys.modules\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

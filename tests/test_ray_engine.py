@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -136,7 +137,7 @@ def test_two_node_cluster_builds_the_local_index(setup: Setup, tmp_path: Path) -
     info = build_index(ray_options(setup, tmp_path / "index"), console=Console(file=output, width=200))
     assert_same_index(tmp_path / "index", setup.reference)
     log = output.getvalue()
-    assert "4 chunks over 2 worker(s) of 1 CPU(s)" in log and "4 chunks on 2 node(s)" in log, log
+    assert "4 chunks over 2 worker(s) of 1 CPU(s)" in log and "by 2 worker process(es) on 2 node(s)" in log, log
     assert info.counts.indexed == setup.n - 2 and info.counts.skipped == 2
     records = read_archive(setup.archive).records
     skipped = {photo.id: photo for photo in info.skipped}
@@ -161,9 +162,13 @@ def test_a_worker_killed_mid_build_is_replaced(setup: Setup, tmp_path: Path) -> 
 
     killer = threading.Thread(target=kill_one_actor, daemon=True)
     killer.start()
-    build_index(ray_options(setup, out, chunk_size=2, batch_size=2))  # 32 chunks
+    output = io.StringIO()
+    build_index(ray_options(setup, out, chunk_size=2, batch_size=2), console=Console(file=output, width=200))
     killer.join(timeout=5)
     assert killed and killed[0][1] < 32, killed  # it died mid-build
+    # every chunk once, and the restarted actor (a new process) embedded the chunk its predecessor died on
+    processes = re.search(r"ray: 32 chunks by (\d+) worker process", output.getvalue())
+    assert processes and int(processes.group(1)) >= 3, output.getvalue()
     assert_same_index(out, setup.reference)
 
 

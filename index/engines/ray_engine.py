@@ -193,18 +193,21 @@ def embed_chunks(todo: Sequence[ChunkTodo], partial: Path, settings: RaySettings
         started = time.perf_counter()
         first: float | None = None
         nodes: Counter[str] = Counter()
+        processes: set[str] = set()
         for row in summaries.iter_rows():
             summary = ChunkSummary(int(row["chunk"]), int(row["covered"]), int(row["embedded"]), int(row["skipped"]),
                                    float(row["seconds"]), str(row["worker"]))
             first = first if first is not None else time.perf_counter() - started
             nodes[summary.worker.split(":")[0]] += 1
+            processes.add(summary.worker)
             _merge(report, str(row["graphs"]))
             report.photos += summary.covered
             reporter.photos(summary.covered)
             reporter.chunk(summary)
         report.seconds = time.perf_counter() - started
         spread = ", ".join(f"node {node[:8]}: {count}" for node, count in sorted(nodes.items()))
-        console.print(f"ray: {sum(nodes.values())} chunks on {len(nodes)} node(s) ({spread}) in "
+        console.print(f"ray: {sum(nodes.values())} chunks by {len(processes)} worker process(es) on {len(nodes)} "
+                      f"node(s) ({spread}) in "
                       f"{report.seconds:.1f} s, the first after {first or 0:.1f} s (actor start-up)", highlight=False,
                       soft_wrap=True)
     finally:
