@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 
 from index import build as build_module
 from index.archive.brset import read_archive
-from index.build import BuildOptions, build_index
+from index.build import BuildError, BuildOptions, build_index
 from index.cli import app
 from index.shards import ChunkResult, chunk_paths, load_chunk
 from index.store import PARTIAL_DIR, IndexInfo, open_index, read_info
@@ -145,6 +145,12 @@ def test_two_node_cluster_builds_the_local_index(setup: Setup, tmp_path: Path) -
     assert skipped[MISSING].image_id == records[MISSING].image_id and "no photo file" in skipped[MISSING].reason
     assert set(info.providers.values()) == {"CPUExecutionProvider"} and info.images_per_second > 0
     assert not (tmp_path / "index" / PARTIAL_DIR).exists()
+
+
+def test_a_pool_the_cluster_cannot_hold_is_refused(setup: Setup, tmp_path: Path) -> None:
+    """Three one-CPU actors on a cluster of two CPUs would wait forever: refused, saying what fits."""
+    with pytest.raises(BuildError, match="2 CPUs and 0 GPUs: 3 worker.*do not fit"):
+        build_index(ray_options(setup, tmp_path / "index", workers=3))
 
 
 @pytest.mark.slow
