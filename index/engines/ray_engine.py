@@ -104,9 +104,9 @@ class ChunkEmbedder:
 
 
 def _row(chunk: ChunkTodo) -> dict[str, Any]:
-    """A chunk as a dataset row: number, ids, and each record's labels and photo path as JSON."""
-    records = [{"record": item.record.model_dump(mode="json"), "photo": str(item.photo) if item.photo else None}
-               for item in chunk.items]
+    """A chunk as a dataset row: number, ids, and each record's labels and absolute photo path as JSON."""
+    records = [{"record": item.record.model_dump(mode="json"),
+                "photo": str(item.photo.absolute()) if item.photo is not None else None} for item in chunk.items]
     return {"chunk": chunk.number, "ids": [item.id for item in chunk.items], "records": json.dumps(records)}
 
 
@@ -168,8 +168,8 @@ def embed_chunks(todo: Sequence[ChunkTodo], partial: Path, settings: RaySettings
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the build's own progress bar reports chunks and images/s
         dataset = ray.data.from_items([_row(chunk) for chunk in todo], override_num_blocks=len(todo))
-        constructor = dict(bundle=str(Path(settings.bundle).resolve()), fingerprint=settings.fingerprint,
-                           partial=str(Path(partial).resolve()), batch_size=settings.batch_size,
+        constructor = dict(bundle=str(Path(settings.bundle).absolute()), fingerprint=settings.fingerprint,
+                           partial=str(Path(partial).absolute()), batch_size=settings.batch_size,
                            device="cpu" if settings.device == "cpu" or settings.gpus_per_worker == 0 else "auto",
                            runtime=settings.runtime, threads=settings.cpus_per_worker)
         with warnings.catch_warnings():
