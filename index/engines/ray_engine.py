@@ -194,12 +194,14 @@ def embed_chunks(todo: Sequence[ChunkTodo], partial: Path, settings: RaySettings
         first: float | None = None
         nodes: Counter[str] = Counter()
         processes: set[str] = set()
+        busy = 0.0  # the actors' own seconds on their chunks
         for row in summaries.iter_rows():
             summary = ChunkSummary(int(row["chunk"]), int(row["covered"]), int(row["embedded"]), int(row["skipped"]),
                                    float(row["seconds"]), str(row["worker"]))
             first = first if first is not None else time.perf_counter() - started
             nodes[summary.worker.split(":")[0]] += 1
             processes.add(summary.worker)
+            busy += summary.seconds
             _merge(report, str(row["graphs"]))
             report.photos += summary.covered
             reporter.photos(summary.covered)
@@ -207,9 +209,9 @@ def embed_chunks(todo: Sequence[ChunkTodo], partial: Path, settings: RaySettings
         report.seconds = time.perf_counter() - started
         spread = ", ".join(f"node {node[:8]}: {count}" for node, count in sorted(nodes.items()))
         console.print(f"ray: {sum(nodes.values())} chunks by {len(processes)} worker process(es) on {len(nodes)} "
-                      f"node(s) ({spread}) in "
-                      f"{report.seconds:.1f} s, the first after {first or 0:.1f} s (actor start-up)", highlight=False,
-                      soft_wrap=True)
+                      f"node(s) ({spread}) in {report.seconds:.1f} s, the first after {first or 0:.1f} s "
+                      f"(actor start-up + one chunk); {report.photos / max(busy, 1e-9):.1f} images/s per worker "
+                      "in its own time", highlight=False, soft_wrap=True)
     finally:
         if owned:
             ray.shutdown()
