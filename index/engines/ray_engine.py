@@ -41,6 +41,8 @@ MAX_RESTARTS = 3
 """How often Ray restarts an actor whose process died (each restart builds a new Embedder)."""
 MAX_TASK_RETRIES = 3
 """How often a chunk whose actor died is sent again; a chunk that kills every worker fails the build."""
+ACTORS_START_S = 600
+"""How long the pool may take to start all its actors (an autoscaler adding nodes) before the build fails."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,9 @@ def embed_chunks(todo: Sequence[ChunkTodo], partial: Path, settings: RaySettings
         workers = _pool_size(settings, len(todo))
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the build's own progress bar reports chunks and images/s
+        # Start every actor before the first chunk is sent: else the first one up takes the early chunks (a
+        # pool that cannot start fails after ACTORS_START_S instead of waiting forever).
+        context.wait_for_min_actors_s = ACTORS_START_S
         dataset = ray.data.from_items([_row(chunk) for chunk in todo], override_num_blocks=len(todo))
         constructor = dict(bundle=str(Path(settings.bundle).absolute()), fingerprint=settings.fingerprint,
                            partial=str(Path(partial).absolute()), batch_size=settings.batch_size,
@@ -178,7 +183,9 @@ def embed_chunks(todo: Sequence[ChunkTodo], partial: Path, settings: RaySettings
             summaries = dataset.map_batches(
                 ChunkEmbedder,
                 batch_size=1,  # one chunk per call
-                compute=ray.data.ActorPoolStrategy(size=workers),
+                # one chunk at a time per actor: a chunk is seconds of work, and a queue behind a busy actor
+                # would leave another idle at the end
+                compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
                 fn_constructor_kwargs=constructor,
                 num_cpus=settings.cpus_per_worker,
                 num_gpus=settings.gpus_per_worker or None,
@@ -210,7 +217,7 @@ def embed_chunks(todo: Sequence[ChunkTodo], partial: Path, settings: RaySettings
         spread = ", ".join(f"node {node[:8]}: {count}" for node, count in sorted(nodes.items()))
         console.print(f"ray: {sum(nodes.values())} chunks by {len(processes)} worker process(es) on {len(nodes)} "
                       f"node(s) ({spread}) in {report.seconds:.1f} s, the first after {first or 0:.1f} s "
-                      f"(actor start-up + one chunk); {report.photos / max(busy, 1e-9):.1f} images/s per worker "
+                      f"(the pool's start-up + one chunk); {report.photos / max(busy, 1e-9):.1f} images/s per worker "
                       "in its own time", highlight=False, soft_wrap=True)
     finally:
         if owned:
