@@ -1,7 +1,8 @@
 """The Ray build engine on a real Ray cluster of two nodes on this machine (a head and a second node, each
 its own raylet and worker processes; `ray.cluster_utils.Cluster`, not local mode): the same index as the
 local engine, photos that fail to decode reported, a worker killed mid-build, a build whose driver died
-finished with --resume. The tiny bundle and its archive come from `bundle_factory` (session-shared)."""
+finished with --resume. The tiny bundle and its archive come from `bundle_factory` (session-shared). The
+cluster tests skip where Ray is not installed; the CLI's errors are tested either way."""
 
 from __future__ import annotations
 
@@ -30,9 +31,6 @@ from index.cli import app
 from index.shards import ChunkResult, chunk_paths, load_chunk
 from index.store import PARTIAL_DIR, IndexInfo, open_index, read_info
 
-ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'retina-align[cluster]'")
-from ray.cluster_utils import Cluster  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 16  # 64 records -> 4 chunks
 BROKEN, MISSING = 5, 40  # a photo that is not a JPEG, a record without a photo file
@@ -53,6 +51,9 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     """A copy of the tiny archive with one undecodable photo and one missing, its local build, and a Ray
     cluster of two nodes with one CPU each (so a pool of two actors needs both)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'retina-align[cluster]'")
+    from ray.cluster_utils import Cluster
+
     tiny = tiny_bundle(tmp_path_factory)
     root = tmp_path_factory.mktemp("ray_engine")
     archive = root / "archive"
@@ -218,7 +219,7 @@ def test_resume_after_the_driver_died_keeps_the_written_shards(
 
 def test_cli_engine_errors(tmp_path: Path) -> None:
     """Ray's options without --engine ray, and --engine ray where Ray is not installed, are refused with
-    what to do."""
+    what to do (runs with or without Ray: the second part blocks it)."""
     base = ["build", "--bundle", str(tmp_path), "--archive", str(tmp_path), "--out", str(tmp_path / "index")]
     result = runner.invoke(app, [*base, "--address", "auto"])
     assert result.exit_code == 2 and "--address only apply to --engine ray" in " ".join(result.output.split())
