@@ -10,7 +10,10 @@ Three steps: plan (the chunks of `chunk_size` consecutive ids), prepare (the out
 `.partial/`), then an engine (`index.engines`: `local`, this process, or `ray`, an actor pool on a Ray
 cluster) embeds the chunks still to do, each into its shard (`index.shards`: `INDEX/.partial/chunk-NNNNN.npz`
 and its completion marker `chunk-NNNNN.json`, both atomic), and this module assembles the index from the
-shards. Both engines write the same shards, so they give the same index.
+shards. Both engines write the same shards, so they give the same index. With `--ondisk` (archives whose
+vectors do not fit in memory) the assembly never holds them all: each IVF index is trained on a sample of
+the shards, filled shard by shard and its inverted lists merged into a memory-mapped file
+(`index.ivf_build`).
 
 Resumable: `--resume` checks that the partial build used the same bundle, archive labels and chunk size,
 and embeds only the chunks without a finished shard; chunks and batches are the same in every run (and in
@@ -23,6 +26,7 @@ marker, last (see `index.store`); until it exists `open_index` refuses the folde
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from pathlib import Path
@@ -39,8 +43,9 @@ from index.atomic import atomic_target, write_text_atomic
 from index.bundle import Manifest, now_iso, read_manifest, sha256_of
 from index.engines import ChunkSummary, ChunkTodo, EngineError, EngineReport
 from index.engines import local as local_engine
+from index.ivf_build import IVFDATA_SUFFIX, build_from_shards, exact_top_k, training_sample
 from index.metadata import MetadataRow, MetadataTable, row_of
-from index.shards import ChunkResult, archive_items, is_finished, load_chunk
+from index.shards import ChunkResult, ChunkVectors, archive_items, is_finished, load_chunk
 from index.store import (
     INDEX_SCHEMA_VERSION,
     PARTIAL_DIR,
@@ -56,6 +61,7 @@ from index.vector_index import (
     SearchParams,
     VectorIndex,
     choose_kind,
+    tune_against_truth,
     tune_search_params,
 )
 
@@ -97,6 +103,9 @@ class BuildOptions(BaseModel):
     """A milvus-lite file (`./retina.db`) or a server (`http://HOST:19530`); required with store milvus."""
     milvus_collection: str = "retina"
     """The collections' name prefix: `<prefix>_image` and `<prefix>_record`."""
+    ondisk: bool = False
+    """Build each IVF index chunk by chunk and merge its inverted lists into a memory-mapped `.ivfdata`
+    file (`index.ivf_build`): for archives whose vectors do not fit in memory. The index is read-only."""
     engine: EngineChoice = "local"
     """Who embeds the chunks: this process, or an actor pool on a Ray cluster (`index.engines`)."""
     address: str | None = None
@@ -119,6 +128,8 @@ class BuildOptions(BaseModel):
                 raise ValueError(f"{', '.join(given)} only apply to --engine ray")
         if self.gpus_per_worker and self.device == "cpu":
             raise ValueError("--gpus-per-worker and --cpu contradict each other")
+        if self.ondisk and (self.store != "faiss" or self.kind not in ("auto", "ivf", "ivfpq")):
+            raise ValueError("--ondisk builds FAISS IVF indexes: use it with --store faiss and --kind auto, ivf, ivfpq")
         return self
 
 
@@ -234,6 +245,28 @@ def _vector_index(
     return index, info
 
 
+def _ondisk_index(
+    partial: Path, chunks: int, embedding: Literal["image", "record"], kind: IndexKind, path: Path,
+    options: BuildOptions,
+) -> VectorIndexInfo:
+    """One embedding's on-disk IVF index, built from the chunks' shards; nprobe tuned against an exact scan
+    of the shards with indexed vectors as queries."""
+    shards = [ChunkVectors(partial, number, embedding) for number in range(chunks)]
+    shards = [shard for shard in shards if len(shard)]
+    built = build_from_shards(shards, kind, path, ondisk=True, seed=options.seed)  # type: ignore[arg-type]
+    index = VectorIndex.load(path, device="cpu")
+    queries = training_sample(shards, RECALL_QUERIES, options.seed + 1)
+    params, recall = tune_against_truth(index, queries, exact_top_k(shards, queries, 10), options.target_recall)
+    note = (
+        f"10-recall@10 against an exact scan of the shards, {len(queries)} indexed vectors as queries, with the "
+        f"search parameters above (the cheapest reaching {options.target_recall}, or the most thorough tried); "
+        f"inverted lists on disk ({path.name}{IVFDATA_SUFFIX}, memory-mapped), built in "
+        + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in built.seconds.items())
+    )
+    return VectorIndexInfo(kind=kind, ntotal=index.ntotal, parameters=index.describe(), search=params,
+                           recall_at_10=recall, recall_note=note, device="cpu")
+
+
 def build_index(options: BuildOptions, embedder: Embedder | None = None, console: Console | None = None) -> IndexInfo:
     """Build (or, with `options.resume`, finish) an index; returns its `index.json`. `embedder` may be
     passed in (it must be the bundle at `options.bundle`; the local engine embeds with it, the Ray engine's
@@ -304,13 +337,14 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
         result = load_chunk(partial, number, covered.tolist())
         if result is None:
             raise BuildError(f"chunk {number} has no finished shard in {partial} after the {options.engine} engine ran")
+        if options.ondisk:  # the vectors stay in the shards; the builder reads them one chunk at a time
+            empty = np.zeros((0, manifest.embedding_dim), np.float32)
+            result = dataclasses.replace(result, image=empty, record=empty)
         results.append(result)
     ids = np.concatenate([r.ids for r in results])
     skipped = [photo for r in results for photo in r.skipped]
     if len(ids) == 0:
         raise BuildError(f"none of the {n} photographs could be embedded: " + "; ".join(s.reason for s in skipped[:5]))
-    image_vectors = np.concatenate([r.image for r in results])
-    record_vectors = np.concatenate([r.record for r in results])
     icdr = np.concatenate([r.icdr for r in results])
     sdrg = np.concatenate([r.sdrg for r in results])
 
@@ -320,24 +354,33 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
 
         if kind not in supported_kinds(options.milvus_uri or ""):
             kind = "ivf"  # milvus-lite 2.5: FLAT or IVF_FLAT only
-    console.print(f"indexing {len(ids):,} photographs ({kind}, {options.store})")
+    if options.ondisk and kind not in ("ivf", "ivfpq"):
+        kind = "ivf"  # an on-disk index is IVF whatever its size
+    console.print(f"indexing {len(ids):,} photographs ({kind}{', on disk' if options.ondisk else ''}, {options.store})")
     rows = _metadata_rows(archive, ids, icdr, sdrg)
     out = Path(options.out)
-    files = files_for(1, options.store)
+    files = files_for(1, options.store, options.ondisk)
     milvus_info = None
-    if options.store == "milvus":
-        from index.milvus_store import write_collections
-
-        milvus_info, image_info, record_info = write_collections(
-            options.milvus_uri or "", options.milvus_collection, kind, ids, image_vectors, record_vectors, rows,
-            options.target_recall, options.seed,
-        )
-    else:
-        image_index, image_info = _vector_index(image_vectors, ids, kind, options)
-        record_index, record_info = _vector_index(record_vectors, ids, kind, options)
+    if options.ondisk:
         assert files.image is not None and files.record is not None
-        image_index.save(out / files.image)
-        record_index.save(out / files.record)
+        image_info = _ondisk_index(partial, len(chunks), "image", kind, out / files.image, options)
+        record_info = _ondisk_index(partial, len(chunks), "record", kind, out / files.record, options)
+    else:
+        image_vectors = np.concatenate([r.image for r in results])
+        record_vectors = np.concatenate([r.record for r in results])
+        if options.store == "milvus":
+            from index.milvus_store import write_collections
+
+            milvus_info, image_info, record_info = write_collections(
+                options.milvus_uri or "", options.milvus_collection, kind, ids, image_vectors, record_vectors, rows,
+                options.target_recall, options.seed,
+            )
+        else:
+            image_index, image_info = _vector_index(image_vectors, ids, kind, options)
+            record_index, record_info = _vector_index(record_vectors, ids, kind, options)
+            assert files.image is not None and files.record is not None
+            image_index.save(out / files.image)
+            record_index.save(out / files.record)
 
     metadata = MetadataTable.in_memory()
     metadata.insert(rows)

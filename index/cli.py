@@ -84,6 +84,10 @@ def build(
     gpus_per_worker: Annotated[
         float | None, typer.Option(min=0.0, help="With --engine ray: GPUs per actor (default 0: CPU).")
     ] = None,
+    ondisk: Annotated[
+        bool, typer.Option("--ondisk", help="IVF with its inverted lists in memory-mapped files (larger than memory; "
+                                            "read-only).")
+    ] = False,
 ) -> None:
     """Embed every photograph of ARCHIVE with BUNDLE (image-only and record embeddings) into an index:
     image.faiss, record.faiss, metadata.sqlite and index.json (written last); with --store milvus the
@@ -106,13 +110,15 @@ def build(
         raise _fail(f"{', '.join(given)} only apply to --engine ray")
     if cpu and gpus_per_worker:
         raise _fail("--gpus-per-worker and --cpu contradict each other")
+    if ondisk and (store != "faiss" or kind not in ("auto", "ivf", "ivfpq")):
+        raise _fail("--ondisk builds FAISS IVF indexes: use it with --store faiss and --kind auto, ivf or ivfpq")
     kind_choice: KindChoice = kind  # type: ignore[assignment]
     options = BuildOptions(bundle=bundle, archive=archive, out=out, batch_size=batch_size, kind=kind_choice,
                            resume=resume, chunk_size=chunk_size, device="cpu" if cpu else "auto",
                            runtime=runtime, store=store, milvus_uri=milvus_uri,  # type: ignore[arg-type]
                            milvus_collection=milvus_collection, engine=engine,  # type: ignore[arg-type]
                            address=address, workers=workers, cpus_per_worker=cpus_per_worker or 1,
-                           gpus_per_worker=gpus_per_worker or 0.0)
+                           gpus_per_worker=gpus_per_worker or 0.0, ondisk=ondisk)
     from index.runtimes import RuntimeUnavailable  # onnxruntime: only for commands that embed
 
     try:
@@ -288,6 +294,46 @@ def bench_scale(
     typer.echo(text)
     if json_path is not None:
         json_path.write_text(text + "\n")
+        console.print(f"wrote {json_path}")
+
+
+@app.command("bench-stores")
+def bench_stores(
+    sizes: Annotated[str, typer.Option(help="Index sizes, comma-separated.")] = "1e4,1e5",
+    queries: Annotated[int, typer.Option(min=10, help="Held-out single-query searches per measurement.")] = 300,
+    dim: Annotated[int, typer.Option(min=2, help="Width of the vectors.")] = 256,
+    milvus_uri: Annotated[
+        str | None, typer.Option(help="Milvus to measure: a milvus-lite .db file or http://HOST:19530 (default: "
+                                      "a milvus-lite file in a temporary folder).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the vectors and labels.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Save every number to this JSON file.")] = None,
+) -> None:
+    """FAISS and Milvus side by side on the same vectors: build time, p50/p99 per query and recall@10,
+    unfiltered and with a selective filter (ICDR >= 2, about 5% of the records)."""
+    import json
+
+    from rich.table import Table
+
+    from index.bench.run import parse_sizes
+    from index.bench.stores import run_store_bench
+    from index.cpus import cpu_model
+
+    try:
+        rows = run_store_bench(parse_sizes(sizes), queries, dim, milvus_uri, seed, console.print)
+    except (ValueError, IndexStoreError) as error:
+        raise _fail(str(error)) from None
+    table = Table(title=f"FAISS and Milvus, {dim}-d, single queries, top-10 ({cpu_model()})")
+    for column in ("store", "n", "kind", "build s", "p50 ms", "p99 ms", "recall@10", "filtered share",
+                   "filtered p50 ms", "filtered p99 ms", "filtered recall@10"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row.store, f"{row.n:,}", row.kind, f"{row.build_seconds:.1f}", f"{row.p50_ms:.2f}",
+                      f"{row.p99_ms:.2f}", f"{row.recall_at_10:.3f}", f"{row.filtered_share:.3f}",
+                      f"{row.filtered_p50_ms:.2f}", f"{row.filtered_p99_ms:.2f}", f"{row.filtered_recall_at_10:.3f}")
+    Console(width=200).print(table)
+    if json_path is not None:
+        json_path.write_text(json.dumps([row.as_dict() for row in rows], indent=1) + "\n")
         console.print(f"wrote {json_path}")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
@@ -169,3 +169,28 @@ def load_chunk(partial: Path, chunk: int, covered: Sequence[int]) -> ChunkResult
             ids=data["ids"], image=data["image"], record=data["record"], icdr=data["icdr"], sdrg=data["sdrg"],
             skipped=done.skipped,
         )
+
+
+@dataclass(frozen=True)
+class ChunkVectors:
+    """One embedding of a finished chunk, read from its .npz when asked: a shard for `index.ivf_build`,
+    which builds an index chunk by chunk without holding every vector."""
+
+    partial: Path
+    chunk: int
+    embedding: Literal["image", "record"]
+
+    def _read(self, name: str) -> np.ndarray:
+        with np.load(chunk_paths(self.partial, self.chunk)[0]) as data:
+            return data[name]
+
+    def ids(self) -> np.ndarray:
+        """The ids of the chunk's embedded photographs."""
+        return self._read("ids")
+
+    def vectors(self) -> np.ndarray:
+        """Their `embedding` vectors."""
+        return self._read(self.embedding)
+
+    def __len__(self) -> int:
+        return int(len(self.ids()))

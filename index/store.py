@@ -5,6 +5,10 @@
     INDEX/record.faiss      record embeddings (photograph + the archive's structured data)
     INDEX/metadata.sqlite   `index.metadata`: id -> image_id, photo path, labels, narrative
 
+An on-disk build (`retina-index build --ondisk`, for indexes larger than memory) adds
+`image.faiss.ivfdata` and `record.faiss.ivfdata`: the inverted lists, memory-mapped when opened, which
+makes the index read-only (`index.ivf_build`).
+
 With `store: "milvus"` (`retina-index build --store milvus`) the two vector indexes live in two Milvus
 collections instead of the .faiss files (`index.milvus_store`); `index.json` names their URI and
 collections, and the folder holds only the metadata table and `index.json`.
@@ -34,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from index.atomic import atomic_target, write_text_atomic
 from index.bundle import now_iso, sha256_of
+from index.ivf_build import IVFDATA_SUFFIX
 from index.metadata import Filters, MetadataError, MetadataRow, MetadataTable
 from index.vector_index import IndexKind, SearchParams, VectorIndex, VectorIndexError
 
@@ -63,18 +68,26 @@ class IndexFiles(BaseModel):
     image: str | None
     record: str | None
     metadata: str
+    image_data: str | None = None
+    """An on-disk IVF index (`build --ondisk`): the memory-mapped inverted lists of `image`."""
+    record_data: str | None = None
 
     def names(self) -> list[str]:
         """The file names of this generation (those that exist for its store)."""
-        return [name for name in (self.image, self.record, self.metadata) if name is not None]
+        names = (self.image, self.image_data, self.record, self.record_data, self.metadata)
+        return [name for name in names if name is not None]
 
 
-def files_for(generation: int, store: StoreKind = "faiss") -> IndexFiles:
-    """File names of a generation: plain names for the build (generation 1), suffixed after that."""
+def files_for(generation: int, store: StoreKind = "faiss", ondisk: bool = False) -> IndexFiles:
+    """File names of a generation: plain names for the build (generation 1), suffixed after that. An
+    on-disk IVF index also has each index's `.ivfdata` file (`index.ivf_build`)."""
     suffix = "" if generation == 1 else f".g{generation}"
     if store == "milvus":
         return IndexFiles(image=None, record=None, metadata=f"metadata{suffix}.sqlite")
-    return IndexFiles(image=f"image{suffix}.faiss", record=f"record{suffix}.faiss", metadata=f"metadata{suffix}.sqlite")
+    image, record = f"image{suffix}.faiss", f"record{suffix}.faiss"
+    return IndexFiles(image=image, record=record, metadata=f"metadata{suffix}.sqlite",
+                      image_data=f"{image}{IVFDATA_SUFFIX}" if ondisk else None,
+                      record_data=f"{record}{IVFDATA_SUFFIX}" if ondisk else None)
 
 
 class MilvusInfo(BaseModel):
@@ -276,10 +289,13 @@ def open_index(
         files = info.files
         if files.image is None or files.record is None:
             raise IndexStoreError(f"{folder}: {INFO_FILE} names no FAISS files for a FAISS-backed index")
-        image = VectorIndex.from_bytes(_verified_bytes(folder, files.image, digests.get(files.image)),
-                                       folder / files.image, device)
-        record = VectorIndex.from_bytes(_verified_bytes(folder, files.record, digests.get(files.record)),
-                                        folder / files.record, device)
+        if files.image_data is not None or files.record_data is not None:
+            image, record = _open_ondisk(folder, files, digests)
+        else:
+            image = VectorIndex.from_bytes(_verified_bytes(folder, files.image, digests.get(files.image)),
+                                           folder / files.image, device)
+            record = VectorIndex.from_bytes(_verified_bytes(folder, files.record, digests.get(files.record)),
+                                            folder / files.record, device)
     except VectorIndexError as error:
         raise IndexStoreError(f"{folder}: {error}") from None
     metadata = _open_metadata(folder, info, in_memory)
@@ -290,6 +306,23 @@ def open_index(
             + ", ".join(f"{name} {count}" for name, count in counts.items())
         )
     return IndexStore(folder, info, image, record, metadata)
+
+
+def _open_ondisk(folder: Path, files: IndexFiles, digests: dict[str, str]) -> tuple[VectorIndex, VectorIndex]:
+    """The two indexes of an on-disk build: every file verified (its sha256, streamed: the `.ivfdata`
+    files may be far larger than memory), then opened with their lists memory-mapped. Unlike the in-memory
+    kinds, what is served is the file itself: a change to it after this check reaches the searches."""
+    opened = []
+    for index_name, data_name in ((files.image, files.image_data), (files.record, files.record_data)):
+        if index_name is None or data_name is None:
+            raise IndexStoreError(f"{folder}: {INFO_FILE} names an on-disk index without its data file")
+        for name in (index_name, data_name):
+            _verify_file(folder, name, digests.get(name))
+        index = VectorIndex.load(folder / index_name, device="cpu")
+        if not index.ondisk:
+            raise IndexStoreError(f"{folder}: {index_name} is not an on-disk index, but {INFO_FILE} says it is")
+        opened.append(index)
+    return opened[0], opened[1]
 
 
 def _open_metadata(folder: Path, info: IndexInfo, in_memory: bool) -> MetadataTable:
@@ -366,6 +399,7 @@ class IndexStore:
     ) -> None:
         """Add photographs: their ids, image and record embeddings (L2-normalised) and metadata rows (in
         the same order, `rows[i].id == ids[i]`). Ids and image_ids must be new. Call `save` to persist."""
+        self._check_writable("add")
         identifiers = check_additions(ids, image_vectors, record_vectors, rows)
         with self._write_lock:
             try:
@@ -384,6 +418,7 @@ class IndexStore:
     def remove(self, ids: np.ndarray) -> int:
         """Remove photographs by id from both vector indexes and the metadata. Raises IndexStoreError,
         changing nothing, when an id is not in the index. Call `save` to persist."""
+        self._check_writable("remove")
         identifiers = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
         with self._write_lock:
             self._check_present(identifiers)
@@ -392,6 +427,13 @@ class IndexStore:
             removed = self.metadata.delete(identifiers.tolist())
             self._update_counts()
         return removed
+
+    def _check_writable(self, what: str) -> None:
+        if self.info.files.image_data is not None:
+            raise IndexStoreError(
+                f"{what}: {self.folder} is an on-disk index (memory-mapped inverted lists), which is read-only; "
+                "rebuild it with `retina-index build` to change it"
+            )
 
     def _check_present(self, identifiers: np.ndarray) -> None:
         present = set(self.metadata.get(identifiers.tolist()))
@@ -411,6 +453,7 @@ class IndexStore:
     def save(self) -> None:
         """Persist the index atomically: the next generation's files, then `index.json` (the commit),
         then the previous generation's files are deleted."""
+        self._check_writable("save")
         with self._write_lock:
             generation = self.info.generation + 1
             files = files_for(generation, self.info.store)

@@ -321,14 +321,14 @@ class VectorIndex:
     @property
     def ondisk(self) -> bool:
         """True for an IVF index whose inverted lists live in a memory-mapped `.ivfdata` file
-        (`index.sharded`); such an index is read-only."""
+        (`index.ivf_build`); such an index is read-only."""
         if self.kind not in ("ivf", "ivfpq"):
             return False
         invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(self._cpu).invlists)
         return isinstance(invlists, faiss.OnDiskInvertedLists)
 
     def faiss_index(self) -> faiss.Index:
-        """The underlying (CPU) FAISS index, for code that builds indexes from it (`index.sharded`)."""
+        """The underlying (CPU) FAISS index, for code that builds indexes from it (`index.ivf_build`)."""
         return self._cpu
 
     def _check_writable(self, what: str) -> None:
@@ -548,7 +548,7 @@ class VectorIndex:
 
     @classmethod
     def load(cls, path: Path, device: Literal["auto", "cpu"] = "auto") -> VectorIndex:
-        """Read an index written by `save` or `index.sharded`; the kind is read from the FAISS structure.
+        """Read an index written by `save` or `index.ivf_build`; the kind is read from the FAISS structure.
         An on-disk index's `.ivfdata` file is looked for beside `path` and memory-mapped read-only."""
         path = Path(path)
         if not path.is_file():
@@ -648,6 +648,15 @@ def tune_search_params(
         return SearchParams(), 1.0
     truth_index = VectorIndex(faiss.IndexIDMap2(faiss.IndexFlatIP(index.dim)), "flat", device="cpu")
     truth_index.add(vectors, ids)
+    return tune_against_truth(index, queries, truth_index.search(queries, k)[1], target_recall, k)
+
+
+def tune_against_truth(
+    index: VectorIndex, queries: np.ndarray, truth: np.ndarray, target_recall: float = 0.95, k: int = 10
+) -> tuple[SearchParams, float]:
+    """`tune_search_params` with the exact top-`k` ids of `queries` given (e.g. from a scan over shards)."""
+    if index.kind == "flat":
+        return SearchParams(), 1.0
     if index.kind == "hnsw":
         candidates = [SearchParams(ef_search=ef) for ef in (16, 32, 64, 128, 256, 512, 1024) if ef >= k]
     else:
@@ -656,7 +665,7 @@ def tune_search_params(
         candidates = [SearchParams(nprobe=p) for p in probes]
     best: tuple[SearchParams, float] = (candidates[-1], 0.0)
     for candidate in candidates:
-        recall = measure_recall(index, truth_index, queries, k, candidate)
+        recall = recall_at_k(index.search(queries, k, candidate)[1], truth)
         best = (candidate, recall)
         if recall >= target_recall:
             break

@@ -22,7 +22,7 @@ from index.engines import local as local_engine
 from index.metadata import Filters, MetadataRow
 from index.preprocess import decode_image
 from index.shards import ChunkResult
-from index.store import IndexStoreError, open_index, read_info
+from index.store import IndexIntegrityError, IndexStoreError, open_index, read_info
 
 CHUNK = 16  # 64 records -> 4 chunks
 runner = CliRunner()
@@ -275,3 +275,37 @@ def test_add_remove_and_save(setup: Setup, tmp_path: Path, monkeypatch: pytest.M
     assert sorted(p.name for p in folder.iterdir()) == [
         "image.g3.faiss", "index.json", "metadata.g3.sqlite", "record.g3.faiss"
     ]
+
+
+def test_ondisk_build_is_memory_mapped_verified_and_read_only(setup: Setup, tmp_path: Path) -> None:
+    out = tmp_path / "ondisk"
+    info = build_index(options_for(setup, out, ondisk=True), setup.embedder)
+    assert info.files.image_data == "image.faiss.ivfdata" and info.files.record_data == "record.faiss.ivfdata"
+    assert sorted(p.name for p in out.iterdir()) == ["image.faiss", "image.faiss.ivfdata", "index.json",
+                                                      "metadata.sqlite", "record.faiss", "record.faiss.ivfdata"]
+    assert set(info.sha256 or {}) == set(info.files.names())
+    for name in ("image", "record"):
+        vectors = info.indexes[name]  # type: ignore[index]
+        assert vectors.kind == "ivf" and vectors.ntotal == setup.n and vectors.recall_at_10 >= 0.95
+        assert "inverted lists on disk" in vectors.recall_note
+
+    store = open_index(out, setup.embedder)
+    assert store.image.ondisk and store.record.ondisk
+    ids, image, record = all_vectors(setup.index)
+    assert np.array_equal(np.sort(store.image.ids()), ids)
+    assert np.allclose(store.image.reconstruct(ids), image, atol=1e-6)
+    assert np.allclose(store.record.reconstruct(ids), record, atol=1e-6)
+    reference = open_index(setup.index, setup.embedder)
+    for query in image[:5]:
+        assert [h.id for h in store.search(query, 5)[0]] == [h.id for h in reference.search(query, 5)[0]]
+    assert {h.row.labels.icdr for h in store.search(image[0], 20, filters=Filters(icdr=[0]))[0]} <= {0}
+    with pytest.raises(IndexStoreError, match="read-only"):
+        store.remove(np.array([0]))
+
+    data = out / "image.faiss.ivfdata"
+    data.write_bytes(data.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(IndexIntegrityError, match="image.faiss.ivfdata"):
+        open_index(out, setup.embedder)
+    refused = runner.invoke(app, ["build", "--bundle", str(setup.bundle), "--archive", str(setup.archive),
+                                       "--out", str(tmp_path / "x"), "--ondisk", "--kind", "flat"])
+    assert refused.exit_code != 0 and "--ondisk builds FAISS IVF indexes" in refused.output

@@ -275,3 +275,17 @@ def test_without_pymilvus_the_error_names_the_extra(monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "pymilvus", None)
     with pytest.raises(MilvusStoreError, match=r"retina-align\[milvus\]"):
         pymilvus_module()
+
+
+def test_bench_stores_measures_both_stores_with_a_selective_filter(tmp_path: Path) -> None:
+    out = tmp_path / "stores.json"
+    result = runner.invoke(app, ["bench-stores", "--sizes", "3000", "--queries", "30", "--dim", "32",
+                                 "--milvus-uri", str(tmp_path / "bench.db"), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["store"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"faiss", "milvus"}
+    for row in rows.values():
+        assert row["n"] == 3000 and row["kind"] == "flat"  # exact at this size: recall 1.0 by definition
+        assert row["recall_at_10"] == 1.0 and row["filtered_recall_at_10"] == 1.0
+        assert 0.02 < row["filtered_share"] < 0.09  # ICDR >= 2 at BRSET's proportions, about 5%
+        assert 0 < row["p50_ms"] <= row["p99_ms"] and row["build_seconds"] > 0

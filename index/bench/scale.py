@@ -1,5 +1,5 @@
 """`retina-index bench-scale`: an index of 10^7 vectors on one machine, built from shards the way the Ray
-engine builds one (`index.sharded`), then searched.
+engine builds one (`index.ivf_build`), then searched.
 
 1. **Shards.** Clustered vectors drawn like real embeddings (`index.bench.search.synthetic_mixture`)
    are written as `--shard-size` shards into `WORK/shards/` (a shard already there is kept: an
@@ -27,12 +27,10 @@ import faiss
 import numpy as np
 
 from index.bench.search import synthetic_mixture
-from index.sharded import ShardedKind, build_from_shards, list_shards, shard_paths, write_shard
+from index.ivf_build import ShardedKind, build_from_shards, exact_top_k, list_shards, shard_paths, write_shard
 from index.vector_index import SearchParams, VectorIndex, recall_at_k
 
 K = 10
-EXACT_BLOCK = 65_536
-"""Shard rows per matrix product of the exact scan (bounds its memory to queries x 65,536 scores)."""
 Progress = Callable[[str, int, int], None]
 
 
@@ -105,27 +103,6 @@ def held_out_queries(dim: int, count: int, seed: int) -> np.ndarray:
     return synthetic_mixture(dim, seed=seed).sample(count, np.random.default_rng([seed, 1 << 30]))
 
 
-def exact_top_k(folder: Path, queries: np.ndarray, k: int = K, progress: Progress = _no_progress) -> np.ndarray:
-    """Exact top-`k` ids by inner product over every shard in `folder`."""
-    shards = list_shards(folder)
-    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
-    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
-    for number, shard in enumerate(shards):
-        all_vectors, all_ids = shard.vectors(), shard.ids()
-        for start in range(0, len(all_ids), EXACT_BLOCK):
-            vectors = np.asarray(all_vectors[start : start + EXACT_BLOCK])
-            ids = np.asarray(all_ids[start : start + EXACT_BLOCK])
-            scores = queries @ vectors.T
-            top = np.argpartition(-scores, min(k, len(ids)) - 1, axis=1)[:, :k]
-            scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
-            candidates = np.concatenate([best_ids, ids[top]], axis=1)
-            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-            best_scores = np.take_along_axis(scores, order, axis=1)
-            best_ids = np.take_along_axis(candidates, order, axis=1)
-        progress("exact search", number + 1, len(shards))
-    return best_ids
-
-
 def _tune(index: VectorIndex, queries: np.ndarray, truth: np.ndarray, target: float) -> tuple[int, float]:
     nlist = int(faiss.extract_index_ivf(index.faiss_index()).nlist)
     probes = [p for p in (2**i for i in range(20)) if p < nlist] + [nlist]
@@ -168,7 +145,7 @@ def run_scale_bench(
 
     everything = held_out_queries(dim, tune_queries + queries, seed)
     started = time.perf_counter()
-    truth = exact_top_k(shards_dir, everything, K, progress)
+    truth = exact_top_k(list_shards(shards_dir), everything, K, progress)
     seconds["exact_truth"] = time.perf_counter() - started
 
     rss_before = _rss_mb()

@@ -5,7 +5,8 @@ ICDR grades follow BRSET's proportions (`ICDR_SHARES`: ICDR >= 2 is about 5% of 
 selective filter), drawn independently of the vectors (the harder case for an approximate index: the
 allowed records are spread over every list). Both stores index the same vectors with the same kind
 (`choose_kind`; milvus-lite 2.5 builds only FLAT and IVF_FLAT) and tune their search parameters to
-recall@10 >= 0.95 on indexed vectors. Held-out queries then measure, one query at a time, through the
+recall@10 >= 0.95 on indexed vectors. Held-out queries then measure (FAISS with one OpenMP thread, as
+`retina-serve` searches), one query at a time, through the
 same calls the service makes (`IndexStore.search`: the metadata table's allowed ids + FAISS, or a Milvus
 filter expression): p50/p99 and recall@10 against exact search, unfiltered and filtered (exact filtered
 search: brute force over the allowed records).
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from index.bench.search import synthetic_mixture
@@ -115,8 +117,13 @@ def bench_faiss(vectors: np.ndarray, rows: list[MetadataRow], kind: IndexKind, q
     def filtered_search(query: np.ndarray) -> np.ndarray:
         return index.search(query, K, params, metadata.allowed_ids(SELECTIVE))[1]
 
-    plain = _timed(lambda query: index.search(query, K, params)[1], queries)
-    filtered = _timed(filtered_search, queries)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # as the service searches (RETINA_FAISS_THREADS=1)
+    try:
+        plain = _timed(lambda query: index.search(query, K, params)[1], queries)
+        filtered = _timed(filtered_search, queries)
+    finally:
+        faiss.omp_set_num_threads(before)
     allowed = metadata.allowed_ids(SELECTIVE)
     share = 0.0 if allowed is None else len(allowed) / len(rows)
     metadata.close()

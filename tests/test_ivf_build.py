@@ -1,4 +1,4 @@
-"""Indexes built from vector shards (`index.sharded`): in memory and merged on disk they answer alike, the
+"""Indexes built from vector shards (`index.ivf_build`): in memory and merged on disk they answer alike, the
 on-disk one is memory-mapped and read-only, and a selective filter keeps an IVF index's recall."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from index.bench.search import synthetic_mixture
 from index.cli import app
-from index.sharded import build_from_shards, list_shards, training_sample, write_shard
+from index.ivf_build import build_from_shards, list_shards, training_sample, write_shard
 from index.vector_index import (
     EXACT_FILTER_MAX,
     SearchParams,

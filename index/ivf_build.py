@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import faiss
 import numpy as np
@@ -39,6 +39,18 @@ IVFDATA_SUFFIX = ".ivfdata"
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total)."""
+EXACT_BLOCK = 65_536
+"""Shard rows per matrix product of `exact_top_k` (bounds its memory to queries x 65,536 scores)."""
+
+
+class Shard(Protocol):
+    """What the builder reads from a shard: its ids and vectors (`VectorShard`, or a build's chunk)."""
+
+    def ids(self) -> np.ndarray: ...
+
+    def vectors(self) -> np.ndarray: ...
+
+    def __len__(self) -> int: ...
 
 
 def _no_progress(stage: str, done: int, total: int) -> None:
@@ -96,7 +108,7 @@ def list_shards(folder: Path) -> list[VectorShard]:
     return shards
 
 
-def training_sample(shards: Sequence[VectorShard], size: int, seed: int = 0) -> np.ndarray:
+def training_sample(shards: Sequence[Shard], size: int, seed: int = 0) -> np.ndarray:
     """`size` vectors drawn at random from all shards, each shard giving its share of the total."""
     counts = np.array([len(s) for s in shards], dtype=np.int64)
     total = int(counts.sum())
@@ -127,7 +139,7 @@ class ShardedBuild:
 
 
 def build_from_shards(
-    shards: Sequence[VectorShard],
+    shards: Sequence[Shard],
     kind: ShardedKind,
     out: Path,
     *,
@@ -194,6 +206,30 @@ def build_from_shards(
                             seconds)
     finally:
         shutil.rmtree(blocks, ignore_errors=True)
+
+
+def exact_top_k(shards: Sequence[Shard], queries: np.ndarray, k: int = 10,
+                progress: Progress = _no_progress) -> np.ndarray:
+    """Exact top-`k` ids by inner product over every shard (a scan: one shard block in memory at a time)."""
+    best_scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_ids = np.full((len(queries), k), -1, dtype=np.int64)
+    for number, shard in enumerate(shards):
+        all_vectors, all_ids = shard.vectors(), shard.ids()
+        for start in range(0, len(all_ids), EXACT_BLOCK):
+            vectors = np.asarray(all_vectors[start : start + EXACT_BLOCK], dtype=np.float32)
+            ids = np.asarray(all_ids[start : start + EXACT_BLOCK], dtype=np.int64)
+            if len(ids) == 0:
+                continue
+            scores = queries @ vectors.T
+            take = min(k, len(ids))
+            top = np.argpartition(-scores, take - 1, axis=1)[:, :take]
+            scores = np.concatenate([best_scores, np.take_along_axis(scores, top, axis=1)], axis=1)
+            candidates = np.concatenate([best_ids, ids[top]], axis=1)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            best_scores = np.take_along_axis(scores, order, axis=1)
+            best_ids = np.take_along_axis(candidates, order, axis=1)
+        progress("exact search", number + 1, len(shards))
+    return best_ids
 
 
 def _rename_ivfdata(index: faiss.Index, name: str) -> None:
