@@ -288,4 +288,5 @@ def test_bench_stores_measures_both_stores_with_a_selective_filter(tmp_path: Pat
         assert row["n"] == 3000 and row["kind"] == "flat"  # exact at this size: recall 1.0 by definition
         assert row["recall_at_10"] == 1.0 and row["filtered_recall_at_10"] == 1.0
         assert 0.02 < row["filtered_share"] < 0.09  # ICDR >= 2 at BRSET's proportions, about 5%
-        assert 0 < row["p50_ms"] <= row["p99_ms"] and row["build_seconds"] > 0
+        assert 0 < row["p50_ms"] <= row["p99_ms"] and row["build_seconds"] >= 0  # FAISS flat: a few ms
+    assert rows["milvus"]["build_seconds"] > 0

@@ -91,7 +91,7 @@ def _row(store: str, n: int, kind: str, build: float, params: SearchParams, plai
          filtered: tuple[np.ndarray, list[float]], truth: np.ndarray, filtered_truth: np.ndarray,
          share: float) -> StoreRow:
     return StoreRow(
-        store=store, n=n, kind=kind, build_seconds=round(build, 2),
+        store=store, n=n, kind=kind, build_seconds=round(build, 3),
         search={"nprobe": params.nprobe, "ef_search": params.ef_search},
         p50_ms=round(float(np.percentile(plain[1], 50)), 3), p99_ms=round(float(np.percentile(plain[1], 99)), 3),
         recall_at_10=round(recall_at_k(plain[0], truth), 4), filtered_share=round(share, 4),
