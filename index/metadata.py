@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -26,6 +27,9 @@ from index.records import PATHOLOGY_FIELDS, Eye, FundusRecord, Sex
 EyeName = Literal["right", "left"]
 SexName = Literal["male", "female"]
 QualityName = Literal["adequate", "inadequate"]
+
+ALLOWED_CACHE_SIZE = 64
+"""How many filters' allowed ids `MetadataTable.allowed_ids` keeps."""
 
 MAX_RECORD_ID = 2**63 - 1
 """The largest id an index holds: FAISS ids and SQLite integers are signed 64-bit."""
@@ -178,6 +182,7 @@ class MetadataTable:
         self._connection = connection
         self._source = source
         self._lock = threading.Lock()
+        self._allowed_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @classmethod
     def in_memory(cls) -> MetadataTable:
@@ -244,9 +249,17 @@ class MetadataTable:
         return None if row is None else _row(row)
 
     def allowed_ids(self, filters: Filters | None) -> np.ndarray | None:
-        """The ids passing `filters`, ascending; None when there is no condition (everything allowed)."""
+        """The ids passing `filters`, ascending (a read-only array); None when there is no condition
+        (everything allowed). The answers for the last `ALLOWED_CACHE_SIZE` filters are kept until the table
+        changes: a selective filter's thousands of ids cost milliseconds to read, on every search."""
         if filters is None or filters.is_empty():
             return None
+        key = filters.model_dump_json()
+        with self._lock:
+            cached = self._allowed_cache.get(key)
+            if cached is not None:
+                self._allowed_cache.move_to_end(key)
+                return cached
         clauses: list[str] = []
         params: list[Any] = []
         for column, values in (("icdr", filters.icdr), ("sdrg", filters.sdrg)):
@@ -263,10 +276,15 @@ class MetadataTable:
             clauses.append("patient_age <= ?")
             params.append(filters.age_max)
         with self._lock:
-            rows = self._connection.execute(
+            cursor = self._connection.execute(
                 f"SELECT id FROM records WHERE {' AND '.join(clauses)} ORDER BY id", params
-            ).fetchall()
-        return np.array([row[0] for row in rows], dtype=np.int64)
+            )
+            allowed = np.fromiter((row[0] for row in cursor), dtype=np.int64)
+            allowed.setflags(write=False)
+            self._allowed_cache[key] = allowed
+            if len(self._allowed_cache) > ALLOWED_CACHE_SIZE:
+                self._allowed_cache.popitem(last=False)
+        return allowed
 
     # changing
 
@@ -275,6 +293,7 @@ class MetadataTable:
         (or repeated among `rows`)."""
         with self._lock:
             self._make_writable()
+            self._allowed_cache.clear()
             try:
                 with self._connection:  # one transaction: all rows or none
                     self._connection.executemany(
@@ -289,6 +308,7 @@ class MetadataTable:
         wanted = [int(i) for i in ids]
         with self._lock:
             self._make_writable()
+            self._allowed_cache.clear()
             with self._connection:
                 deleted = 0
                 for start in range(0, len(wanted), 500):

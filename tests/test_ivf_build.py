@@ -128,3 +128,21 @@ def test_bench_scale_prints_its_report(tmp_path: Path) -> None:
     assert report["n"] == 20_000 and report["shards"] == 4 and report["ondisk"] is True
     assert report["recall_at_10"] >= 0.9 and 0 < report["p50_ms"] <= report["p99_ms"]
     assert report["bytes_on_disk"]["ivf-ondisk.faiss.ivfdata"] > 20_000 * 16 * 4
+
+
+def test_allowed_ids_are_cached_until_the_table_changes() -> None:
+    from index.bench.stores import SELECTIVE, synthetic_rows
+    from index.metadata import MetadataTable
+
+    rows = synthetic_rows(2_000, seed=3)
+    table = MetadataTable.in_memory()
+    table.insert(rows[:1_500])
+    first = table.allowed_ids(SELECTIVE)
+    assert first is not None and not first.flags.writeable
+    assert table.allowed_ids(SELECTIVE) is first  # the same answer, not read again
+    table.insert(rows[1_500:])
+    grown = table.allowed_ids(SELECTIVE)
+    expected = [row.id for row in rows if (row.labels.icdr or 0) >= 2]
+    assert grown is not None and grown.tolist() == expected and len(grown) > len(first)
+    table.delete(expected[:3])
+    assert table.allowed_ids(SELECTIVE).tolist() == expected[3:]  # type: ignore[union-attr]
