@@ -3,7 +3,9 @@ and its generated archive of 64 photographs."""
 
 from __future__ import annotations
 
+import gc
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,8 +304,14 @@ def test_ondisk_build_is_memory_mapped_verified_and_read_only(setup: Setup, tmp_
     with pytest.raises(IndexStoreError, match="read-only"):
         store.remove(np.array([0]))
 
+    # A mapped file must never be rewritten in place (pages past a truncation raise SIGBUS in whoever maps
+    # it): release the maps, then swap in a tampered copy by rename, as a changed file would arrive.
+    del store, reference
+    gc.collect()
     data = out / "image.faiss.ivfdata"
-    data.write_bytes(data.read_bytes()[:-8] + b"\0" * 8)
+    tampered = out / "tampered"
+    tampered.write_bytes(data.read_bytes()[:-8] + b"\0" * 8)
+    os.replace(tampered, data)
     with pytest.raises(IndexIntegrityError, match="image.faiss.ivfdata"):
         open_index(out, setup.embedder)
     refused = runner.invoke(app, ["build", "--bundle", str(setup.bundle), "--archive", str(setup.archive),
