@@ -28,7 +28,7 @@ import numpy as np
 
 from index.bench.search import synthetic_mixture
 from index.ivf_build import ShardedKind, build_from_shards, exact_top_k, list_shards, shard_paths, write_shard
-from index.vector_index import SearchParams, VectorIndex, recall_at_k
+from index.vector_index import VectorIndex, recall_at_k, tune_against_truth
 
 K = 10
 Progress = Callable[[str, int, int], None]
@@ -103,17 +103,6 @@ def held_out_queries(dim: int, count: int, seed: int) -> np.ndarray:
     return synthetic_mixture(dim, seed=seed).sample(count, np.random.default_rng([seed, 1 << 30]))
 
 
-def _tune(index: VectorIndex, queries: np.ndarray, truth: np.ndarray, target: float) -> tuple[int, float]:
-    nlist = int(faiss.extract_index_ivf(index.faiss_index()).nlist)
-    probes = [p for p in (2**i for i in range(20)) if p < nlist] + [nlist]
-    recall = 0.0
-    for nprobe in probes:
-        recall = recall_at_k(index.search(queries, K, SearchParams(nprobe=nprobe))[1], truth)
-        if recall >= target:
-            return nprobe, recall
-    return probes[-1], recall
-
-
 def run_scale_bench(
     work: Path,
     n: int,
@@ -154,9 +143,9 @@ def run_scale_bench(
     seconds["open"] = time.perf_counter() - started
     rss_open = _rss_mb()
     faiss.omp_set_num_threads(threads)
-    nprobe, tune_recall = _tune(index, everything[:tune_queries], truth[:tune_queries], target_recall)
+    params, tune_recall = tune_against_truth(index, everything[:tune_queries], truth[:tune_queries], target_recall, K)
+    nprobe = int(params.nprobe or 0)
     timed = everything[tune_queries:]
-    params = SearchParams(nprobe=nprobe)
     latencies = []
     found = []
     for row in range(len(timed)):
