@@ -11,6 +11,9 @@ A folder that `retina-train export` writes and everything online reads:
     BUNDLE/image_encoder.ov-int8.xml/.bin, text_encoder.ov-int8.xml/.bin
                                 optional (`retina-train export --openvino-int8`): the encoders as OpenVINO
                                 INT8 IR, run by the `openvino` runtime (`manifest.openvino_int8`)
+    BUNDLE/gate.onnx            optional (`retina-train gate fit`, then export): pixels prepared with
+                                `manifest.gate.image` -> gate_probabilities (B, 6), the gradability gate
+                                (`index.gate`)
 
 Schema v2: each tower runs once per query. The grader reads the tokens the encoders already returned (their
 second output) instead of raw pixels and ids, so a search embeds and grades with one pass of its tower, and
@@ -30,6 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from index.gate import GateSpec
 from index.preprocess import ImageSpec
 from index.tabular import FeatureSpec
 
@@ -107,6 +111,7 @@ class Manifest(BaseModel):
     exporter: str
     files: dict[str, str]  # file name -> sha256
     openvino_int8: OpenVinoInt8 | None = None  # absent: the bundle has no OpenVINO IR (and older bundles)
+    gate: GateSpec | None = None  # absent: no gradability gate (bundles exported without one, and older ones)
 
     @property
     def fingerprint(self) -> str:
@@ -167,7 +172,8 @@ def read_manifest(folder: Path) -> Manifest:
         raise BundleError(f"{path}: invalid manifest: {error}") from None
     ir = manifest.openvino_int8
     ir_files = [file for xml in ir.graphs.values() for file in (xml, ir_weights(xml))] if ir else []
-    for name in (*REQUIRED_FILES, *ir_files):
+    gate_files = [manifest.gate.file] if manifest.gate else []
+    for name in (*REQUIRED_FILES, *ir_files, *gate_files):
         if name not in manifest.files:
             raise BundleError(f"{path}: lists no checksum for {name}")
     for name, expected in manifest.files.items():

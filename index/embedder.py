@@ -36,6 +36,7 @@ from tokenizers import Tokenizer
 
 from index.bundle import GRADER, IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER, BundleError, Manifest, read_manifest
 from index.cpus import available_cpus
+from index.gate import Gradability, assess
 from index.preprocess import ImageSpec, batch_model_inputs
 from index.records import ICDR_NAMES, REFERABLE_ICDR, SDRG_NAMES, FundusRecord
 from index.runtimes import (
@@ -84,6 +85,7 @@ class Grades:
     icdr_names: tuple[str, ...] = ICDR_NAMES
     sdrg_names: tuple[str, ...] = SDRG_NAMES
     text_truncated: bool = False
+    gradability: Gradability | None = None  # the gate's answer on the photograph (None: no photograph or no gate)
 
     @property
     def icdr_grade(self) -> int:
@@ -246,9 +248,10 @@ class Embedder:
         """The three ONNX graphs in ONNX Runtime, on CUDA when asked for or available."""
         wanted = choose_providers(device)
         graphs: dict[str, Graph] = {}
-        for name in GRAPHS:
+        for name in self._graph_names():
+            precision = self.manifest.precision if name in GRAPHS else "fp32"  # the gate is never quantized
             try:
-                graph = OnnxRuntimeGraph(self.bundle / name, wanted, threads, spin, self.manifest.precision)
+                graph = OnnxRuntimeGraph(self.bundle / name, wanted, threads, spin, precision)
             except Exception as error:  # onnxruntime raises its own exception types for a bad graph
                 raise BundleError(f"{self.bundle}: ONNX Runtime cannot load {name}: {error}") from None
             graphs[name] = graph
@@ -283,7 +286,7 @@ class Embedder:
             )
             log.warning("%s", self.notes[-1])
         graphs: dict[str, Graph] = {}
-        for name in GRAPHS:
+        for name in self._graph_names():
             file = ir.get(name, name)
             try:
                 graphs[name] = OpenVinoGraph(self.bundle / file, performance, threads)
@@ -291,7 +294,28 @@ class Embedder:
                 raise BundleError(f"{self.bundle}: OpenVINO cannot load {file}: {error}") from None
         return graphs
 
+    def _graph_names(self) -> tuple[str, ...]:
+        """The graphs to open: the three of every bundle, and the gate where the bundle has one."""
+        return (*GRAPHS, self.manifest.gate.file) if self.manifest.gate else GRAPHS
+
     # --- public API -------------------------------------------------------------------------------
+
+    @property
+    def has_gate(self) -> bool:
+        """Whether the bundle has a gradability gate (`index.gate`)."""
+        return self.manifest.gate is not None
+
+    def check_gradability(self, images: Sequence[Image.Image]) -> list[Gradability]:
+        """Photographs -> the gate's answer for each: a fundus photograph? gradable? why not?
+        Raises ValueError when the bundle has no gate (`has_gate`)."""
+        spec = self.manifest.gate
+        if spec is None:
+            raise ValueError(f"{self.bundle}: this bundle has no gradability gate (export a run with a gate)")
+        if not images:
+            return []
+        out = self._graphs[spec.file].run({"pixels": batch_model_inputs(images, spec.image)})
+        return assess(out["gate_probabilities"], spec)
+
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """Photographs (RGB PIL images, e.g. from `index.preprocess.decode_image`) -> (N, D) float32,
@@ -370,8 +394,9 @@ class Embedder:
             n, image_tokens=tower.tokens, image=np.ones(n, bool), text=np.zeros(n, bool),
             tabular_present=np.zeros(n, bool),
         )
+        gated: list[Gradability | None] = list(self.check_gradability(images)) if self.has_gate else [None] * n
         return [
-            SearchQuery(tower.vectors[i], self._grades(icdr[i], sdrg[i], record[i], ["image"]))
+            SearchQuery(tower.vectors[i], self._grades(icdr[i], sdrg[i], record[i], ["image"], gradability=gated[i]))
             for i in range(n)
         ]
 
@@ -412,10 +437,15 @@ class Embedder:
                 raise ValueError(f"input {i}: grading needs at least one of image, text or structured data")
         image_tokens = text_tokens = attention_mask = None
         with_image = [i for i, item in enumerate(inputs) if item.image is not None]
+        gated: list[Gradability | None] = [None] * n
         if with_image:
-            tower = self._run_image(batch_model_inputs([inputs[i].image for i in with_image], self.image_spec))
+            photographs = [inputs[i].image for i in with_image]
+            tower = self._run_image(batch_model_inputs(photographs, self.image_spec))  # type: ignore[arg-type]
             image_tokens = np.zeros((n, *tower.tokens.shape[1:]), np.float32)
             image_tokens[with_image] = tower.tokens
+            if self.has_gate:
+                for i, answer in zip(with_image, self.check_gradability(photographs), strict=True):  # type: ignore[arg-type]
+                    gated[i] = answer
         with_text = [i for i, item in enumerate(inputs) if item.text is not None]
         truncated = [False] * n
         if with_text:
@@ -448,6 +478,7 @@ class Embedder:
                 icdr_names=tuple(self.manifest.icdr_names),
                 sdrg_names=tuple(self.manifest.sdrg_names),
                 text_truncated=truncated[i],
+                gradability=gated[i],
             )
             for i, item in enumerate(inputs)
         ]
@@ -498,11 +529,13 @@ class Embedder:
         return tokenizer
 
     def _grades(
-        self, icdr: np.ndarray, sdrg: np.ndarray, record: np.ndarray, modalities: list[str], truncated: bool = False
+        self, icdr: np.ndarray, sdrg: np.ndarray, record: np.ndarray, modalities: list[str], truncated: bool = False,
+        gradability: Gradability | None = None,
     ) -> Grades:
         return Grades(icdr_probabilities=icdr, sdrg_probabilities=sdrg, record_embedding=record,
                       modalities=modalities, icdr_names=tuple(self.manifest.icdr_names),
-                      sdrg_names=tuple(self.manifest.sdrg_names), text_truncated=truncated)
+                      sdrg_names=tuple(self.manifest.sdrg_names), text_truncated=truncated,
+                      gradability=gradability)
 
     def _token_shape(self, name: str) -> tuple[int, ...]:
         """The fixed trailing dimensions of a grader input (image_tokens: (N, W); text_tokens: (1, W) for

@@ -26,6 +26,7 @@ from pydantic import BaseModel, BeforeValidator, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index.embedder import GradeInput, Grades, is_valid_unicode
+from index.gate import Gradability
 from index.metadata import MAX_RECORD_ID, Filters
 from index.preprocess import ImageDecodeError, decode_image
 from index.store import Hit
@@ -36,6 +37,8 @@ from service.schemas import (
     NOT_BLANK,
     Against,
     ErrorResponse,
+    GateMode,
+    Gradable,
     GradePrediction,
     GradeProbability,
     GradeResponse,
@@ -72,7 +75,8 @@ ERROR_MEANINGS: dict[int, str] = {
     408: "The request body did not arrive in time.",
     413: "The request body is larger than the limit.",
     415: "The upload is not a JPEG, PNG or TIFF image.",
-    422: "The request is invalid: `detail` says why, `errors` (when given) where.",
+    422: "The request is invalid: `detail` says why, `errors` (when given) where. Also a photograph that the "
+         "gradability gate judges not a fundus photograph (unless `gate` is report).",
     500: "An unexpected error; the service keeps running.",
     503: "The bundle and index are loading, or could not be loaded (`detail` says which).",
 }
@@ -231,8 +235,9 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
             Form(max_length=MAX_FORM_JSON_CHARS, description='JSON, e.g. {"icdr": [2, 3], "exam_eye": "left"}'),
         ] = None,
         against: Annotated[Against, Form(description="image or record embeddings.")] = "image",
+        gate: Annotated[GateMode | None, Form(description=GATE_FIELD)] = None,
     ) -> Response:
-        """The archived cases nearest a photograph, and the grades predicted from it."""
+        """The archived cases nearest a photograph, the grades predicted from it, and whether it is gradable."""
         started = time.perf_counter()
         route = "/search/image"
         parsed_filters = _parse_filters(filters)
@@ -240,8 +245,10 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         with metrics.timed(route, "decode"):
             image = await _decode_upload(file, engine, settings)
         answer = await _model_call(engine.images.submit(SearchRequest(image, k, against, parsed_filters)))
+        gradability = answer.query.grades.gradability
+        _refuse_non_fundus(gradability, gate or settings.gate)
         _observe_search(metrics, route, answer)
-        notes = _notes(answer.hits, k, parsed_filters, False, engine)
+        notes = _notes(answer.hits, k, parsed_filters, False, engine) + _gate_notes(gradability)
         return _json(_search_response(answer, against, engine, notes, started))
 
     @app.post("/grade", response_model=GradeResponse, responses=ERRORS, tags=["grading"])
@@ -254,6 +261,7 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
                  description='JSON of structured data, e.g. {"patient_age": 61, "patient_sex": "female", '
                              '"diabetes_time_y": 12, "insulin": true}'),
         ] = None,
+        gate: Annotated[GateMode | None, Form(description=GATE_FIELD)] = None,
     ) -> GradeResponse:
         """ICDR and SDRG grades from a photograph, optionally with a text and structured data (any
         non-empty subset of the three)."""
@@ -272,11 +280,14 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         with metrics.timed(route, "embed"):
             grades = await _model_call(engine.grades.submit(GradeInput(image=image, text=given_text,
                                                                       structured=fields)))
+        _refuse_non_fundus(grades.gradability, gate or settings.gate)
         notes = [_truncation_note(engine)] if grades.text_truncated else []
+        notes += _gate_notes(grades.gradability)
         predicted = _predicted(grades)
         return GradeResponse(
             icdr=predicted.icdr, sdrg=predicted.sdrg, referable=predicted.referable,
-            referable_probability=predicted.referable_probability, modalities=grades.modalities,  # type: ignore[arg-type]
+            referable_probability=predicted.referable_probability, gradable=_gradable(grades.gradability),
+            modalities=grades.modalities,  # type: ignore[arg-type]
             text_truncated=grades.text_truncated, notes=notes, took_ms=_ms(started),
         )
 
@@ -431,6 +442,36 @@ def _predicted(grades: Grades) -> Predicted:
     )
 
 
+GATE_FIELD = ("refuse: a photograph the gradability gate judges not a fundus photograph gets 422; report: it "
+              "is answered, flagged in `gradable`. Default: the service's setting (RETINA_GATE).")
+
+
+def _gradable(answer: Gradability | None) -> Gradable | None:
+    if answer is None:
+        return None
+    return Gradable(ok=answer.ok, probability=answer.probability, fundus=answer.fundus, reasons=answer.reasons,
+                    probabilities=answer.probabilities)
+
+
+def _refuse_non_fundus(answer: Gradability | None, mode: str) -> None:
+    """422 for a photograph the gate judges not a fundus photograph, unless the mode is report."""
+    if answer is not None and not answer.fundus and mode == "refuse":
+        raise BadInput(
+            422,
+            f"file: not a fundus photograph (the gradability gate gives it a probability of "
+            f"{answer.probabilities.get('fundus', 0.0):.2f} of being one), so it is not graded; send gate=report "
+            "to get an answer anyway",
+        )
+
+
+def _gate_notes(answer: Gradability | None) -> list[str]:
+    if answer is None or answer.ok:
+        return []
+    if not answer.fundus:
+        return ["the gradability gate judges this not a fundus photograph: the grades and neighbours mean nothing"]
+    return [f"the photograph may not be gradable ({'; '.join(answer.reasons)}): treat the grades with caution"]
+
+
 def _truncation_note(engine: Engine) -> str:
     embedder, _ = engine.parts()
     return f"the text was cut to the model's {embedder.max_length} tokens; the rest was not read"
@@ -455,6 +496,7 @@ def _search_response(
             for hit in answer.hits
         ],
         predicted=_predicted(answer.query.grades),
+        gradable=_gradable(answer.query.grades.gradability),
         against=against,
         index_size=store.ntotal,
         text_truncated=answer.query.truncated,
@@ -505,6 +547,7 @@ def _readiness(engine: Engine) -> Readiness:
         max_text_tokens=embedder.max_length,
         icdr_names=list(embedder.manifest.icdr_names),
         sdrg_names=list(embedder.manifest.sdrg_names),
+        gradability_gate=embedder.has_gate,
     )
 
 

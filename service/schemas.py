@@ -12,6 +12,7 @@ NOT_BLANK = r"\S"
 """A text must hold at least one character that is not white space."""
 Against = Literal["image", "record"]
 Modality = Literal["image", "text", "structured"]
+GateMode = Literal["refuse", "report"]
 
 
 class TextSearchRequest(BaseModel):
@@ -83,6 +84,18 @@ class Predicted(BaseModel):
     referable_probability: float = Field(description="P(ICDR >= 2)")
 
 
+class Gradable(BaseModel):
+    """The gradability gate's answer on the photograph (`index.gate`)."""
+
+    ok: bool = Field(description="A fundus photograph of adequate quality: gradable.")
+    probability: float = Field(description="P(fundus photograph) x P(adequate quality).")
+    fundus: bool = Field(description="False: not a fundus photograph at all.")
+    reasons: list[str] = Field(description="Why it is not gradable, e.g. 'out of focus' (empty when ok).")
+    probabilities: dict[str, float] = Field(
+        description="Each gate output: fundus, adequate, and each defect (focus, illumination, image_field, artifacts)."
+    )
+
+
 class Neighbour(BaseModel):
     """One archived case near the query."""
 
@@ -99,6 +112,9 @@ class SearchResponse(BaseModel):
 
     neighbours: list[Neighbour]
     predicted: Predicted
+    gradable: Gradable | None = Field(
+        default=None, description="The photograph's gradability (None: a text query, or a bundle without a gate)."
+    )
     against: Against
     index_size: int
     text_truncated: bool = False
@@ -113,6 +129,9 @@ class GradeResponse(BaseModel):
     sdrg: GradePrediction
     referable: bool
     referable_probability: float
+    gradable: Gradable | None = Field(
+        default=None, description="The photograph's gradability (None: no photograph, or a bundle without a gate)."
+    )
     modalities: list[Modality]
     text_truncated: bool = False
     notes: list[str] = Field(default_factory=list)
@@ -153,6 +172,8 @@ class Readiness(BaseModel):
     max_text_tokens: int | None = None
     icdr_names: list[str] | None = None
     sdrg_names: list[str] | None = None
+    gradability_gate: bool | None = Field(default=None, description="The bundle has a gradability gate: photographs "
+                                          "are checked (`gradable` in the answers).")
 
 
 class ErrorResponse(BaseModel):

@@ -82,6 +82,11 @@ class ServiceSettings(BaseSettings):
         "arrive while a batch runs form the next one (measured: 2 ms of waiting cost 2 ms of latency at one "
         "client and gained nothing at 16).",
     )
+    gate: Literal["refuse", "report"] = Field(
+        default="refuse",
+        description="A photograph the bundle's gradability gate judges not a fundus photograph: refuse it (422 'not "
+        "a fundus photograph') or report (answer, with `gradable.fundus` false). A request's `gate` field overrides it.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

@@ -16,8 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from index.archive.brset import ArchiveError, read_archive, read_labels
+from training.gate.cli import gate_app
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app.add_typer(gate_app, name="gate", help="The gradability gate: `gate fit` trains it, `gate evaluate` measures it.")
 console = Console(stderr=True)
 
 
@@ -47,6 +49,10 @@ def synth(
         Path | None, typer.Option(help="A BRSET label CSV: render one photograph per row instead of sampling.")
     ] = None,
     contact_sheet: Annotated[Path | None, typer.Option(help="Also write a PNG grid of examples by grade.")] = None,
+    quality_defects: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Share of photographs given extra acquisition defects (blur, "
+                            "illumination, field, artefacts) and marked inadequate, e.g. to train the gate.")
+    ] = 0.0,
     workers: Annotated[int, typer.Option(help="Rendering processes.")] = os.cpu_count() or 1,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing archive at --out.")] = False,
 ) -> None:
@@ -63,7 +69,7 @@ def synth(
                               "(kept as missing); run `retina-index describe` for details[/yellow]")
             records = records[:n] if n is not None else records
         else:
-            records = sample_records(n if n is not None else 500, seed)
+            records = sample_records(n if n is not None else 500, seed, quality_defects=quality_defects)
         if not records:
             raise _fail("no records to render")
         with _progress() as progress:
@@ -290,6 +296,10 @@ def export(
                      "training items; parity cosine >= 0.999) for the openvino runtime. fp32 only; needs the "
                      "`openvino` extra."),
     ] = False,
+    gate: Annotated[
+        Path | None, typer.Option(help="A gradability gate's folder (`retina-train gate fit`); default: RUN/gate "
+                                  "when the run has one.")
+    ] = None,
 ) -> None:
     """Export a run to a bundle (ONNX graphs, tokenizer, manifest), checked against PyTorch on the archive
     the run was trained on (as its run.json records it), or on --archive/--splits."""
@@ -317,7 +327,7 @@ def export(
         engines = "ONNX Runtime and OpenVINO INT8" if openvino_int8 else "ONNX Runtime"
         with console.status(f"exporting {run} ({precision}) and checking {engines} against PyTorch"):
             report = export_bundle(run_dir, archive, splits, out, precision=precision, split=split,  # type: ignore[arg-type]
-                                   openvino_int8=openvino_int8)
+                                   openvino_int8=openvino_int8, gate=gate)
     except ExportError as error:
         raise _fail(f"export failed the parity check, no bundle written:\n{error}") from None
     except (ArchiveError, ValueError, KeyError, OSError) as error:
@@ -325,7 +335,9 @@ def export(
     for line in report.lines():
         print(line)
     with_ir = " + OpenVINO INT8 IR" if openvino_int8 else ""
-    console.print(f"wrote bundle {out} ({precision}{with_ir}, fingerprint {read_manifest(out).fingerprint})")
+    manifest = read_manifest(out)
+    with_gate = " + gradability gate" if manifest.gate else ""
+    console.print(f"wrote bundle {out} ({precision}{with_ir}{with_gate}, fingerprint {manifest.fingerprint})")
 
 
 def _recorded_data(run_dir: Path, run: str, archive: Path | None, splits: Path | None) -> tuple[Path, Path]:

@@ -63,6 +63,7 @@ from index.records import ICDR_NAMES, SDRG_NAMES
 from index.runtimes import OpenVinoGraph
 from training.data import BatchBuilder, stored_narrative
 from training.evaluation.metrics import instance_recall, summarise
+from training.gate.export import export_gate
 from training.model.model import RetinaAlignModel
 from training.openvino_int8 import INSTALL, full_range, missing_packages, quantize_to_ir, quantizer_description
 from training.run import MODEL_FILE, LoadedRun, load_run, split_for_evaluation
@@ -478,10 +479,24 @@ def _batches(builder: BatchBuilder, texts: list[str]) -> list[dict[str, Tensor]]
     return [builder.batch(np.arange(s, min(size, s + BATCH)), texts[s : s + BATCH]) for s in range(0, size, BATCH)]
 
 
+GATE_FOLDER = "gate"
+"""Where a run (or a shipped model) keeps its gradability gate, when it has one."""
+
+
+def run_gate_folder(run_dir: Path) -> Path | None:
+    """The run's own gate folder (`RUN/gate/`), or None when it has none."""
+    folder = Path(run_dir) / GATE_FOLDER
+    return folder if folder.is_dir() else None
+
+
 def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path,
-                  precision: Precision = "fp32", split: str = "val", openvino_int8: bool = False) -> ParityReport:
+                  precision: Precision = "fp32", split: str = "val", openvino_int8: bool = False,
+                  gate: Path | None = None) -> ParityReport:
     """Export a run to a bundle at `out` (written to a temporary folder and moved into place only
     after the parity check passes). Raises ExportError when the check fails.
+
+    `gate`: a trained gradability gate's folder (`retina-train gate fit`), exported as `gate.onnx`; by
+    default the run's own `gate/` folder when it has one, else the bundle has no gate.
 
     `openvino_int8`: also write the encoders as OpenVINO INT8 IR, checked (see the module docstring); fp32
     only (the openvino runtime runs the grader's fp32 graph), and needs the `openvino` extra (ValueError)."""
@@ -536,6 +551,14 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
         # The bundle's tokenizer.json carries its truncation and padding (`index.tokens`).
         batch_tokenizer(run.tokenizer, config.text.max_length).save(str(staging / TOKENIZER))
         files = [IMAGE_ENCODER, TEXT_ENCODER, GRADER, TOKENIZER]
+        gate_folder = gate if gate is not None else run_gate_folder(Path(run_dir))
+        gate_spec = None
+        if gate_folder is not None:
+            try:
+                gate_spec = export_gate(gate_folder, staging, OPSET)
+            except (FileNotFoundError, RuntimeError) as error:
+                raise ExportError(f"gradability gate: {error}") from None
+            files.append(gate_spec.file)
         if openvino is not None:
             files += [file for xml in openvino.graphs.values() for file in (xml, ir_weights(xml))]
         metrics_path = Path(run_dir) / "eval-test" / "metrics.json"
@@ -559,6 +582,7 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
             exporter=EXPORTER,
             files={name: sha256_of(staging / name) for name in files},
             openvino_int8=openvino,
+            gate=gate_spec,
         )
         write_manifest(staging, manifest)
         staging.chmod(0o755)

@@ -93,14 +93,21 @@ def _eyes(rng: np.random.Generator, n_images: int, both_eyes_probability: float)
     return [first if i % 2 == 0 else other for i in range(n_images)]
 
 
-def sample_records(n: int, seed: int, priors: dict[str, Any] | None = None) -> list[FundusRecord]:
+def sample_records(
+    n: int, seed: int, priors: dict[str, Any] | None = None, quality_defects: float = 0.0
+) -> list[FundusRecord]:
     """Sample `n` records patient by patient (ids `synth000001`, patients `1`, `2`, ...).
 
     Deterministic for a seed. A patient's further images copy the patient's grade pair with the
     probability measured on BRSET, else draw a fresh pair, so grade marginals match the priors.
+    `quality_defects` (0-1): the share of photographs additionally given one or two acquisition defects
+    (`QUALITY_DEFECT_FIELDS`, each equally likely) and marked inadequate, for training a gradability
+    check on more defects than BRSET's 12%; 0 keeps BRSET's own rates.
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if not 0.0 <= quality_defects <= 1.0:
+        raise ValueError(f"quality_defects must be between 0 and 1, got {quality_defects}")
     priors = priors or load_priors()
     rng = np.random.default_rng(seed)
     records: list[FundusRecord] = []
@@ -127,4 +134,15 @@ def sample_records(n: int, seed: int, priors: dict[str, Any] | None = None) -> l
                     **_image_fields(rng, priors, icdr),
                 )
             )
+    if quality_defects > 0:
+        defect_rng = np.random.default_rng([seed, 1])  # its own stream: the labels above stay as without it
+        records = [_with_defects(r, defect_rng) if defect_rng.random() < quality_defects else r for r in records]
     return records
+
+
+def _with_defects(record: FundusRecord, rng: np.random.Generator) -> FundusRecord:
+    """The record with one or two acquisition defects set abnormal and its quality inadequate."""
+    count = 1 if rng.random() < 0.7 else 2
+    picked = rng.choice(len(QUALITY_DEFECT_FIELDS), size=count, replace=False)
+    update: dict[str, Any] = {QUALITY_DEFECT_FIELDS[int(i)]: Assessment.ABNORMAL for i in picked}
+    return record.model_copy(update={**update, "quality_adequate": False})

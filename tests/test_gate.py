@@ -1,0 +1,209 @@
+"""The gradability gate: its answer rules, its training data, a real (tiny) training run exported into a
+bundle, ONNX parity, the CLI's evaluation, and the service refusing or reporting non-fundus photographs."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from index.gate import DEFECTS, GATE_OUTPUTS, INADEQUATE, NOT_FUNDUS, REASONS, GateSpec, assess
+from index.preprocess import ImageSpec, model_pixels
+from index.records import Assessment
+from training.gate.negatives import (
+    SKIMAGE_FUNDUS,
+    SKIMAGE_HELD_OUT,
+    SKIMAGE_TRAIN,
+    negatives,
+    skimage_fundus,
+    skimage_samples,
+)
+from training.synth.priors import QUALITY_DEFECT_FIELDS, sample_records
+
+SPEC = GateSpec(image=ImageSpec(size=32))
+
+
+def _row(fundus: float, adequate: float, **defects: float) -> list[float]:
+    return [fundus, adequate, *(defects.get(d, 0.0) for d in DEFECTS)]
+
+
+def test_assess_names_what_is_wrong() -> None:
+    answers = assess(np.array([
+        _row(0.9, 0.9),
+        _row(0.2, 0.9),
+        _row(0.9, 0.1, focus=0.8, artifacts=0.7),
+        _row(0.9, 0.1),
+    ]), SPEC)
+    assert [a.ok for a in answers] == [True, False, False, False]
+    assert answers[0].reasons == [] and answers[0].probability == pytest.approx(0.81)
+    assert answers[1].reasons == [NOT_FUNDUS] and not answers[1].fundus
+    assert answers[2].reasons == [REASONS["focus"], REASONS["artifacts"]] and answers[2].fundus
+    assert answers[3].reasons == [INADEQUATE]
+    assert set(answers[0].probabilities) == set(GATE_OUTPUTS)
+    with pytest.raises(ValueError, match="shape"):
+        assess(np.zeros((2, 3)), SPEC)
+
+
+def test_gate_file_must_be_a_plain_name() -> None:
+    with pytest.raises(ValueError):
+        GateSpec(image=ImageSpec(size=32), file="../outside.onnx")
+
+
+def test_quality_defects_add_defects_and_keep_the_rest() -> None:
+    plain = sample_records(400, seed=4)
+    boosted = sample_records(400, seed=4, quality_defects=0.5)
+    assert [r.dr_icdr for r in plain] == [r.dr_icdr for r in boosted]
+    changed = [b for p, b in zip(plain, boosted, strict=True) if p != b]
+    assert 0.3 * 400 < len(changed) < 0.6 * 400
+    for record in changed:
+        assert record.quality_adequate is False
+        assert any(getattr(record, f) == Assessment.ABNORMAL for f in QUALITY_DEFECT_FIELDS)
+    with pytest.raises(ValueError):
+        sample_records(10, seed=4, quality_defects=1.5)
+
+
+def test_negatives_are_seeded_varied_and_never_the_held_out_samples() -> None:
+    assert not set(SKIMAGE_TRAIN) & set(SKIMAGE_HELD_OUT)
+    assert SKIMAGE_FUNDUS not in SKIMAGE_TRAIN + SKIMAGE_HELD_OUT
+    sources = skimage_samples(SKIMAGE_TRAIN[:2])
+    first, again = negatives(12, 3, 64, sources), negatives(12, 3, 64, sources)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(first, again, strict=True))
+    assert all(image.mode == "RGB" for image in first)
+    assert len({np.asarray(image).tobytes() for image in first}) == 12
+    held_out = skimage_samples(SKIMAGE_HELD_OUT)
+    assert set(held_out) == set(SKIMAGE_HELD_OUT) and all(i.mode == "RGB" and min(i.size) >= 64 for i in held_out.values())
+    assert skimage_fundus().mode == "RGB"
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A gate trained for one epoch on a small archive with many defects, and the tiny run exported with it."""
+    from bundle_factory import tiny_bundle
+
+    from index.archive.brset import read_archive
+    from training.export import export_bundle
+    from training.gate.train import GateOptions, fit_gate
+    from training.splits import make_splits
+    from training.synth.archive import write_archive
+
+    tiny = tiny_bundle(tmp_path_factory)
+    root = tmp_path_factory.mktemp("gate")
+    write_archive(sample_records(40, seed=5, quality_defects=0.5), root / "archive", size=224, seed=5)
+    archive = read_archive(root / "archive")
+    splits = make_splits(archive.records, seed=0, fractions=(0.7, 0.3, 0.0))
+    fit_gate(archive, splits, root / "gate", GateOptions(epochs=1, batch_size=16, negative_share=0.5))
+    export_bundle(tiny.run, tiny.archive, tiny.splits, root / "bundle", gate=root / "gate")
+    return {"archive": root / "archive", "gate": root / "gate", "bundle": root / "bundle",
+            "tiny_archive": tiny.archive, "plain_bundle": tiny.bundle}
+
+
+def test_fit_writes_a_gate_with_its_validation_figures(gated: dict[str, Path]) -> None:
+    from training.gate.train import GATE_SPEC, load_gate
+
+    model, spec = load_gate(gated["gate"])
+    info = json.loads((gated["gate"] / GATE_SPEC).read_text())
+    assert len(info["history"]) == 1 and info["history"][0]["loss"] > 0
+    assert "val_fundus_auroc" in spec.metrics and 0.0 <= spec.metrics["val_fundus_auroc"] <= 1.0
+    assert 0 < spec.adequate_threshold < 1
+    assert model(torch.zeros(1, 3, 224, 224)).shape == (1, len(GATE_OUTPUTS))
+
+
+def test_exported_gate_matches_pytorch_and_rides_along_with_queries(gated: dict[str, Path]) -> None:
+    from index.embedder import Embedder, GradeInput
+    from training.data import normalise
+    from training.gate.train import load_gate
+
+    embedder = Embedder(gated["bundle"], device="cpu")
+    assert embedder.has_gate and embedder.manifest.gate is not None
+    images = [skimage_fundus(), *skimage_samples(("cat", "page")).values()]
+    answers = embedder.check_gradability(images)
+    model, spec = load_gate(gated["gate"])
+    pixels = torch.from_numpy(np.stack([model_pixels(image, spec.image) for image in images]))
+    with torch.inference_mode():
+        expected = torch.sigmoid(model(normalise(pixels, spec.image.mean, spec.image.std))).numpy()
+    found = np.array([[a.probabilities[name] for name in GATE_OUTPUTS] for a in answers])
+    assert np.abs(found - expected).max() < 1e-3  # the answers are rounded to 4 decimals
+    query = embedder.query_images(images[:1])[0]
+    assert query.grades.gradability == answers[0]
+    graded = embedder.grade_many([GradeInput(image=images[1]), GradeInput(text="no retinopathy")])
+    assert graded[0].gradability == answers[1] and graded[1].gradability is None
+    plain = Embedder(gated["plain_bundle"], device="cpu")
+    assert not plain.has_gate and plain.query_images(images[:1])[0].grades.gradability is None
+    with pytest.raises(ValueError, match="no gradability gate"):
+        plain.check_gradability(images[:1])
+
+
+def test_gate_evaluate_reports_the_figures(gated: dict[str, Path], tmp_path: Path) -> None:
+    from training.cli import app
+
+    out = tmp_path / "gate.json"
+    result = CliRunner().invoke(app, ["gate", "evaluate", "--bundle", str(gated["bundle"]), "--archive",
+                                      str(gated["archive"]), "--photos", str(gated["archive"] / "fundus_photos"),
+                                      "--json", str(out), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["archive"]["photographs"] == 40 and 0 <= report["archive"]["ungradable_auroc"] <= 1
+    assert set(report["skimage"]["never_seen"]) == set(SKIMAGE_HELD_OUT)
+    assert report["photos"]["photographs"] == 40
+    assert report["latency_ms_one_photograph"] > 0
+    missing = CliRunner().invoke(app, ["gate", "evaluate", "--bundle", str(gated["plain_bundle"])])
+    assert missing.exit_code == 2 and "no gradability gate" in " ".join(missing.output.split())
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def test_service_refuses_or_reports_what_the_gate_calls_not_fundus(
+    gated: dict[str, Path], tmp_path: Path
+) -> None:
+    from service_server import serve
+
+    from index.build import BuildOptions, build_index
+    from index.bundle import MANIFEST_FILE
+    from index.embedder import Embedder
+    from service.settings import ServiceSettings
+
+    photo = next((gated["tiny_archive"] / "fundus_photos").glob("*.jpg")).read_bytes()
+    cat = _jpeg(skimage_samples(("chelsea",))["chelsea"])
+    # Put the gate's fundus threshold between the two photographs' probabilities: whatever a one-epoch gate
+    # thinks of them, one of them is then a fundus photograph and the other is not.
+    bundle = tmp_path / "bundle"
+    shutil.copytree(gated["bundle"], bundle)
+    answers = Embedder(bundle, device="cpu").check_gradability(
+        [Image.open(io.BytesIO(photo)).convert("RGB"), Image.open(io.BytesIO(cat)).convert("RGB")]
+    )
+    p_photo, p_cat = (a.probabilities["fundus"] for a in answers)
+    assert p_photo != p_cat
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest["gate"]["fundus_threshold"] = (p_photo + p_cat) / 2
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    fundus_like, other = (photo, cat) if p_photo > p_cat else (cat, photo)
+
+    build_index(BuildOptions(bundle=bundle, archive=gated["tiny_archive"], out=tmp_path / "index", batch_size=16,
+                             device="cpu"))
+    with serve(ServiceSettings(bundle=bundle, index=tmp_path / "index", device="cpu")) as served:
+        assert httpx.get(served.url + "/readyz").json()["gradability_gate"] is True
+        for route in ("/grade", "/search/image"):
+            refused = httpx.post(served.url + route, files={"file": ("x.jpg", other)}, timeout=60)
+            assert refused.status_code == 422 and "not a fundus photograph" in refused.json()["detail"]
+            reported = httpx.post(served.url + route, files={"file": ("x.jpg", other)}, data={"gate": "report"},
+                                  timeout=60)
+            assert reported.status_code == 200, reported.text
+            body = reported.json()
+            assert body["gradable"]["fundus"] is False and body["gradable"]["reasons"] == [NOT_FUNDUS]
+            assert any("not a fundus photograph" in note for note in body["notes"])
+            accepted = httpx.post(served.url + route, files={"file": ("x.jpg", fundus_like)}, timeout=60)
+            assert accepted.status_code == 200 and accepted.json()["gradable"]["fundus"] is True
+        text_only = httpx.post(served.url + "/grade", data={"text": "moderate NPDR"}, timeout=60)
+        assert text_only.status_code == 200 and text_only.json()["gradable"] is None
