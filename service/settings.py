@@ -85,7 +85,8 @@ class ServiceSettings(BaseSettings):
     gate: Literal["refuse", "report"] = Field(
         default="refuse",
         description="A photograph the bundle's gradability gate judges not a fundus photograph: refuse it (422 'not "
-        "a fundus photograph') or report (answer, with `gradable.fundus` false). A request's `gate` field overrides it.",
+        "a fundus photograph') or report (answer, with `gradable.fundus` false). A request's `gate` field "
+        "overrides it.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -44,3 +44,67 @@ def tiny_bundle(factory: pytest.TempPathFactory) -> TinyBundle:
         report = export_bundle(root / "run", root / "archive", root / "splits.json", root / "bundle")
         _built["tiny"] = TinyBundle(root / "archive", root / "splits.json", root / "run", root / "bundle", report)
     return _built["tiny"]
+
+
+@dataclass(frozen=True)
+class GatedBundle:
+    """The tiny run exported with a gradability gate trained for one epoch on a small archive with many
+    defects, its fundus threshold set between two photographs' probabilities (`fundus_like` passes, `other`
+    does not, whatever a one-epoch gate thinks of them), and an index of the tiny archive."""
+
+    archive: Path
+    gate: Path
+    bundle: Path
+    index: Path
+    fundus_like: bytes
+    other: bytes
+
+
+def _jpeg(image: object) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)  # type: ignore[attr-defined]
+    return buffer.getvalue()
+
+
+def gated_bundle(factory: pytest.TempPathFactory) -> GatedBundle:
+    """The session's gated bundle and its index, built on first use (about a minute on 2 cores)."""
+    if "gated" not in _built_gated:
+        import io
+        import json
+
+        from PIL import Image
+
+        from index.build import BuildOptions, build_index
+        from index.bundle import MANIFEST_FILE
+        from index.embedder import Embedder
+        from training.gate.negatives import skimage_samples
+        from training.gate.train import GateOptions, fit_gate
+
+        tiny = tiny_bundle(factory)
+        root = factory.mktemp("gated-bundle")
+        write_archive(sample_records(40, seed=5, quality_defects=0.5), root / "archive", size=224, seed=5)
+        splits = make_splits(read_archive(root / "archive").records, seed=0, fractions=(0.7, 0.3, 0.0))
+        fit_gate(read_archive(root / "archive"), splits, root / "gate",
+                 GateOptions(epochs=1, batch_size=16, negative_share=0.5))
+        export_bundle(tiny.run, tiny.archive, tiny.splits, root / "bundle", gate=root / "gate")
+        photo = next((tiny.archive / "fundus_photos").glob("*.jpg")).read_bytes()
+        cat = _jpeg(skimage_samples(("chelsea",))["chelsea"])
+        answers = Embedder(root / "bundle", device="cpu").check_gradability(
+            [Image.open(io.BytesIO(data)).convert("RGB") for data in (photo, cat)]
+        )
+        p_photo, p_cat = (a.probabilities["fundus"] for a in answers)
+        assert p_photo != p_cat, "the one-epoch gate gives both photographs the same fundus probability"
+        manifest = json.loads((root / "bundle" / MANIFEST_FILE).read_text())
+        manifest["gate"]["fundus_threshold"] = (p_photo + p_cat) / 2
+        (root / "bundle" / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        fundus_like, other = (photo, cat) if p_photo > p_cat else (cat, photo)
+        build_index(BuildOptions(bundle=root / "bundle", archive=tiny.archive, out=root / "index", batch_size=16,
+                                 device="cpu"))
+        _built_gated["gated"] = GatedBundle(root / "archive", root / "gate", root / "bundle", root / "index",
+                                            fundus_like, other)
+    return _built_gated["gated"]
+
+
+_built_gated: dict[str, GatedBundle] = {}

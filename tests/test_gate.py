@@ -3,16 +3,13 @@ bundle, ONNX parity, the CLI's evaluation, and the service refusing or reporting
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from index.gate import DEFECTS, GATE_OUTPUTS, INADEQUATE, NOT_FUNDUS, REASONS, GateSpec, assess
@@ -79,29 +76,19 @@ def test_negatives_are_seeded_varied_and_never_the_held_out_samples() -> None:
     assert all(image.mode == "RGB" for image in first)
     assert len({np.asarray(image).tobytes() for image in first}) == 12
     held_out = skimage_samples(SKIMAGE_HELD_OUT)
-    assert set(held_out) == set(SKIMAGE_HELD_OUT) and all(i.mode == "RGB" and min(i.size) >= 64 for i in held_out.values())
+    assert set(held_out) == set(SKIMAGE_HELD_OUT)
+    assert all(image.mode == "RGB" and min(image.size) >= 64 for image in held_out.values())
     assert skimage_fundus().mode == "RGB"
 
 
 @pytest.fixture(scope="module")
 def gated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A gate trained for one epoch on a small archive with many defects, and the tiny run exported with it."""
-    from bundle_factory import tiny_bundle
+    """The session's gated bundle (bundle_factory.gated_bundle) and the plain tiny bundle."""
+    from bundle_factory import gated_bundle, tiny_bundle
 
-    from index.archive.brset import read_archive
-    from training.export import export_bundle
-    from training.gate.train import GateOptions, fit_gate
-    from training.splits import make_splits
-    from training.synth.archive import write_archive
-
+    built = gated_bundle(tmp_path_factory)
     tiny = tiny_bundle(tmp_path_factory)
-    root = tmp_path_factory.mktemp("gate")
-    write_archive(sample_records(40, seed=5, quality_defects=0.5), root / "archive", size=224, seed=5)
-    archive = read_archive(root / "archive")
-    splits = make_splits(archive.records, seed=0, fractions=(0.7, 0.3, 0.0))
-    fit_gate(archive, splits, root / "gate", GateOptions(epochs=1, batch_size=16, negative_share=0.5))
-    export_bundle(tiny.run, tiny.archive, tiny.splits, root / "bundle", gate=root / "gate")
-    return {"archive": root / "archive", "gate": root / "gate", "bundle": root / "bundle",
+    return {"archive": built.archive, "gate": built.gate, "bundle": built.bundle, "index": built.index,
             "tiny_archive": tiny.archive, "plain_bundle": tiny.bundle}
 
 
@@ -158,52 +145,25 @@ def test_gate_evaluate_reports_the_figures(gated: dict[str, Path], tmp_path: Pat
     assert missing.exit_code == 2 and "no gradability gate" in " ".join(missing.output.split())
 
 
-def _jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
-
-
-def test_service_refuses_or_reports_what_the_gate_calls_not_fundus(
-    gated: dict[str, Path], tmp_path: Path
-) -> None:
+def test_service_refuses_or_reports_what_the_gate_calls_not_fundus(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from bundle_factory import gated_bundle
     from service_server import serve
 
-    from index.build import BuildOptions, build_index
-    from index.bundle import MANIFEST_FILE
-    from index.embedder import Embedder
     from service.settings import ServiceSettings
 
-    photo = next((gated["tiny_archive"] / "fundus_photos").glob("*.jpg")).read_bytes()
-    cat = _jpeg(skimage_samples(("chelsea",))["chelsea"])
-    # Put the gate's fundus threshold between the two photographs' probabilities: whatever a one-epoch gate
-    # thinks of them, one of them is then a fundus photograph and the other is not.
-    bundle = tmp_path / "bundle"
-    shutil.copytree(gated["bundle"], bundle)
-    answers = Embedder(bundle, device="cpu").check_gradability(
-        [Image.open(io.BytesIO(photo)).convert("RGB"), Image.open(io.BytesIO(cat)).convert("RGB")]
-    )
-    p_photo, p_cat = (a.probabilities["fundus"] for a in answers)
-    assert p_photo != p_cat
-    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
-    manifest["gate"]["fundus_threshold"] = (p_photo + p_cat) / 2
-    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
-    fundus_like, other = (photo, cat) if p_photo > p_cat else (cat, photo)
-
-    build_index(BuildOptions(bundle=bundle, archive=gated["tiny_archive"], out=tmp_path / "index", batch_size=16,
-                             device="cpu"))
-    with serve(ServiceSettings(bundle=bundle, index=tmp_path / "index", device="cpu")) as served:
+    built = gated_bundle(tmp_path_factory)
+    with serve(ServiceSettings(bundle=built.bundle, index=built.index, device="cpu")) as served:
         assert httpx.get(served.url + "/readyz").json()["gradability_gate"] is True
         for route in ("/grade", "/search/image"):
-            refused = httpx.post(served.url + route, files={"file": ("x.jpg", other)}, timeout=60)
+            refused = httpx.post(served.url + route, files={"file": ("x.jpg", built.other)}, timeout=60)
             assert refused.status_code == 422 and "not a fundus photograph" in refused.json()["detail"]
-            reported = httpx.post(served.url + route, files={"file": ("x.jpg", other)}, data={"gate": "report"},
-                                  timeout=60)
+            reported = httpx.post(served.url + route, files={"file": ("x.jpg", built.other)},
+                                  data={"gate": "report"}, timeout=60)
             assert reported.status_code == 200, reported.text
             body = reported.json()
             assert body["gradable"]["fundus"] is False and body["gradable"]["reasons"] == [NOT_FUNDUS]
             assert any("not a fundus photograph" in note for note in body["notes"])
-            accepted = httpx.post(served.url + route, files={"file": ("x.jpg", fundus_like)}, timeout=60)
+            accepted = httpx.post(served.url + route, files={"file": ("x.jpg", built.fundus_like)}, timeout=60)
             assert accepted.status_code == 200 and accepted.json()["gradable"]["fundus"] is True
         text_only = httpx.post(served.url + "/grade", data={"text": "moderate NPDR"}, timeout=60)
         assert text_only.status_code == 200 and text_only.json()["gradable"] is None

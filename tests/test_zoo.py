@@ -47,6 +47,17 @@ def test_a_release_is_a_verified_run_folder(models: Path) -> None:
     assert zoo.resolve_run("runs/x") == Path("runs/x")  # anything else is a path, unchanged
 
 
+def test_a_release_ships_the_gate_and_calibration_when_the_run_has_them(evaluated_run: Path, tmp_path: Path) -> None:
+    (evaluated_run / "gate").mkdir()
+    (evaluated_run / "gate" / "gate.json").write_text("{}")
+    (evaluated_run / "gate" / "gate.safetensors").write_bytes(b"weights")
+    (evaluated_run / "calibration.json").write_text("{}")
+    folder = zoo.release(evaluated_run, "with-gate", "card", zoo_dir=tmp_path / "z")
+    listed = json.loads((folder / zoo.ZOO_FILE).read_text())["files"]
+    assert set(zoo.OPTIONAL_FILES) <= set(listed)
+    assert (folder / "gate" / "gate.safetensors").read_bytes() == b"weights"
+
+
 def test_corrupt_missing_and_unknown_models_are_clear_errors(models: Path) -> None:
     with pytest.raises(zoo.ZooError, match="unknown shipped model 'zoo:other' \\(shipped: zoo:tiny-test\\)"):
         zoo.resolve_run("zoo:other")

@@ -32,7 +32,7 @@
   ];
   let sdrgNames = ["R0", "R1", "R2", "R3", "R4"];
 
-  let lastQuery = null; // {kind: "text", text} or {kind: "image", file}
+  let lastQuery = null; // {kind: "text", text} or {kind: "image", file, gate?: "report"}
   let requestSeq = 0;
   let photoUrl = null;
   let readyTimer = null;
@@ -190,6 +190,7 @@
       body.append("k", String(options.k));
       body.append("against", options.against);
       if (options.filters) body.append("filters", JSON.stringify(options.filters));
+      if (search.gate) body.append("gate", search.gate);
       request = fetch("/search/image", { method: "POST", body, headers: { Accept: "application/json" } });
     }
     setBusy(true);
@@ -198,7 +199,10 @@
       const response = await request;
       if (seq !== requestSeq) return; // a newer search has started; its answer will be shown
       if (!response.ok) {
-        showError(await failureMessage(response));
+        const message = await failureMessage(response);
+        // The gradability gate refused the photograph: offer to answer anyway (flagged), never silently.
+        const refused = response.status === 422 && search.kind === "image" && message.includes("not a fundus photograph");
+        showError(message, refused ? () => { lastQuery = { ...search, gate: "report" }; runSearch(lastQuery); } : null);
         if (response.status === 503) checkReady();
         return;
       }
@@ -227,8 +231,11 @@
     searchButton.textContent = busy ? "Searching…" : "Search by description";
   }
 
-  function showError(message) {
+  function showError(message, retry = null) {
     errorMessage.textContent = message.charAt(0).toUpperCase() + message.slice(1);
+    const retryButton = $("#error-retry");
+    retryButton.hidden = !retry;
+    retryButton.onclick = retry;
     errorBanner.hidden = false;
     if (errorBanner.getBoundingClientRect().top < 0) errorBanner.scrollIntoView({ block: "nearest" });
     results.dataset.state = results.dataset.hasResults === "true" ? "done" : "empty";
@@ -284,6 +291,27 @@
         el("span", { class: "bar-value", text: percent(item.probability) })));
     }
     container.append(list);
+  }
+
+  /** The gradability gate's answer on the photograph: gradable, possibly ungradable (why), or not a fundus. */
+  function renderGradable(gradable) {
+    const badge = $("#gradable");
+    badge.hidden = !gradable;
+    if (!gradable) return;
+    const p = Number(gradable.probability).toFixed(2);
+    badge.dataset.ok = String(Boolean(gradable.ok));
+    badge.dataset.fundus = String(Boolean(gradable.fundus));
+    if (!gradable.fundus) {
+      badge.className = "badge not-fundus";
+      badge.textContent = "Not a fundus photograph: the grades mean nothing";
+    } else if (!gradable.ok) {
+      badge.className = "badge ungradable";
+      badge.textContent = `Possibly ungradable: ${gradable.reasons.join("; ")} · P = ${p}`;
+    } else {
+      badge.className = "badge gradable";
+      badge.textContent = `Gradable photograph · P = ${p}`;
+    }
+    badge.title = "The gradability gate: is this a fundus photograph of adequate quality (focus, illumination, field, artefacts)?";
   }
 
   function renderPredicted(predicted) {
@@ -401,6 +429,7 @@
     notes.hidden = !(data.notes && data.notes.length);
 
     renderPredicted(data.predicted);
+    renderGradable(data.gradable);
 
     const list = $("#neighbours");
     list.replaceChildren(...data.neighbours.map((neighbour, i) => neighbourCard(neighbour, i + 1)));

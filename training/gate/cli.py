@@ -87,7 +87,8 @@ def evaluate(
     if "archive" in report:
         figures = report["archive"]
         console.print(f"archive {figures['path']}: {figures['photographs']} photographs, {figures['ungradable']} "
-                      f"ungradable; AUROC {figures.get('ungradable_auroc', 'n/a')}, flagged {figures['flagged_share']:.1%}")
+                      f"ungradable; AUROC {figures.get('ungradable_auroc', 'n/a')}, "
+                      f"flagged {figures['flagged_share']:.1%}")
     samples = report["skimage"]
     for group in ("trained_on", "never_seen"):
         missed = [name for name, answer in samples[group].items() if not answer["flagged_not_fundus"]]

@@ -108,7 +108,8 @@ def negative_examples(count: int, seed: int, spec: ImageSpec) -> GateExamples:
     images = negatives(count, seed, spec.size, skimage_samples(SKIMAGE_TRAIN))
     known = np.zeros((count, len(GATE_OUTPUTS)), bool)
     known[:, 0] = True
-    pixels = np.stack([model_pixels(image, spec) for image in images]) if images else np.zeros((0, spec.size, spec.size, 3), np.uint8)
+    empty = np.zeros((0, spec.size, spec.size, 3), np.uint8)
+    pixels = np.stack([model_pixels(image, spec) for image in images]) if images else empty
     return GateExamples(pixels, np.zeros((count, len(GATE_OUTPUTS)), np.float32), known)
 
 

@@ -33,6 +33,9 @@ SHIPPED_FILES: tuple[str, ...] = (
     "eval-test/report.md",
 )
 """Files of a run that a release copies (plus everything under `tokenizer/`)."""
+OPTIONAL_FILES: tuple[str, ...] = ("gate/gate.safetensors", "gate/gate.json", "calibration.json")
+"""Copied when the run has them: its gradability gate (`retina-train gate fit --out RUN/gate`) and its
+temperature calibration (`retina-train calibrate`), which `export` puts into the bundle."""
 
 
 class ZooError(Exception):
@@ -104,7 +107,8 @@ def release(run: Path, name: str, card: str, zoo_dir: Path = ZOO_DIR) -> Path:
     zoo_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=zoo_dir))
     try:
-        for relative in SHIPPED_FILES:
+        present = [f for f in OPTIONAL_FILES if (run / f).is_file()]
+        for relative in (*SHIPPED_FILES, *present):
             (staging / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(run / relative, staging / relative)
         shutil.copytree(run / "tokenizer", staging / "tokenizer")
