@@ -81,6 +81,7 @@ class Grades:
     sdrg_probabilities: np.ndarray  # (5,)
     record_embedding: np.ndarray  # (D,) the fused CLS of the given modalities, projected and normalised
     modalities: list[str]  # of "image", "text", "structured"
+    image_embedding: np.ndarray | None = None  # (D,) the photograph's search vector, when one was given
     icdr_names: tuple[str, ...] = ICDR_NAMES
     sdrg_names: tuple[str, ...] = SDRG_NAMES
     text_truncated: bool = False
@@ -411,11 +412,14 @@ class Embedder:
             if not item.modalities:
                 raise ValueError(f"input {i}: grading needs at least one of image, text or structured data")
         image_tokens = text_tokens = attention_mask = None
+        image_vectors: list[np.ndarray | None] = [None] * n
         with_image = [i for i, item in enumerate(inputs) if item.image is not None]
         if with_image:
             tower = self._run_image(batch_model_inputs([inputs[i].image for i in with_image], self.image_spec))
             image_tokens = np.zeros((n, *tower.tokens.shape[1:]), np.float32)
             image_tokens[with_image] = tower.tokens
+            for row, i in enumerate(with_image):
+                image_vectors[i] = tower.vectors[row]
         with_text = [i for i, item in enumerate(inputs) if item.text is not None]
         truncated = [False] * n
         if with_text:
@@ -445,6 +449,7 @@ class Embedder:
                 sdrg_probabilities=sdrg[i],
                 record_embedding=record[i],
                 modalities=item.modalities,
+                image_embedding=image_vectors[i],
                 icdr_names=tuple(self.manifest.icdr_names),
                 sdrg_names=tuple(self.manifest.sdrg_names),
                 text_truncated=truncated[i],
