@@ -82,6 +82,7 @@ class Grades:
     sdrg_probabilities: np.ndarray  # (5,)
     record_embedding: np.ndarray  # (D,) the fused CLS of the given modalities, projected and normalised
     modalities: list[str]  # of "image", "text", "structured"
+    image_embedding: np.ndarray | None = None  # (D,) the photograph's search vector, when one was given
     icdr_names: tuple[str, ...] = ICDR_NAMES
     sdrg_names: tuple[str, ...] = SDRG_NAMES
     text_truncated: bool = False
@@ -436,6 +437,7 @@ class Embedder:
             if not item.modalities:
                 raise ValueError(f"input {i}: grading needs at least one of image, text or structured data")
         image_tokens = text_tokens = attention_mask = None
+        image_vectors: list[np.ndarray | None] = [None] * n
         with_image = [i for i, item in enumerate(inputs) if item.image is not None]
         gated: list[Gradability | None] = [None] * n
         if with_image:
@@ -446,6 +448,8 @@ class Embedder:
             if self.has_gate:
                 for i, answer in zip(with_image, self.check_gradability(photographs), strict=True):  # type: ignore[arg-type]
                     gated[i] = answer
+            for row, i in enumerate(with_image):
+                image_vectors[i] = tower.vectors[row]
         with_text = [i for i, item in enumerate(inputs) if item.text is not None]
         truncated = [False] * n
         if with_text:
@@ -475,6 +479,7 @@ class Embedder:
                 sdrg_probabilities=sdrg[i],
                 record_embedding=record[i],
                 modalities=item.modalities,
+                image_embedding=image_vectors[i],
                 icdr_names=tuple(self.manifest.icdr_names),
                 sdrg_names=tuple(self.manifest.sdrg_names),
                 text_truncated=truncated[i],

@@ -25,12 +25,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, BeforeValidator, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from index.consensus import Consensus
 from index.embedder import GradeInput, Grades, is_valid_unicode
 from index.gate import Gradability
 from index.metadata import MAX_RECORD_ID, Filters
 from index.preprocess import ImageDecodeError, decode_image
 from index.store import Hit
-from service.engine import Engine, NotReady, SearchAnswer, SearchRequest
+from service.engine import Engine, GradeRequest, NotReady, SearchAnswer, SearchRequest
 from service.errors import CatchUnexpected
 from service.guards import ApiKeyGuard, BodyLimits, sniff_image_format
 from service.schemas import (
@@ -44,6 +45,7 @@ from service.schemas import (
     GradeResponse,
     Health,
     Neighbour,
+    NeighbourConsensus,
     Predicted,
     Readiness,
     SearchResponse,
@@ -191,6 +193,11 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
     text_request = text_search_request(settings.max_k, settings.max_text_chars)
     k_form = Form(ge=1, le=settings.max_k, description="How many neighbours.")
     text_form = Form(max_length=settings.max_text_chars, description="A clinical description.")
+    consensus_form = Form(
+        ge=0, le=settings.max_k,
+        description=f"How many archived photographs nearest the photograph form its `consensus` (0: none; default "
+        f"{settings.consensus_k}, the service's setting).",
+    )
 
     @app.get("/healthz", response_model=Health, tags=["operations"])
     async def healthz() -> Health:
@@ -236,6 +243,7 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         ] = None,
         against: Annotated[Against, Form(description="image or record embeddings.")] = "image",
         gate: Annotated[GateMode | None, Form(description=GATE_FIELD)] = None,
+        consensus_k: Annotated[int | None, consensus_form, PlainDigits] = None,
     ) -> Response:
         """The archived cases nearest a photograph, the grades predicted from it, and whether it is gradable."""
         started = time.perf_counter()
@@ -244,7 +252,8 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         engine.parts()
         with metrics.timed(route, "decode"):
             image = await _decode_upload(file, engine, settings)
-        answer = await _model_call(engine.images.submit(SearchRequest(image, k, against, parsed_filters)))
+        answer = await _model_call(engine.images.submit(
+            SearchRequest(image, k, against, parsed_filters, _consensus_k(consensus_k, settings))))
         gradability = answer.query.grades.gradability
         _refuse_non_fundus(gradability, gate or settings.gate)
         _observe_search(metrics, route, answer)
@@ -262,6 +271,7 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
                              '"diabetes_time_y": 12, "insulin": true}'),
         ] = None,
         gate: Annotated[GateMode | None, Form(description=GATE_FIELD)] = None,
+        consensus_k: Annotated[int | None, consensus_form, PlainDigits] = None,
     ) -> GradeResponse:
         """ICDR and SDRG grades from a photograph, optionally with a text and structured data (any
         non-empty subset of the three)."""
@@ -278,8 +288,9 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
             with metrics.timed(route, "decode"):
                 image = await _decode_upload(file, engine, settings)
         with metrics.timed(route, "embed"):
-            grades = await _model_call(engine.grades.submit(GradeInput(image=image, text=given_text,
-                                                                      structured=fields)))
+            answer = await _model_call(engine.grades.submit(GradeRequest(
+                GradeInput(image=image, text=given_text, structured=fields), _consensus_k(consensus_k, settings))))
+        grades = answer.grades
         _refuse_non_fundus(grades.gradability, gate or settings.gate)
         notes = [_truncation_note(engine)] if grades.text_truncated else []
         notes += _gate_notes(grades.gradability)
@@ -288,6 +299,7 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
             icdr=predicted.icdr, sdrg=predicted.sdrg, referable=predicted.referable,
             referable_probability=predicted.referable_probability, gradable=_gradable(grades.gradability),
             modalities=grades.modalities,  # type: ignore[arg-type]
+            consensus=_consensus_body(answer.consensus, grades.icdr_names),
             text_truncated=grades.text_truncated, notes=notes, took_ms=_ms(started),
         )
 
@@ -497,12 +509,35 @@ def _search_response(
         ],
         predicted=_predicted(answer.query.grades),
         gradable=_gradable(answer.query.grades.gradability),
+        consensus=_consensus_body(answer.consensus, answer.query.grades.icdr_names),
         against=against,
         index_size=store.ntotal,
         text_truncated=answer.query.truncated,
         notes=notes,
         took_ms=_ms(started),
     )
+
+
+def _consensus_k(asked: int | None, settings: ServiceSettings) -> int:
+    """The consensus's k of a request: its own `consensus_k`, else the service's setting."""
+    return settings.consensus_k if asked is None else asked
+
+
+def _consensus_body(consensus: Consensus | None, names: tuple[str, ...]) -> NeighbourConsensus | None:
+    """The response's `consensus` (None when none was asked for or there was no photograph)."""
+    if consensus is None:
+        return None
+    return NeighbourConsensus(
+        k=consensus.k, known=consensus.known, counts=list(consensus.counts), grade=consensus.grade,
+        name=None if consensus.grade is None else names[consensus.grade],
+        share=_rounded(consensus.share), referable_share=_rounded(consensus.referable_share),
+        referable=consensus.referable, agrees=consensus.agrees, referable_agrees=consensus.referable_agrees,
+        duplicates=consensus.duplicates, mean_similarity=_rounded(consensus.mean_similarity),
+    )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 def _observe_search(metrics: Metrics, route: str, answer: SearchAnswer) -> None:

@@ -30,6 +30,7 @@ import faiss
 import numpy as np
 from PIL import Image
 
+from index.consensus import Consensus, neighbour_consensus
 from index.embedder import Embedder, GradeInput, Grades, SearchQuery
 from index.metadata import Filters
 from index.store import INFO_FILE, Against, Hit, IndexStore, IndexStoreError, file_digests, open_index, read_info
@@ -54,6 +55,8 @@ class SearchRequest(Generic[Q]):
     k: int
     against: Against = "image"
     filters: Filters | None = None
+    consensus_k: int = 0
+    """The archived photographs nearest the query photograph whose grades form its consensus (0: none)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,25 @@ class SearchAnswer:
     hits: list[Hit]
     embed_seconds: float
     search_seconds: float
+    consensus: Consensus | None = None
+    """The grades of the query photograph's nearest archived photographs (when asked for)."""
+
+
+@dataclass(frozen=True)
+class GradeRequest:
+    """One grading request: its inputs, and how many archived photographs nearest its photograph form the
+    consensus (0: none; no photograph: none)."""
+
+    input: GradeInput
+    consensus_k: int = 0
+
+
+@dataclass(frozen=True)
+class GradeAnswer:
+    """The grades, and the consensus of the photograph's nearest archived photographs (when asked for)."""
+
+    grades: Grades
+    consensus: Consensus | None = None
 
 
 FileStamp = tuple[str, int, int, int]
@@ -127,7 +149,7 @@ class Engine:
         self.images: MicroBatcher[SearchRequest[Image.Image], SearchAnswer] = MicroBatcher(
             "image", self._run_image_searches, self._model_pool, batch, wait_s, on_batch
         )
-        self.grades: MicroBatcher[GradeInput, Grades] = MicroBatcher(
+        self.grades: MicroBatcher[GradeRequest, GradeAnswer] = MicroBatcher(
             "grade", self._run_grades, self._model_pool, batch, wait_s, on_batch
         )
 
@@ -281,16 +303,22 @@ class Engine:
         embedder, store = self.parts()
         return _searched(store, requests, lambda: embedder.query_images([r.query for r in requests]))
 
-    def _run_grades(self, inputs: Sequence[GradeInput]) -> list[Grades]:
-        embedder, _ = self.parts()
-        return embedder.grade_many(list(inputs))
+    def _run_grades(self, requests: Sequence[GradeRequest]) -> list[GradeAnswer]:
+        embedder, store = self.parts()
+        grades = embedder.grade_many([request.input for request in requests])
+        consensus = _consensus(
+            store, [g.image_embedding for g in grades], [r.consensus_k for r in requests],
+            [g.icdr_grade for g in grades],
+        )
+        return [GradeAnswer(g, c) for g, c in zip(grades, consensus, strict=True)]
 
 
 def _searched(
     store: IndexStore, requests: Sequence[SearchRequest[Q]], run_queries: Callable[[], list[SearchQuery]]
 ) -> list[SearchAnswer]:
     """Run the batch's queries through the model (one tower pass each: vector and grades), then search
-    FAISS once per group of requests with the same `against` and filters (with the group's largest k)."""
+    FAISS once per group of requests with the same `against` and filters (with the group's largest k), and
+    the consensus of the photographs that ask for one (`_consensus`, reusing an unfiltered image search)."""
     started = time.perf_counter()
     queries = run_queries()
     embedded = time.perf_counter()
@@ -302,13 +330,56 @@ def _searched(
         else:
             group[2].append(i)
     hits: list[list[Hit]] = [[] for _ in requests]
+    unfiltered: list[list[Hit] | None] = [None] * len(requests)
     for against, filters, members in groups:
         vectors = np.stack([queries[i].vector for i in members])
-        found = store.search(vectors, max(requests[i].k for i in members), against, filters)
+        depth = max(requests[i].k for i in members)
+        whole_archive = against == "image" and (filters is None or filters.is_empty())
+        if whole_archive:  # deep enough for the consensus too (k + 1: the photograph itself may be archived)
+            depth = max([depth] + [requests[i].consensus_k + 1 for i in members if requests[i].consensus_k > 0])
+        found = store.search(vectors, depth, against, filters)
         for i, neighbours in zip(members, found, strict=True):
             hits[i] = neighbours[: requests[i].k]
+            if whole_archive:
+                unfiltered[i] = neighbours  # the consensus reuses this search
+    consensus = _consensus(
+        store, [q.vector for q in queries], [r.consensus_k for r in requests], [q.grades.icdr_grade for q in queries],
+        unfiltered,
+    )
     searched = time.perf_counter()
     return [
-        SearchAnswer(query, neighbours, embedded - started, searched - embedded)
-        for query, neighbours in zip(queries, hits, strict=True)
+        SearchAnswer(query, neighbours, embedded - started, searched - embedded, agreed)
+        for query, neighbours, agreed in zip(queries, hits, consensus, strict=True)
     ]
+
+
+def _consensus(
+    store: IndexStore, vectors: Sequence[np.ndarray | None], ks: Sequence[int], model_grades: Sequence[int],
+    searched: Sequence[list[Hit] | None] | None = None,
+) -> list[Consensus | None]:
+    """The consensus of each query photograph's `ks[i]` nearest archived photographs (None where `ks[i]` is
+    0 or there is no photograph vector): an image->image search of the whole archive, never filtered (the
+    consensus describes the archive, not the page of results). k + 1 neighbours are fetched so that k remain
+    when the photograph itself is in the archive (`index.consensus` leaves out exact duplicates). A query
+    whose unfiltered image search (`searched[i]`) already went deep enough reuses it; the others share one
+    search."""
+    reuse = searched or [None] * len(vectors)
+    photographs = {i: vector for i, (vector, k) in enumerate(zip(vectors, ks, strict=True))
+                   if k > 0 and vector is not None}
+    wanted = list(photographs)
+    neighbours: dict[int, list[Hit]] = {}
+    for i in wanted:
+        done = reuse[i]
+        if done is not None and len(done) >= min(ks[i] + 1, store.ntotal):
+            neighbours[i] = done
+    missing = [i for i in wanted if i not in neighbours]
+    if missing:
+        depth = max(ks[i] for i in missing) + 1
+        found = store.search(np.stack([photographs[i] for i in missing]), depth, "image", None)
+        neighbours.update(zip(missing, found, strict=True))
+    answers: list[Consensus | None] = [None] * len(vectors)
+    for i, hits in neighbours.items():
+        nearest = hits[: ks[i] + 1]  # the same depth whichever search found them
+        answers[i] = neighbour_consensus([hit.row.labels.icdr for hit in nearest], [hit.score for hit in nearest],
+                                         model_grades[i], ks[i])
+    return answers

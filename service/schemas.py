@@ -96,6 +96,26 @@ class Gradable(BaseModel):
     )
 
 
+class NeighbourConsensus(BaseModel):
+    """The neighbours' consensus: the ICDR grades of the k archived photographs nearest the query photograph
+    (image->image over the whole archive: the request's filters and `against` do not apply), beside the model's
+    grade. Neighbours without an ICDR grade do not vote; the photograph itself, when it is in the archive
+    (similarity >= 1 - 3e-6), is left out. Ties: the larger summed similarity, then the more severe grade."""
+
+    k: int = Field(description="Neighbours taken (the photograph itself left out).")
+    known: int = Field(description="Of those, how many have an ICDR grade (the voters).")
+    counts: list[int] = Field(description="Voters per ICDR grade 0..4 (they sum to `known`).")
+    grade: int | None = Field(description="The majority ICDR grade (None when no neighbour has a grade).")
+    name: str | None = Field(description="The majority grade's name.")
+    share: float | None = Field(description="The share of the voters for the majority grade.")
+    referable_share: float | None = Field(description="The share of the voters that are referable (ICDR >= 2).")
+    referable: bool | None = Field(description="At least half the voters are referable.")
+    agrees: bool | None = Field(description="The majority grade is the model's ICDR grade.")
+    referable_agrees: bool | None = Field(description="The referable verdict is the model's (its grade >= 2).")
+    duplicates: int = Field(description="Archived photographs left out as the query photograph itself.")
+    mean_similarity: float | None = Field(description="The mean cosine similarity of the neighbours taken.")
+
+
 class Neighbour(BaseModel):
     """One archived case near the query."""
 
@@ -115,6 +135,9 @@ class SearchResponse(BaseModel):
     gradable: Gradable | None = Field(
         default=None, description="The photograph's gradability (None: a text query, or a bundle without a gate)."
     )
+    consensus: NeighbourConsensus | None = Field(
+        default=None, description="A photograph's query: its nearest archived photographs' grades (consensus_k).",
+    )
     against: Against
     index_size: int
     text_truncated: bool = False
@@ -133,6 +156,9 @@ class GradeResponse(BaseModel):
         default=None, description="The photograph's gradability (None: no photograph, or a bundle without a gate)."
     )
     modalities: list[Modality]
+    consensus: NeighbourConsensus | None = Field(
+        default=None, description="With a photograph: its nearest archived photographs' grades (consensus_k).",
+    )
     text_truncated: bool = False
     notes: list[str] = Field(default_factory=list)
     took_ms: float

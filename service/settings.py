@@ -67,6 +67,12 @@ class ServiceSettings(BaseSettings):
         description="An upload's longer side may be at most this many times its shorter (thin strips are refused).",
     )
     max_k: int = Field(default=100, ge=1, description="The largest `k` a search may ask for.")
+    consensus_k: int = Field(
+        default=10, ge=0, le=1000,
+        description="The archived photographs nearest a query photograph whose ICDR grades form the `consensus` of "
+        "/grade and /search/image (image->image, unfiltered); a request's `consensus_k` (at most max_k) overrides "
+        "it. 0: no consensus unless a request asks for one.",
+    )
     body_timeout_s: float = Field(
         default=30.0, gt=0,
         description="A request body must arrive whole within this many seconds (slow clients get 408).",

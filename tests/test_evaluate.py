@@ -101,3 +101,22 @@ def test_deepeyenet_zero_shot(trained: dict[str, Path], tmp_path: Path) -> None:
     result = evaluate_deepeyenet(trained["tiny"], tmp_path)
     assert result["cases"] == 4
     assert result["deepeyenet"]["a_to_b"]["gallery_size"] == 4
+
+
+def test_evaluate_reports_the_neighbours_consensus(trained: dict[str, Path], tmp_path: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--run", str(trained["tiny"]), "--archive", str(trained["archive"]),
+                                 "--splits", str(trained["splits"]), "--consensus-k", "3", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    consensus = json.loads((tmp_path / "metrics.json").read_text())["consensus"]
+    test_size = len(json.loads(trained["splits"].read_text())["test"])
+    assert consensus["k"] == 3 and consensus["gallery_size"] == test_size - 1
+    assert consensus["queries"] + consensus["no_vote_queries"] + consensus["missing_label_queries"] == test_size
+    for figures in (consensus, consensus["other_groups"]):
+        for level in ("icdr", "referable"):
+            entry = figures[level]
+            assert entry["disagreements"] == round((1 - entry["agreement"]) * entry["n"])
+            assert entry["flagged_errors"] <= min(entry["disagreements"], entry["model_errors"])
+    assert 0 <= consensus["same_group_share"] <= 1
+    report = (tmp_path / "report.md").read_text()
+    assert "neighbours' consensus" in report and "other patients only" in report
+    assert "consensus kNN@3 ICDR agreement with the model" in result.output

@@ -395,3 +395,111 @@ def test_self_retrieval_skips_queries_without_a_grade() -> None:
     embeddings = np.eye(4)
     result = self_retrieval(embeddings, [0, -1, 0, 1], ks=(1,), per_class_k=1)
     assert result["queries"] == 3 and result["per_class_queries"] == {"0": 2, "1": 1}
+
+
+# --- the neighbours' consensus ------------------------------------------------------------------------
+
+
+def _two_clusters() -> np.ndarray:
+    """Rows 0-3 near one axis, rows 4-7 near another: each row's 3 nearest are its cluster mates."""
+    rows = [np.array([1.0, 0.0, 0.02 * i]) for i in range(4)] + [np.array([0.0, 1.0, 0.02 * i]) for i in range(4)]
+    return np.array(rows) / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def test_consensus_hand_case() -> None:
+    from sklearn.metrics import cohen_kappa_score
+
+    from training.evaluation.metrics import consensus_metrics
+
+    truth = [0, 0, 0, 2, 3, 3, 3, 3]
+    # kNN@3 majority: cluster A votes 0 (row 3's mates are all 0; rows 0-2 see two 0s and one 2), B votes 3
+    knn = [0, 0, 0, 0, 3, 3, 3, 3]
+    model = [0, 1, 0, 2, 3, 3, 4, 3]  # wrong on rows 1 and 6; disagrees with the kNN on rows 1, 3 and 6
+    result = consensus_metrics(_two_clusters(), truth, model, k=3)
+    assert result["k"] == 3 and result["queries"] == 8 and result["gallery_size"] == 7
+    assert result["no_vote_queries"] == 0 and result["mean_known"] == 3.0
+    icdr = result["icdr"]
+    assert icdr["knn_accuracy"] == pytest.approx(7 / 8)
+    expected = cohen_kappa_score(truth, knn, labels=list(range(5)), weights="quadratic")  # on the 0-4 scale
+    assert icdr["knn_quadratic_kappa"] == pytest.approx(expected)
+    assert icdr["model_accuracy"] == pytest.approx(6 / 8) and icdr["agreement"] == pytest.approx(5 / 8)
+    assert (icdr["disagreements"], icdr["model_errors"], icdr["flagged_errors"]) == (3, 2, 2)
+    assert icdr["model_error_when_agree"] == 0.0 and icdr["model_error_when_disagree"] == pytest.approx(2 / 3)
+    assert icdr["flag_recall"] == 1.0 and icdr["flag_precision"] == pytest.approx(2 / 3)
+    assert icdr["knn_right_when_disagree"] == pytest.approx(2 / 3)  # rows 1 and 6, not row 3
+    referable = result["referable"]  # truth 00011111, kNN 00001111, model 00011111
+    assert referable["knn_accuracy"] == pytest.approx(7 / 8) and referable["agreement"] == pytest.approx(7 / 8)
+    assert referable["model_errors"] == 0 and referable["flag_recall"] is None
+    assert referable["disagreements"] == 1 and referable["flag_precision"] == 0.0
+    assert referable["knn_quadratic_kappa"] == pytest.approx(cohen_kappa_score([0, 0, 0, 1, 1, 1, 1, 1],
+                                                                               [0, 0, 0, 0, 1, 1, 1, 1]))
+    json.dumps(result, allow_nan=False)
+
+
+def test_consensus_excludes_the_query_and_skips_unknown_grades() -> None:
+    from training.evaluation.metrics import consensus_metrics
+
+    # Identical rows: a metric that kept the query would let it vote for itself.
+    result = consensus_metrics(np.tile([[1.0, 0.0]], (2, 1)), [2, 0], [2, 0], k=1)
+    assert result["icdr"]["knn_accuracy"] == 0.0 and result["icdr"]["agreement"] == 0.0  # each sees the other only
+    # Row 0's two nearest have no grade: no vote; rows 1 and 2 have none and are not queries.
+    unknown = consensus_metrics(np.eye(3), [1, -1, -1], [1, 0, 0], k=2)
+    assert unknown["queries"] == 0 and unknown["no_vote_queries"] == 1 and unknown["missing_label_queries"] == 2
+    assert unknown["icdr"]["n"] == 0 and unknown["icdr"]["knn_quadratic_kappa"] is None
+    assert unknown["mean_known"] is None
+    with pytest.raises(ValueError, match="one label"):
+        consensus_metrics(np.eye(3), [0, 0], [0, 0, 0])
+    with pytest.raises(ValueError, match="predicted grade"):
+        consensus_metrics(np.eye(3), [0, 0, 0], [0, 0, 5])
+
+
+def test_consensus_matches_the_service_rule_query_by_query() -> None:
+    from index.consensus import neighbour_consensus
+    from training.evaluation.metrics import consensus_metrics
+
+    rng = np.random.default_rng(11)
+    embeddings = _normalised(rng, 120, 8)
+    truth = rng.integers(-1, 5, size=120)
+    model = rng.integers(0, 5, size=120)
+    result = consensus_metrics(embeddings, truth, model, k=7, chunk_size=16)
+    sims = embeddings @ embeddings.T
+    knn, kept_truth, kept_model = [], [], []
+    for row in np.flatnonzero(truth >= 0):
+        order = [j for j in np.argsort(-sims[row]) if j != row][:7]
+        single = neighbour_consensus([None if truth[j] < 0 else int(truth[j]) for j in order],
+                                     [float(sims[row, j]) for j in order], int(model[row]), duplicate_similarity=None)
+        if single.grade is not None:
+            knn.append(single.grade)
+            kept_truth.append(truth[row])
+            kept_model.append(model[row])
+    assert result["queries"] == len(knn)
+    assert result["icdr"]["knn_accuracy"] == pytest.approx(np.mean(np.array(knn) == np.array(kept_truth)))
+    assert result["icdr"]["agreement"] == pytest.approx(np.mean(np.array(knn) == np.array(kept_model)))
+
+
+def test_summarise_lists_the_consensus() -> None:
+    from training.evaluation.metrics import consensus_metrics
+
+    metrics = {"consensus": consensus_metrics(_two_clusters(), [0, 0, 0, 2, 3, 3, 3, 3], [0, 1, 0, 2, 3, 3, 4, 3], k=3)}
+    rows = dict(summarise(metrics))
+    assert rows["consensus kNN@3 ICDR agreement with the model"] == pytest.approx(5 / 8)
+    assert rows["consensus kNN@3 ICDR disagreement flags model errors (recall)"] == 1.0
+    assert rows["consensus kNN@3 referable disagreements that are model errors (precision)"] == 0.0
+
+
+def test_consensus_without_the_query_patient() -> None:
+    from training.evaluation.metrics import consensus_metrics
+
+    # Rows 0 and 1 are one patient's two eyes (grade 3), each the other's nearest; rows 2-4 are others (grade 0).
+    rows = np.array([[1.0, 0.0, 0.0], [1.0, 0.01, 0.0], [0.9, 0.0, 0.3], [0.9, 0.0, 0.35], [0.9, 0.0, 0.4]])
+    embeddings = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    truth, model = [3, 3, 0, 0, 0], [3, 3, 0, 0, 0]
+    result = consensus_metrics(embeddings, truth, model, k=1, groups=["a", "a", "b", "c", "d"])
+    assert result["icdr"]["knn_accuracy"] == 1.0  # each eye finds the other
+    assert result["same_group_share"] == pytest.approx(2 / 5)
+    other = result["other_groups"]
+    assert other["queries"] == 5 and other["icdr"]["knn_accuracy"] == pytest.approx(3 / 5)
+    assert other["icdr"]["agreement"] == pytest.approx(3 / 5) and other["icdr"]["flag_precision"] == 0.0
+    # a patient whose photographs are all alike is left with fewer neighbours, never with itself
+    alone = consensus_metrics(np.eye(2), [1, 2], [1, 2], k=1, groups=["a", "a"])
+    assert alone["other_groups"]["no_vote_queries"] == 2 and alone["other_groups"]["queries"] == 0

@@ -160,6 +160,55 @@ def test_openapi_and_page(served: Served) -> None:
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
 
 
+def test_consensus_of_the_nearest_archived_photographs(served: Served, photo: tuple[int, bytes],
+                                                       stored: tuple[Path, Path, str]) -> None:
+    photo_id, data = photo
+    # The consensus ignores the page's filters and `against`: the whole archive, image -> image.
+    response = _post_image(served.url, "/search/image", data, k="2", against="record", filters='{"icdr": [4]}')
+    assert response.status_code == 200, response.text
+    body = response.json()
+    consensus = body["consensus"]
+    embedder = Embedder(stored[0], device="cpu")
+    hits = open_index(stored[1], embedder).search(embedder.embed_images([decode_image(data)]), 11)[0]
+    others = [hit for hit in hits if hit.id != photo_id][:10]  # the photograph itself is archived: left out
+    counts = [0] * 5
+    for hit in others:
+        if hit.row.labels.icdr is not None:
+            counts[hit.row.labels.icdr] += 1
+    assert consensus["k"] == 10 and consensus["duplicates"] == 1
+    assert consensus["counts"] == counts and sum(consensus["counts"]) == consensus["known"] > 0
+    assert consensus["counts"][consensus["grade"]] == max(counts)
+    assert consensus["share"] == pytest.approx(max(counts) / consensus["known"], abs=1e-6)
+    assert consensus["referable_share"] == pytest.approx(sum(counts[2:]) / consensus["known"], abs=1e-6)
+    model = body["predicted"]
+    assert consensus["agrees"] == (consensus["grade"] == model["icdr"]["grade"])
+    assert consensus["referable_agrees"] == (consensus["referable"] == model["referable"])
+    assert consensus["mean_similarity"] == pytest.approx(np.mean([hit.score for hit in others]), abs=1e-4)
+    # /grade with the photograph (and text): the same neighbours; the agreement is with /grade's own grade
+    graded = httpx.post(served.url + "/grade", files={"file": ("a.jpg", data)}, data={"text": QUERY}, timeout=60)
+    assert graded.status_code == 200, graded.text
+    graded_consensus = graded.json()["consensus"]
+    assert graded_consensus["counts"] == counts and graded_consensus["grade"] == consensus["grade"]
+    assert graded_consensus["agrees"] == (graded_consensus["grade"] == graded.json()["icdr"]["grade"])
+    # a request's own k; 0 switches it off; no photograph, no consensus
+    three = _post_image(served.url, "/grade", data, consensus_k="3").json()["consensus"]
+    assert three["k"] == 3 and sum(three["counts"]) == three["known"] <= 3
+    assert _post_image(served.url, "/search/image", data, consensus_k="0").json()["consensus"] is None
+    assert httpx.post(served.url + "/grade", data={"text": QUERY}, timeout=60).json()["consensus"] is None
+    assert httpx.post(served.url + "/search/text", json={"text": QUERY}, timeout=60).json()["consensus"] is None
+    for bad in ("-1", "51", "x"):
+        assert _post_image(served.url, "/search/image", data, consensus_k=bad).status_code == 422, bad
+
+
+def test_consensus_k_zero_switches_the_default_off(paths: tuple[Path, Path, Path], photo: tuple[int, bytes]) -> None:
+    bundle, index, _ = paths
+    with serve(ServiceSettings(bundle=bundle, index=index, device="cpu", consensus_k=0)) as server:
+        assert _post_image(server.url, "/search/image", photo[1]).json()["consensus"] is None
+        assert _post_image(server.url, "/grade", photo[1]).json()["consensus"] is None
+        asked = _post_image(server.url, "/grade", photo[1], consensus_k="4").json()["consensus"]
+        assert asked["k"] == 4 and asked["duplicates"] == 1
+
+
 # --- bad input ----------------------------------------------------------------------------------------
 
 

@@ -118,3 +118,48 @@ def test_a_batch_of_mixed_searches_answers_each_as_if_it_ran_alone(paths) -> Non
         if request.filters is not None:
             assert all(h.row.labels.exam_eye == "left" for h in mixed.hits)
     assert together[0].embed_seconds > 0 and together[0].search_seconds > 0
+
+
+def test_a_batch_of_photographs_gets_each_its_own_consensus(paths) -> None:  # noqa: ANN001
+    # The consensus reuses a batch's unfiltered image search when it went deep enough and searches the rest
+    # once: whatever the mix, each photograph gets the consensus it gets alone, and /grade's the same.
+    from index.archive.brset import read_archive
+    from index.embedder import GradeInput
+    from index.metadata import Filters
+    from index.preprocess import decode_image
+    from service.engine import Engine, GradeRequest, SearchRequest
+    from service.settings import ServiceSettings
+
+    bundle, index, archive = paths
+    read = read_archive(archive, check_photos=False)
+    photos = [decode_image(read.photo_path(record.image_id).read_bytes()) for record in read.records[:4]]
+    engine = Engine(ServiceSettings(bundle=bundle, index=index, device="cpu", index_check_s=0))
+    engine.load()
+    try:
+        requests = [
+            SearchRequest(photos[0], 3, consensus_k=10),
+            SearchRequest(photos[1], 20, consensus_k=5),  # deep enough: reuses its own search
+            SearchRequest(photos[2], 4, "record", consensus_k=10),
+            SearchRequest(photos[3], 2, "image", Filters(icdr=[4]), consensus_k=7),
+            SearchRequest(photos[0], 2, consensus_k=0),
+        ]
+        together = engine._run_image_searches(requests)
+        alone = [engine._run_image_searches([request])[0] for request in requests]
+        grades = engine._run_grades([GradeRequest(GradeInput(image=photos[0]), 10), GradeRequest(GradeInput(
+            text="no diabetic retinopathy"), 10), GradeRequest(GradeInput(image=photos[3]), 7)])
+    finally:
+        engine._model_pool.shutdown()
+    for request, mixed, single in zip(requests, together, alone, strict=True):
+        assert len(mixed.hits) <= request.k and [h.id for h in mixed.hits] == [h.id for h in single.hits]
+        if request.consensus_k == 0:
+            assert mixed.consensus is None and single.consensus is None
+            continue
+        assert mixed.consensus is not None and single.consensus is not None
+        assert mixed.consensus.counts == single.consensus.counts and mixed.consensus.grade == single.consensus.grade
+        assert mixed.consensus.k == request.consensus_k and mixed.consensus.duplicates == 1  # each is archived
+        assert sum(mixed.consensus.counts) == mixed.consensus.known
+        assert mixed.consensus.agrees == (mixed.consensus.grade == mixed.query.grades.icdr_grade)
+    assert grades[1].consensus is None and grades[1].grades.image_embedding is None
+    assert grades[0].consensus is not None and together[0].consensus is not None
+    assert grades[0].consensus.counts == together[0].consensus.counts
+    assert grades[2].consensus is not None and grades[2].consensus.counts == together[3].consensus.counts

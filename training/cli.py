@@ -245,6 +245,9 @@ def evaluate(
     archive: Annotated[Path, typer.Option(help="The BRSET-layout archive the run was trained on.")],
     splits: Annotated[Path, typer.Option(help="splits.json.")],
     split: Annotated[str, typer.Option(help="Which split to evaluate on.")] = "test",
+    consensus_k: Annotated[
+        int, typer.Option(min=1, help="The nearest photographs that vote in the consensus section.")
+    ] = 10,
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default RUN/eval-SPLIT; for zoo:NAME, ./eval-NAME-SPLIT).")
     ] = None,
@@ -267,7 +270,7 @@ def evaluate(
         out = Path(f"eval-{run.split(':', 1)[1]}-{split}")
     try:
         with console.status("evaluating"):
-            metrics = run_evaluate(run_dir, archive, splits, split, out)
+            metrics = run_evaluate(run_dir, archive, splits, split, out, consensus_k=consensus_k)
             if deepeyenet is not None:
                 metrics["zero_shot"] = evaluate_deepeyenet(run_dir, deepeyenet)
     except (ArchiveError, ValueError, FileNotFoundError) as error:

@@ -26,6 +26,7 @@ from training.data import BatchBuilder, SplitData, load_photo, normalise
 from training.evaluation.metrics import (
     bidirectional_instance_recall,
     category_retrieval,
+    consensus_metrics,
     grading_metrics,
     referable_metrics,
     self_retrieval,
@@ -42,6 +43,8 @@ from training.tokenizer import batch_tokenizer, encode_texts
 log = logging.getLogger(__name__)
 
 KS = (1, 5, 10)
+CONSENSUS_K = 10
+"""The neighbours that vote in the consensus section (the service's default `consensus_k`)."""
 GRID_QUERIES = 6
 GRID_RESULTS = 5
 
@@ -148,8 +151,10 @@ def ceiling(records: Sequence[FundusRecord], facts: Sequence, ks: Sequence[int] 
     return result
 
 
-def compute_metrics(records: Sequence[FundusRecord], embeddings: Embeddings, facts: Sequence) -> dict:
-    """The combined metrics dict (see `training.evaluation.metrics`)."""
+def compute_metrics(records: Sequence[FundusRecord], embeddings: Embeddings, facts: Sequence,
+                    consensus_k: int = CONSENSUS_K) -> dict:
+    """The combined metrics dict (see `training.evaluation.metrics`); the consensus of each photograph's
+    `consensus_k` nearest photographs is compared with the model's ICDR grade (argmax)."""
     icdr = np.array([-1 if r.dr_icdr is None else r.dr_icdr for r in records])
     sdrg = np.array([-1 if r.dr_sdrg is None else r.dr_sdrg for r in records])
     bound = ceiling(records, facts)
@@ -163,6 +168,8 @@ def compute_metrics(records: Sequence[FundusRecord], embeddings: Embeddings, fac
             embeddings.text, gallery, icdr, icdr, ks=KS, names=[f"ICDR {g}" for g in range(5)]
         )
     metrics["image_image"] = self_retrieval(embeddings.image, icdr, ks=KS, names=[f"ICDR {g}" for g in range(5)])
+    metrics["consensus"] = consensus_metrics(embeddings.image, icdr, embeddings.icdr_probabilities.argmax(axis=1),
+                                             k=consensus_k, groups=[r.patient_id for r in records])
     metrics["icdr"] = grading_metrics(icdr, embeddings.icdr_probabilities, list(ICDR_NAMES))
     metrics["sdrg"] = grading_metrics(sdrg, embeddings.sdrg_probabilities, list(SDRG_NAMES))
     metrics["referable"] = referable_metrics(icdr, embeddings.icdr_probabilities)
@@ -170,9 +177,9 @@ def compute_metrics(records: Sequence[FundusRecord], embeddings: Embeddings, fac
 
 
 def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "test",
-             out: Path | None = None, batch_size: int = 64) -> dict:
+             out: Path | None = None, batch_size: int = 64, consensus_k: int = CONSENSUS_K) -> dict:
     """Evaluate a run on a split and write metrics.json, report.md and the figures to `out`
-    (default RUN/eval-SPLIT). Returns the metrics."""
+    (default RUN/eval-SPLIT); `consensus_k`: the neighbours of the consensus section. Returns the metrics."""
     run = load_run(run_dir)
     archive = read_archive(archive_dir)
     splits = load_splits(splits_path)
@@ -182,7 +189,7 @@ def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "
     narrative_seed = read_synth_manifest(archive_dir).get("seed", 0)
     texts, facts, same = query_texts(data.records, narrative_seed)
     embeddings = embed_split(run, data, texts, batch_size)
-    metrics = compute_metrics(data.records, embeddings, facts)
+    metrics = compute_metrics(data.records, embeddings, facts, consensus_k)
     metrics["run"] = {"run": str(run_dir), "config": run.model.config.name, "split": split,
                       "gallery_size": len(data), **{k: run.info.get(k) for k in (
                           "steps", "training_seconds", "samples_per_second", "precision", "fingerprint")}}
@@ -198,6 +205,10 @@ def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "
         "pairs: a narrative that fits n records of the gallery finds its own first with probability 1/n.",
         "Image->image: each photograph queries all the others of the split (itself excluded); a hit shares its "
         "ICDR grade; the referable share counts referable neighbours of referable queries.",
+        f"Consensus: each photograph's {consensus_k} nearest other photographs of the split (as image->image; "
+        "another photograph of the same patient may be among them, and 'other patients only' repeats it without "
+        "them) vote with their true ICDR grade (`index.consensus`, the service's rules); the model's grade is its "
+        "argmax from the photograph alone.",
         "Grades are predicted from the photograph alone"
         + (" (zero-shot against grade prompts: the baseline has no grading heads)."
            if run.model.config.grading == "zero_shot" else "."),

@@ -15,6 +15,7 @@ The combined dict that `summarise`, `compare_table` and `report.write_report` re
     {
       "instance":  {setting: bidirectional_instance_recall(...)},  # e.g. "text-image", "text-record"
       "category":  {setting: category_retrieval(...)},
+      "consensus": consensus_metrics(...),   # the k nearest photographs' grade vs the model's (image->image)
       "icdr":      grading_metrics(...),
       "sdrg":      grading_metrics(...),
       "referable": referable_metrics(...),
@@ -42,6 +43,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from index.consensus import ICDR_GRADES, vote
 from index.records import REFERABLE_ICDR
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10)
@@ -362,6 +364,139 @@ def self_retrieval(
     return result
 
 
+def consensus_metrics(
+    embeddings: Any,
+    labels: Sequence[int] | np.ndarray,
+    predicted: Sequence[int] | np.ndarray,
+    k: int = 10,
+    groups: Sequence[Hashable] | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> dict[str, Any]:
+    """The neighbours' consensus (`index.consensus`, what `/grade` and `/search/image` return as `consensus`)
+    against the truth and against the model's grades `predicted` (ICDR 0..4, one per row).
+
+    As in `self_retrieval`, every row with a known label queries all the other rows, itself excluded;
+    another photograph of the same patient (the other eye, another visit) stays in its gallery. Its `k`
+    nearest vote with the service's rules (unknown labels do not vote; ties by summed similarity, then the
+    more severe grade; referable when at least half the voters are); a tie in similarity at the k-th place
+    is broken by row order. Queries that no neighbour voted for are counted (`no_vote_queries`) and left
+    out of the rest.
+
+    For the ICDR grade (`icdr`: the majority grade) and for referable DR (`referable`: the referable vote
+    against the model's grade >= 2 and the true grade >= 2), over the queries with a vote:
+    `knn_accuracy` and `knn_quadratic_kappa` of the consensus against the truth (for the two referable
+    classes the quadratic kappa is Cohen's plain kappa); `model_accuracy`; `agreement` (the share of
+    queries where consensus and model agree); `model_error_when_agree` / `model_error_when_disagree`;
+    `flag_recall` (the share of the model's wrong grades where the consensus disagrees: what disagreement
+    catches) and `flag_precision` (the share of disagreements where the model is wrong); and
+    `knn_right_when_disagree` (when they disagree, how often the consensus has the true grade).
+
+    With `groups` (one key per row, e.g. the patient id): `same_group_share`, the share of the k nearest
+    that belong to the query's own group, and `other_groups`, the same figures again with the query's whole
+    group left out of its gallery (what a new patient's photograph meets in an archive of others).
+    """
+    rows_all = _as_matrix("embeddings", embeddings)
+    all_labels = np.asarray(labels, dtype=np.int64)
+    model = np.asarray(predicted, dtype=np.int64)
+    n = rows_all.shape[0]
+    if all_labels.shape != (n,) or model.shape != (n,):
+        raise ValueError("one label and one predicted grade per row")
+    if groups is not None and len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} rows")
+    if n < 2:
+        raise ValueError("the consensus needs at least two rows")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, not {k}")
+    if ((model < 0) | (model >= ICDR_GRADES)).any():
+        raise ValueError(f"a predicted grade is outside 0..{ICDR_GRADES - 1}")
+    codes = None if groups is None else _factorise(groups, [])[0]
+    kept = np.flatnonzero(all_labels >= 0)
+    votes = _nearest_votes(rows_all, all_labels, kept, k, codes, False, chunk_size)
+    result: dict[str, Any] = {"k": int(k), "gallery_size": int(n - 1),
+                              "missing_label_queries": int(n - len(kept))}
+    result.update(_consensus_result(votes, all_labels[kept], model[kept]))
+    if codes is not None:
+        result["same_group_share"] = float(votes["same"].mean()) if len(kept) else None
+        other = _nearest_votes(rows_all, all_labels, kept, k, codes, True, chunk_size)
+        result["other_groups"] = _consensus_result(other, all_labels[kept], model[kept])
+    return result
+
+
+def _nearest_votes(
+    rows_all: np.ndarray, all_labels: np.ndarray, kept: np.ndarray, k: int, codes: np.ndarray | None,
+    exclude_group: bool, chunk_size: int,
+) -> dict[str, np.ndarray]:
+    """The votes of each kept row's k nearest other rows (`index.consensus.vote`); with `exclude_group`,
+    rows of the query's own group are not in its gallery. `same`: the share of the k nearest in its group."""
+    depth = min(k, rows_all.shape[0] - 1)
+    out = {"grade": np.full(len(kept), -1, dtype=np.int64), "referable": np.zeros(len(kept), dtype=bool),
+           "known": np.zeros(len(kept), dtype=np.int64), "share": np.full(len(kept), np.nan),
+           "same": np.zeros(len(kept))}
+    for start in range(0, len(kept), chunk_size):
+        rows = kept[start : start + chunk_size]
+        sims = rows_all[rows] @ rows_all.T
+        sims[np.arange(len(rows)), rows] = -np.inf  # the query itself is not in its gallery
+        if exclude_group and codes is not None:
+            sims[codes[rows, None] == codes[None, :]] = -np.inf
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :depth]
+        sorted_sims = np.take_along_axis(sims, order, axis=1)
+        present = np.isfinite(sorted_sims)  # fewer than k rows left once a group is excluded
+        votes = vote(np.where(present, all_labels[order], -1), np.where(present, sorted_sims, 0.0))
+        part = slice(start, start + len(rows))
+        out["grade"][part], out["referable"][part] = votes.grade, votes.referable
+        out["known"][part], out["share"][part] = votes.known, votes.share
+        if codes is not None:
+            out["same"][part] = ((codes[order] == codes[rows, None]) & present).sum(axis=1) / depth
+    return out
+
+
+def _consensus_result(votes: dict[str, np.ndarray], truth_kept: np.ndarray, model_kept: np.ndarray) -> dict[str, Any]:
+    """The consensus figures of `consensus_metrics` from the votes of the kept queries."""
+    voted = votes["known"] > 0
+    truth, model = truth_kept[voted], model_kept[voted]
+    return {
+        "queries": int(voted.sum()),
+        "no_vote_queries": int((~voted).sum()),
+        "mean_known": float(votes["known"][voted].mean()) if voted.any() else None,
+        "mean_share": float(votes["share"][voted].mean()) if voted.any() else None,
+        "icdr": _agreement(truth, votes["grade"][voted], model, list(range(ICDR_GRADES))),
+        "referable": _agreement(
+            (truth >= REFERABLE_ICDR).astype(np.int64), votes["referable"][voted].astype(np.int64),
+            (model >= REFERABLE_ICDR).astype(np.int64), [0, 1],
+        ),
+    }
+
+
+def _agreement(truth: np.ndarray, knn: np.ndarray, model: np.ndarray, labels: list[int]) -> dict[str, Any]:
+    """How the consensus `knn` and the `model` compare with the truth and with each other (see
+    `consensus_metrics`)."""
+    n = len(truth)
+    agree = knn == model
+    wrong = model != truth
+    flagged = ~agree & wrong
+    errors, disagreements = int(wrong.sum()), int((~agree).sum())
+    kappa = np.nan
+    if n:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kappa = cohen_kappa_score(truth, knn, labels=labels, weights="quadratic", replace_undefined_by=np.nan)
+    return {
+        "n": int(n),
+        "knn_accuracy": float((knn == truth).mean()) if n else None,
+        "knn_quadratic_kappa": None if np.isnan(kappa) else float(kappa),
+        "model_accuracy": float((~wrong).mean()) if n else None,
+        "agreement": float(agree.mean()) if n else None,
+        "disagreements": disagreements,
+        "model_errors": errors,
+        "flagged_errors": int(flagged.sum()),
+        "model_error_when_agree": float(wrong[agree].mean()) if agree.any() else None,
+        "model_error_when_disagree": float(wrong[~agree].mean()) if disagreements else None,
+        "flag_recall": float(flagged.sum() / errors) if errors else None,
+        "flag_precision": float(flagged.sum() / disagreements) if disagreements else None,
+        "knn_right_when_disagree": float((knn == truth)[~agree].mean()) if disagreements else None,
+    }
+
+
 def _expected_precision(
     sorted_sims: np.ndarray, sorted_rel: np.ndarray, k: int, tie_tol: float
 ) -> np.ndarray:
@@ -535,7 +670,8 @@ def summarise(metrics: dict[str, Any]) -> list[tuple[str, float | None]]:
     """The headline numbers of a combined metrics dict, in a fixed order (None where undefined).
 
     Order: instance R@k / fit_R@1 / ceiling@1 per setting and direction; category P@k / mAP /
-    macro P@10 per setting; image->image P@k, macro P@10, referable P@10 and the similarity gap;
+    macro P@10 per setting; image->image P@k, macro P@10, referable P@10 and the similarity gap; the
+    consensus's kappa, accuracy, agreement with the model and flag recall / precision (ICDR, referable);
     ICDR and SDRG accuracy / macro-F1 / kappa; referable AUROC, sensitivity,
     specificity and the specificity at the target-sensitivity operating point.
     """
@@ -556,6 +692,23 @@ def summarise(metrics: dict[str, Any]) -> list[tuple[str, float | None]]:
         for k in _ks_of(result, "positive_P"):
             rows.append((f"image->image referable P@{k} (referable queries)", result[f"positive_P@{k}"]))
         rows.append(("image->image similarity gap 1st-10th", result["similarity"]["gap"]))
+    if "consensus" in metrics:
+        result = metrics["consensus"]
+        knn = f"consensus kNN@{result['k']}"
+        for level, name in (("icdr", "ICDR"), ("referable", "referable")):
+            entry = result[level]
+            rows.append((f"{knn} {name} quadratic kappa", entry["knn_quadratic_kappa"]))
+            rows.append((f"{knn} {name} accuracy", entry["knn_accuracy"]))
+            rows.append((f"{knn} {name} agreement with the model", entry["agreement"]))
+            rows.append((f"{knn} {name} disagreement flags model errors (recall)", entry["flag_recall"]))
+            rows.append((f"{knn} {name} disagreements that are model errors (precision)", entry["flag_precision"]))
+        if "other_groups" in result:
+            entry = result["other_groups"]["icdr"]
+            rows.append((f"{knn} ICDR quadratic kappa (other patients only)", entry["knn_quadratic_kappa"]))
+            rows.append((f"{knn} ICDR disagreement flags model errors (recall, other patients only)",
+                         entry["flag_recall"]))
+            rows.append((f"{knn} ICDR disagreements that are model errors (precision, other patients only)",
+                         entry["flag_precision"]))
     for task in ("icdr", "sdrg"):
         if task in metrics:
             result = metrics[task]

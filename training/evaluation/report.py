@@ -265,6 +265,49 @@ def _category_section(category: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _consensus_section(result: dict[str, Any]) -> list[str]:
+    """The neighbours' consensus: the k nearest photographs' grade against the truth and the model's grade."""
+    k = result["k"]
+    lines = [f"## The neighbours' consensus (the {k} nearest photographs' grade vs the model's)", ""]
+    lines.append(
+        f"Each photograph's {k} nearest other photographs of the split (image->image, itself excluded) vote "
+        "with their true ICDR grade; the majority grade (ties: the larger summed similarity, then the more "
+        "severe grade) and the referable vote (at least half the voters referable) are compared with the truth "
+        "and with the model's grade. Disagreement is the flag: recall is the share of the model's wrong grades "
+        "it flags, precision the share of flags that are model errors."
+    )
+    lines.append("")
+    header = ["level", "queries", "kNN accuracy", "kNN quadratic kappa", "model accuracy", "agreement",
+              "model error when agreeing", "model error when disagreeing", "errors flagged (recall)",
+              "flags that are errors (precision)", "kNN right when disagreeing"]
+    rows = []
+    settings = [("", result)]
+    if "other_groups" in result:
+        settings.append((", other patients only", result["other_groups"]))
+    for suffix, figures in settings:
+        for level, name in (("icdr", "ICDR grade"), ("referable", "referable (ICDR >= 2)")):
+            entry = figures[level]
+            rows.append([name + suffix, str(entry["n"])] + [format_number(entry[key]) for key in (
+                "knn_accuracy", "knn_quadratic_kappa", "model_accuracy", "agreement", "model_error_when_agree",
+                "model_error_when_disagree", "flag_recall", "flag_precision", "knn_right_when_disagree")])
+    lines += _table(header, rows)
+    icdr = result["icdr"]
+    lines.append(
+        f"ICDR: {icdr['disagreements']} disagreements, {icdr['model_errors']} model errors, "
+        f"{icdr['flagged_errors']} errors flagged; voters per query {format_number(result['mean_known'], 2)} "
+        f"on average (majority share {format_number(result['mean_share'], 3)}); gallery {result['gallery_size']}; "
+        f"{result['no_vote_queries']} queries without a vote, {result['missing_label_queries']} without a grade."
+    )
+    if "same_group_share" in result:
+        lines.append("")
+        lines.append(
+            f"Of the {k} nearest, {format_number(result['same_group_share'])} on average are photographs of the "
+            "query's own patient (the other eye, another visit); 'other patients only' leaves the query's patient "
+            "out of its gallery, as for a new patient's photograph."
+        )
+    return lines + [""]
+
+
 def _grading_section(task: str, result: dict[str, Any]) -> list[str]:
     lines = [f"## {task.upper()} grading", ""]
     lines += _table(
@@ -353,6 +396,8 @@ def write_report(
         lines += _instance_section(metrics["instance"])
     if metrics.get("category"):
         lines += _category_section(metrics["category"])
+    if metrics.get("consensus"):
+        lines += _consensus_section(metrics["consensus"])
     for task in ("icdr", "sdrg"):
         if task in metrics:
             lines += _grading_section(task, metrics[task])
