@@ -208,3 +208,47 @@ def test_the_page_behind_an_api_key(paths: tuple[Path, Path, Path], browser: obj
         _assert_thumbnails_loaded(page)
         page.close()
         browser.clear_cookies()
+
+
+def test_the_page_shows_gradability_and_the_neighbours_consensus(
+    browser: object, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A bundle with a gradability gate: the badge and the consensus line for a photograph; a photograph the
+    gate calls not a fundus photograph gets the server's 422 message and, on request, the flagged answer."""
+    from bundle_factory import gated_bundle
+
+    built = gated_bundle(tmp_path_factory)
+    with serve(ServiceSettings(bundle=built.bundle, index=built.index, device="cpu")) as served:
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        crashes: list[str] = []
+        page.on("pageerror", lambda error: crashes.append(str(error)))
+        page.goto(served.url + "/")
+        page.wait_for_selector("#ready-status[data-ready='true']")
+
+        page.set_input_files("#photo-input", files=[{"name": "fundus.jpg", "mimeType": "image/jpeg",
+                                                     "buffer": built.fundus_like}])
+        _wait_results(page, "image")
+        badge = page.locator("#gradable")
+        assert badge.is_visible() and badge.get_attribute("data-fundus") == "true"
+        assert ("Gradable photograph" if badge.get_attribute("data-ok") == "true" else "Possibly ungradable") in (
+            badge.text_content()
+        )
+        consensus = page.locator("#consensus")
+        assert consensus.is_visible() and "Similar archived photographs" in consensus.text_content()
+        assert consensus.get_attribute("data-agrees") in ("true", "false")
+        if os.environ.get("RETINA_PAGE_SCREENSHOT"):
+            page.screenshot(path=str(Path(os.environ["RETINA_PAGE_SCREENSHOT"]).with_suffix(".trust.png")),
+                            full_page=True)
+
+        page.set_input_files("#photo-input", files=[{"name": "cat.jpg", "mimeType": "image/jpeg",
+                                                     "buffer": built.other}])
+        page.wait_for_selector("#error", state="visible")
+        assert "not a fundus photograph" in page.text_content("#error-message")
+        page.click("#error-retry")
+        page.wait_for_function("() => document.querySelector('#gradable').dataset.fundus === 'false'"
+                               " && document.querySelector('#results').dataset.state === 'done'")
+        assert "Not a fundus photograph" in page.text_content("#gradable")
+        assert page.locator("#error").is_hidden()
+        assert not crashes, crashes
+        page.close()

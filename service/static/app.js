@@ -314,6 +314,23 @@
     badge.title = "The gradability gate: is this a fundus photograph of adequate quality (focus, illumination, field, artefacts)?";
   }
 
+  /** The neighbours' consensus: the grades of the nearest archived photographs, and whether they agree. */
+  function renderConsensus(consensus, predicted) {
+    const line = $("#consensus");
+    line.hidden = !consensus || !consensus.known;
+    if (line.hidden) return;
+    const votes = consensus.counts[consensus.grade];
+    const majority = `${votes} of ${consensus.known} are ICDR ${consensus.grade} (${shortName(consensus.name, "icdr")})`;
+    line.dataset.agrees = String(Boolean(consensus.agrees));
+    line.className = consensus.agrees ? "consensus agrees" : "consensus disagrees";
+    line.textContent = consensus.agrees
+      ? `Similar archived photographs agree: ${majority}.`
+      : `Similar archived photographs disagree: ${majority}, the model says ICDR ${predicted.icdr.grade}. ` +
+        "Look at the photograph and its neighbours before relying on the grade.";
+    line.title = `The ${consensus.k} archived photographs nearest this one (whole archive, filters not applied), ` +
+      "by their recorded ICDR grades";
+  }
+
   function renderPredicted(predicted) {
     setNames(predicted.icdr.probabilities.map((p) => p.name), predicted.sdrg.probabilities.map((p) => p.name));
     renderScale($("#predicted-icdr"), "icdr", "ICDR (International Clinical DR scale)", predicted.icdr);
@@ -430,6 +447,7 @@
 
     renderPredicted(data.predicted);
     renderGradable(data.gradable);
+    renderConsensus(data.consensus, data.predicted);
 
     const list = $("#neighbours");
     list.replaceChildren(...data.neighbours.map((neighbour, i) => neighbourCard(neighbour, i + 1)));
