@@ -81,6 +81,8 @@ class Predicted(BaseModel):
     sdrg: GradePrediction
     referable: bool
     referable_probability: float = Field(description="P(ICDR >= 2)")
+    calibrated: bool = Field(default=False, description="The probabilities are temperature-scaled on a validation "
+                             "split (the bundle's calibration); false: the model's raw softmax.")
 
 
 class Neighbour(BaseModel):
@@ -113,6 +115,8 @@ class GradeResponse(BaseModel):
     sdrg: GradePrediction
     referable: bool
     referable_probability: float
+    calibrated: bool = Field(default=False, description="The probabilities are temperature-scaled on a validation "
+                             "split (the bundle's calibration); false: the model's raw softmax.")
     modalities: list[Modality]
     text_truncated: bool = False
     notes: list[str] = Field(default_factory=list)
@@ -146,6 +150,10 @@ class Readiness(BaseModel):
     runtime: str | None = Field(default=None, description="The inference engine chosen: onnxruntime or openvino.")
     runtimes: dict[str, str] | None = Field(
         default=None, description="What runs each graph, with its precision, e.g. 'OpenVINO CPU int8'."
+    )
+    calibration: dict[str, float] | None = Field(
+        default=None, description="The grade heads' temperatures ({'icdr': T, 'sdrg': T}) when the bundle's "
+        "probabilities are calibrated, else null.",
     )
     vector_store: str | None = Field(default=None, description="Where the vectors are searched: faiss or milvus.")
     faiss_device: str | None = Field(default=None, description="FAISS store: where searches run (cpu or gpu).")
