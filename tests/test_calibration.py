@@ -146,7 +146,7 @@ def calibrated(tiny: TinyBundle, tmp_path_factory: pytest.TempPathFactory) -> tu
     return run, root / "bundle"
 
 
-def test_calibrate_writes_the_temperatures_and_figures(calibrated: tuple[Path, Path], tiny: TinyBundle) -> None:
+def test_calibrate_writes_the_temperatures_and_errors(calibrated: tuple[Path, Path], tiny: TinyBundle) -> None:
     run, _ = calibrated
     written = json.loads((run / CALIBRATION_FILE).read_text())
     calibration = load_calibration(run / CALIBRATION_FILE)

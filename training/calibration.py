@@ -20,6 +20,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import ValidationError
@@ -28,6 +29,10 @@ from scipy.special import log_softmax
 from scipy.special import softmax as scipy_softmax
 
 from index.bundle import Calibration, now_iso
+
+if TYPE_CHECKING:  # torch is imported only where logits are computed
+    from training.data import SplitData
+    from training.run import LoadedRun
 
 CALIBRATION_FILE = "calibration.json"
 """A run's calibration, beside its checkpoint (`retina-train calibrate --out` may put it elsewhere)."""
@@ -214,24 +219,22 @@ def check_weights(calibration: Calibration, weights_sha256: str, source: str = "
         )
 
 
-def image_logits(run: object, data: object, batch_size: int = 64) -> dict[str, np.ndarray]:
+def image_logits(run: LoadedRun, data: SplitData, batch_size: int = 64) -> dict[str, np.ndarray]:
     """ICDR and SDRG logits (N, 5) of a split's photographs through the model alone (image only, as
-    `/grade` sees an upload and `retina-train evaluate` grades), fp32, eval mode. `run` is a
-    `training.run.LoadedRun`, `data` a `training.data.SplitData`."""
+    `/grade` sees an upload and `retina-train evaluate` grades), fp32, eval mode."""
     import torch
 
     from training.data import normalise
 
-    model = run.model.float().eval()  # type: ignore[attr-defined]
+    model = run.model.float().eval()
     if model.config.grading == "zero_shot":
         raise ValueError(f"{model.config.name} has no grading heads (it grades zero-shot): nothing to calibrate")
     device = next(model.parameters()).device
     image = model.config.vision.image
     icdr, sdrg = [], []
-    n = len(data)  # type: ignore[arg-type]
     with torch.no_grad():
-        for start in range(0, n, batch_size):
-            images = torch.from_numpy(data.images[start : start + batch_size])  # type: ignore[attr-defined]
+        for start in range(0, len(data), batch_size):
+            images = torch.from_numpy(data.images[start : start + batch_size])
             pixels = normalise(images, image.mean, image.std).to(device)
             fused = model.fuse(pixels=pixels)
             icdr.append(fused.icdr_logits.float().cpu().numpy())
