@@ -20,6 +20,9 @@ second output) instead of raw pixels and ids, so a search embeds and grades with
 text-only grading never runs the image tower. Absent modalities are zeros hidden by their presence flag.
 A v1 bundle (whose grader re-ran both towers) is refused with "export it again".
 
+`manifest.calibration` (optional, `retina-train calibrate` then `export`): one temperature per grade head; the
+probabilities are softmax(logits / T). A bundle without it gives softmax(logits), as before.
+
 Loading verifies the schema version and every checksum and names exactly what is wrong.
 """
 
@@ -66,6 +69,43 @@ class TextSettings(BaseModel):
     pad_token_id: int = Field(ge=0)
 
 
+class Calibration(BaseModel):
+    """Temperature scaling of the two grade heads (`retina-train calibrate`): the grader's logits are divided
+    by each head's temperature before the softmax, T > 1 softening over-confident probabilities. The same
+    model is `RUN/calibration.json`; it also says what it was fitted on and the expected calibration error
+    (ECE, equal-width bins of top-label confidence) and negative log-likelihood it measured there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    icdr_temperature: float = Field(gt=0, allow_inf_nan=False)
+    sdrg_temperature: float = Field(gt=0, allow_inf_nan=False)
+    method: Literal["temperature"] = "temperature"
+    inputs: list[str] = Field(default_factory=lambda: ["image"])
+    """The modalities the fitted logits came from (the photograph alone: what `/grade` sees for an upload)."""
+    archive: str
+    """The archive the temperatures were fitted on (as given)."""
+    split: str
+    """Its split (normally `val`)."""
+    items: dict[str, int]
+    """Head -> how many labelled photographs the fit used."""
+    weights_sha256: str | None = None
+    """The checkpoint whose logits were fitted (an export of other weights refuses this calibration)."""
+    bins: int = Field(default=15, gt=0)
+    ece_before: dict[str, float]
+    """Head -> ECE on the fitted split with T = 1."""
+    ece_after: dict[str, float]
+    """Head -> ECE on the fitted split with the fitted T."""
+    nll_before: dict[str, float]
+    nll_after: dict[str, float]
+    created: str | None = None
+
+    def temperature(self, head: str) -> float:
+        """The temperature of a head, "icdr" or "sdrg"."""
+        if head not in ("icdr", "sdrg"):
+            raise ValueError(f"no grade head {head!r} (icdr or sdrg)")
+        return self.icdr_temperature if head == "icdr" else self.sdrg_temperature
+
+
 class OpenVinoInt8(BaseModel):
     """The encoders as OpenVINO INT8 IR (`retina-train export --openvino-int8`), and what their parity
     check measured. Both files of each IR are in `Manifest.files`, checked like every other file."""
@@ -107,6 +147,7 @@ class Manifest(BaseModel):
     data_fingerprint: str
     weights_sha256: str | None = None  # the exported checkpoint (None in bundles written before it was recorded)
     metrics: dict[str, Any] = Field(default_factory=dict)
+    calibration: Calibration | None = None  # absent: uncalibrated probabilities, softmax(logits) (and older bundles)
     opset: int
     exporter: str
     files: dict[str, str]  # file name -> sha256

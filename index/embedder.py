@@ -16,6 +16,10 @@ needs VNNI), else their fp32 ONNX graphs on OpenVINO (with a note in `notes`), a
 graph on OpenVINO too. `Embedder.runtimes` says per graph what runs it (e.g.
 "OpenVINO CPU int8").
 
+Calibration: when the manifest has one (`Manifest.calibration`, `retina-train calibrate`), every grade's
+probabilities are softmax(logits / T) with the head's temperature, and `Embedder.calibrated` and
+`Grades.calibrated` say so; otherwise softmax(logits).
+
 Thread-safety: after `__init__` an `Embedder` holds only read-only state (the graphs, whose `run` is
 thread-safe, see `index.runtimes`, and a configured tokenizer), so one instance may serve several threads
 at once.
@@ -75,7 +79,8 @@ class Grades:
 
     `referable` is the argmax ICDR grade >= 2 (moderate NPDR or worse): the rule the evaluation's
     referable sensitivity and specificity are measured with. `referable_probability` is
-    P(ICDR >= 2) = P(2) + P(3) + P(4), the score its AUROC is measured with.
+    P(ICDR >= 2) = P(2) + P(3) + P(4), the score its AUROC is measured with. `calibrated`: the probabilities
+    are softmax(logits / T) with the bundle's temperatures (`Manifest.calibration`), else softmax(logits).
     """
 
     icdr_probabilities: np.ndarray  # (5,)
@@ -85,6 +90,7 @@ class Grades:
     image_embedding: np.ndarray | None = None  # (D,) the photograph's search vector, when one was given
     icdr_names: tuple[str, ...] = ICDR_NAMES
     sdrg_names: tuple[str, ...] = SDRG_NAMES
+    calibrated: bool = False  # the probabilities are temperature-scaled (the bundle's `calibration`)
     text_truncated: bool = False
     gradability: Gradability | None = None  # the gate's answer on the photograph (None: no photograph or no gate)
 
@@ -240,6 +246,13 @@ class Embedder:
         self.runtimes: dict[str, str] = {name: graph.description for name, graph in self._graphs.items()}
         """What runs each graph, with its precision: e.g. "ONNX Runtime CPUExecutionProvider fp32",
         "OpenVINO CPU int8"."""
+        self.calibrated: bool = self.manifest.calibration is not None
+        """Whether the grade probabilities are calibrated: softmax(logits / T) with the manifest's temperatures."""
+        calibration = self.manifest.calibration
+        self.temperatures: tuple[float, float] = (
+            (calibration.icdr_temperature, calibration.sdrg_temperature) if calibration else (1.0, 1.0)
+        )
+        """(ICDR, SDRG) temperatures the grader's logits are divided by (1.0, 1.0 when uncalibrated)."""
         self._tabular_width = self.manifest.feature_spec.width
         self._image_token_shape = self._token_shape("image_tokens")
         self._text_token_shape = self._token_shape("text_tokens")
@@ -482,6 +495,7 @@ class Embedder:
                 image_embedding=image_vectors[i],
                 icdr_names=tuple(self.manifest.icdr_names),
                 sdrg_names=tuple(self.manifest.sdrg_names),
+                calibrated=self.calibrated,
                 text_truncated=truncated[i],
                 gradability=gated[i],
             )
@@ -540,7 +554,8 @@ class Embedder:
         return Grades(icdr_probabilities=icdr, sdrg_probabilities=sdrg, record_embedding=record,
                       modalities=modalities, icdr_names=tuple(self.manifest.icdr_names),
                       sdrg_names=tuple(self.manifest.sdrg_names), text_truncated=truncated,
-                      gradability=gradability)
+                      gradability=gradability,
+                      calibrated=self.calibrated)
 
     def _token_shape(self, name: str) -> tuple[int, ...]:
         """The fixed trailing dimensions of a grader input (image_tokens: (N, W); text_tokens: (1, W) for
@@ -594,7 +609,8 @@ class Embedder:
                 "tabular_present": tabular_present.astype(bool),
             },
         )
-        return (softmax(out["icdr_logits"]), softmax(out["sdrg_logits"]),
+        icdr_t, sdrg_t = self.temperatures  # calibration: softmax(logits / T); (1, 1) leaves them as they are
+        return (softmax(out["icdr_logits"] / icdr_t), softmax(out["sdrg_logits"] / sdrg_t),
                 np.ascontiguousarray(out["record_embedding"], dtype=np.float32))
 
 

@@ -300,6 +300,7 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
             referable_probability=predicted.referable_probability, gradable=_gradable(grades.gradability),
             modalities=grades.modalities,  # type: ignore[arg-type]
             consensus=_consensus_body(answer.consensus, grades.icdr_names),
+            calibrated=grades.calibrated,
             text_truncated=grades.text_truncated, notes=notes, took_ms=_ms(started),
         )
 
@@ -451,6 +452,7 @@ def _predicted(grades: Grades) -> Predicted:
         sdrg=_prediction(grades.sdrg_probabilities, grades.sdrg_names),
         referable=grades.referable,
         referable_probability=round(grades.referable_probability, 6),
+        calibrated=grades.calibrated,
     )
 
 
@@ -576,6 +578,7 @@ def _readiness(engine: Engine) -> Readiness:
         providers=embedder.providers,
         runtime=embedder.runtime,
         runtimes=embedder.runtimes,
+        calibration=dict(zip(("icdr", "sdrg"), embedder.temperatures, strict=True)) if embedder.calibrated else None,
         vector_store=store.info.store,
         faiss_device=store.image.device if store.info.store == "faiss" else None,
         embedding_dim=embedder.dim,

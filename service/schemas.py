@@ -82,6 +82,8 @@ class Predicted(BaseModel):
     sdrg: GradePrediction
     referable: bool
     referable_probability: float = Field(description="P(ICDR >= 2)")
+    calibrated: bool = Field(default=False, description="The probabilities are temperature-scaled on a validation "
+                             "split (the bundle's calibration); false: the model's raw softmax.")
 
 
 class Gradable(BaseModel):
@@ -155,6 +157,8 @@ class GradeResponse(BaseModel):
     gradable: Gradable | None = Field(
         default=None, description="The photograph's gradability (None: no photograph, or a bundle without a gate)."
     )
+    calibrated: bool = Field(default=False, description="The probabilities are temperature-scaled on a validation "
+                             "split (the bundle's calibration); false: the model's raw softmax.")
     modalities: list[Modality]
     consensus: NeighbourConsensus | None = Field(
         default=None, description="With a photograph: its nearest archived photographs' grades (consensus_k).",
@@ -191,6 +195,10 @@ class Readiness(BaseModel):
     runtime: str | None = Field(default=None, description="The inference engine chosen: onnxruntime or openvino.")
     runtimes: dict[str, str] | None = Field(
         default=None, description="What runs each graph, with its precision, e.g. 'OpenVINO CPU int8'."
+    )
+    calibration: dict[str, float] | None = Field(
+        default=None, description="The grade heads' temperatures ({'icdr': T, 'sdrg': T}) when the bundle's "
+        "probabilities are calibrated, else null.",
     )
     vector_store: str | None = Field(default=None, description="Where the vectors are searched: faiss or milvus.")
     faiss_device: str | None = Field(default=None, description="FAISS store: where searches run (cpu or gpu).")

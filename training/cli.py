@@ -254,9 +254,14 @@ def evaluate(
     deepeyenet: Annotated[
         Path | None, typer.Option(help="Also run zero-shot text<->image retrieval on a DeepEyeNet folder.")
     ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="Grade temperatures from `retina-train calibrate` for the ECE after calibration "
+                     "(default: RUN/calibration.json when present)."),
+    ] = None,
 ) -> None:
-    """Evaluate a run: retrieval (instance and category), grading, referable DR; writes metrics.json,
-    report.md and PNG figures."""
+    """Evaluate a run: retrieval (instance and category), grading, referable DR, calibration (ECE before and
+    after); writes metrics.json, report.md and PNG figures."""
     from training.evaluate import evaluate as run_evaluate
     from training.evaluate import evaluate_deepeyenet
     from training.evaluation.metrics import format_number, summarise
@@ -270,13 +275,19 @@ def evaluate(
         out = Path(f"eval-{run.split(':', 1)[1]}-{split}")
     try:
         with console.status("evaluating"):
-            metrics = run_evaluate(run_dir, archive, splits, split, out, consensus_k=consensus_k)
+            metrics = run_evaluate(run_dir, archive, splits, split, out, consensus_k=consensus_k,
+                                   calibration=calibration)
             if deepeyenet is not None:
                 metrics["zero_shot"] = evaluate_deepeyenet(run_dir, deepeyenet)
     except (ArchiveError, ValueError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     for name, value in summarise(metrics):
         print(f"{name:45s} {format_number(value)}")
+    for head in ("icdr", "sdrg"):
+        entry = (metrics.get("calibration") or {}).get(head)
+        if entry:
+            print(f"{head.upper() + ' ECE before / after calibration':45s} {format_number(entry['ece_before'])} / "
+                  f"{format_number(entry['ece_after'])}")
     target = out or run_dir / f"eval-{split}"
     if deepeyenet is not None:
         (target / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -303,9 +314,20 @@ def export(
         Path | None, typer.Option(help="A gradability gate's folder (`retina-train gate fit`); default: RUN/gate "
                                   "when the run has one.")
     ] = None,
+    calibration: Annotated[
+        Path | None,
+        typer.Option(help="A calibration.json from `retina-train calibrate` to put in the manifest (default: "
+                     "RUN/calibration.json when present)."),
+    ] = None,
+    no_calibration: Annotated[
+        bool, typer.Option("--no-calibration", help="Leave the probabilities uncalibrated even if the run has a "
+                           "calibration.json.")
+    ] = False,
 ) -> None:
     """Export a run to a bundle (ONNX graphs, tokenizer, manifest), checked against PyTorch on the archive
-    the run was trained on (as its run.json records it), or on --archive/--splits."""
+    the run was trained on (as its run.json records it), or on --archive/--splits. The grade heads'
+    temperatures (`retina-train calibrate`) go into the manifest when the run has them or --calibration
+    names them."""
     from rich.markup import escape
 
     from index.bundle import read_manifest
@@ -326,17 +348,28 @@ def export(
     if not run_dir.is_dir():
         raise _fail(f"--run {run}: no such run folder")
     archive, splits = _recorded_data(run_dir, run, archive, splits)
+    if calibration is not None and no_calibration:
+        raise _fail("--calibration and --no-calibration contradict each other")
+    from training.calibration import run_calibration
+
+    try:
+        temperatures = None if no_calibration else run_calibration(run_dir, calibration)
+    except ValueError as error:
+        raise _fail(str(error)) from None
     try:
         engines = "ONNX Runtime and OpenVINO INT8" if openvino_int8 else "ONNX Runtime"
         with console.status(f"exporting {run} ({precision}) and checking {engines} against PyTorch"):
             report = export_bundle(run_dir, archive, splits, out, precision=precision, split=split,  # type: ignore[arg-type]
-                                   openvino_int8=openvino_int8, gate=gate)
+                                   openvino_int8=openvino_int8, gate=gate, grade_calibration=temperatures)
     except ExportError as error:
         raise _fail(f"export failed the parity check, no bundle written:\n{error}") from None
     except (ArchiveError, ValueError, KeyError, OSError) as error:
         raise _fail(str(error)) from None
     for line in report.lines():
         print(line)
+    if temperatures is not None:
+        print(f"calibrated: temperature ICDR {temperatures.icdr_temperature:.4f}, SDRG "
+              f"{temperatures.sdrg_temperature:.4f} (fitted on {temperatures.archive} split {temperatures.split})")
     with_ir = " + OpenVINO INT8 IR" if openvino_int8 else ""
     manifest = read_manifest(out)
     with_gate = " + gradability gate" if manifest.gate else ""
@@ -362,6 +395,75 @@ def _recorded_data(run_dir: Path, run: str, archive: Path | None, splits: Path |
                         f"(moved, or another machine): pass {flag}")
         chosen.append(Path(recorded))
     return chosen[0], chosen[1]
+
+
+@app.command()
+def calibrate(
+    run: Annotated[str, typer.Option(help="A run folder from `retina-train fit`, or a shipped model (zoo:NAME).")],
+    archive: Annotated[
+        Path | None, typer.Option(help="The archive to fit on (default: the one the run recorded).")
+    ] = None,
+    splits: Annotated[Path | None, typer.Option(help="Its splits.json (default: the run's).")] = None,
+    split: Annotated[str, typer.Option(help="The split whose photographs the temperatures are fitted on.")] = "val",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where to write the calibration (default RUN/calibration.json; required for zoo:NAME, "
+                     "whose folder is verified by checksum)."),
+    ] = None,
+    bins: Annotated[int, typer.Option(min=1, help="Equal-width confidence bins of the ECE.")] = 15,
+    batch_size: Annotated[int, typer.Option(min=1, help="Photographs per forward pass.")] = 64,
+) -> None:
+    """Fit one temperature per grade head (ICDR, SDRG) on a split's photographs, graded from the photograph
+    alone, by minimising the NLL of softmax(logits / T); write calibration.json (temperatures, ECE and NLL
+    before and after) for `retina-train export` (into the bundle) and `retina-train evaluate`."""
+    from index.bundle import sha256_of
+    from training.calibration import CALIBRATION_FILE, HEADS, fit_calibration, image_logits, save_calibration
+    from training.run import load_run, split_for_evaluation
+    from training.splits import load_splits
+    from training.zoo import ZooError, is_zoo_name, resolve_run
+
+    try:
+        run_dir = resolve_run(run)
+    except ZooError as error:
+        raise _fail(str(error)) from None
+    if not run_dir.is_dir():
+        raise _fail(f"--run {run}: no such run folder")
+    if is_zoo_name(run):
+        if out is None:
+            raise _fail(f"--run {run} is a shipped model whose folder is verified by checksum: pass --out FILE "
+                        "(then `retina-train export --calibration FILE`)")
+        if out.resolve().is_relative_to(run_dir.resolve()):
+            raise _fail(f"--out {out} is inside the shipped model {run}, whose files are verified by checksum: "
+                        "write it elsewhere")
+    target = out if out is not None else run_dir / CALIBRATION_FILE
+    archive, splits = _recorded_data(run_dir, run, archive, splits)
+    try:
+        split_ids = load_splits(splits)
+        if split not in split_ids:
+            raise ValueError(f"{splits} has no split {split!r} (it has {sorted(split_ids)})")
+        if not split_ids[split]:
+            sizes = ", ".join(f"{name} {len(ids)}" for name, ids in split_ids.items())
+            raise ValueError(f"split {split!r} of {splits} is empty ({sizes}): choose another --split")
+        with console.status(f"grading the {len(split_ids[split])} photographs of split {split} (image only)"):
+            loaded = load_run(run_dir)
+            data = split_for_evaluation(read_archive(archive), split_ids[split], loaded)
+            logits = image_logits(loaded, data, batch_size)
+        calibration = fit_calibration(
+            logits, {"icdr": data.icdr, "sdrg": data.sdrg}, archive=str(archive), split=split,
+            weights_sha256=sha256_of(loaded.files.weights), bins=bins,
+        )
+    except (ArchiveError, ValueError, FileNotFoundError) as error:
+        raise _fail(str(error)) from None
+    save_calibration(calibration, target)
+    print(f"{run}: temperature scaling on {archive} split {split} ({len(data)} photographs, image only), "
+          f"ECE in {bins} bins")
+    print(f"{'head':6s} {'items':>6s} {'T':>8s} {'ECE before':>11s} {'ECE after':>10s} {'NLL before':>11s} "
+          f"{'NLL after':>10s}")
+    for head in HEADS:
+        print(f"{head:6s} {calibration.items[head]:6d} {calibration.temperature(head):8.4f} "
+              f"{calibration.ece_before[head]:11.4f} {calibration.ece_after[head]:10.4f} "
+              f"{calibration.nll_before[head]:11.4f} {calibration.nll_after[head]:10.4f}")
+    console.print(f"wrote {target}")
 
 
 @app.command()

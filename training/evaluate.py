@@ -20,8 +20,16 @@ import torch
 
 from index.archive.brset import read_archive
 from index.archive.deepeyenet import read_deepeyenet
+from index.bundle import sha256_of
 from index.knowledge import ICDR_DESCRIPTIONS, SDRG_DESCRIPTIONS
 from index.records import ICDR_NAMES, SDRG_NAMES, FundusRecord
+from training.calibration import (
+    CALIBRATION_FILE,
+    calibration_metrics,
+    check_weights,
+    plot_reliability,
+    run_calibration,
+)
 from training.data import BatchBuilder, SplitData, load_photo, normalise
 from training.evaluation.metrics import (
     bidirectional_instance_recall,
@@ -58,6 +66,8 @@ class Embeddings:
     text: np.ndarray
     icdr_probabilities: np.ndarray
     sdrg_probabilities: np.ndarray
+    icdr_logits: np.ndarray | None = None  # what the probabilities are the softmax of (for calibration)
+    sdrg_logits: np.ndarray | None = None
 
 
 def _batches(n: int, size: int) -> list[np.ndarray]:
@@ -96,7 +106,8 @@ def embed_split(run: LoadedRun, data: SplitData, texts: Sequence[str], batch_siz
     if zero_shot:
         icdr_classes = _class_embeddings(run, builder, grade_prompts(ICDR_NAMES, ICDR_DESCRIPTIONS))
         sdrg_classes = _class_embeddings(run, builder, grade_prompts(SDRG_NAMES, SDRG_DESCRIPTIONS))
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "record", "text", "icdr", "sdrg")}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "record", "text", "icdr", "sdrg",
+                                                          "icdr_logits", "sdrg_logits")}
     for rows in _batches(len(data), batch_size):
         batch = builder.batch(rows, [texts[i] for i in rows])
         pixels, tabular = batch["pixels"].to(device), batch["tabular"].to(device)
@@ -116,12 +127,16 @@ def embed_split(run: LoadedRun, data: SplitData, texts: Sequence[str], batch_siz
         out["text"].append(text.float().cpu().numpy())
         out["icdr"].append(icdr.float().softmax(-1).cpu().numpy())
         out["sdrg"].append(sdrg.float().softmax(-1).cpu().numpy())
+        out["icdr_logits"].append(icdr.float().cpu().numpy())
+        out["sdrg_logits"].append(sdrg.float().cpu().numpy())
     return Embeddings(
         image=np.concatenate(out["image"]),
         record=np.concatenate(out["record"]),
         text=np.concatenate(out["text"]),
         icdr_probabilities=np.concatenate(out["icdr"]),
         sdrg_probabilities=np.concatenate(out["sdrg"]),
+        icdr_logits=np.concatenate(out["icdr_logits"]),
+        sdrg_logits=np.concatenate(out["sdrg_logits"]),
     )
 
 
@@ -177,9 +192,14 @@ def compute_metrics(records: Sequence[FundusRecord], embeddings: Embeddings, fac
 
 
 def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "test",
-             out: Path | None = None, batch_size: int = 64, consensus_k: int = CONSENSUS_K) -> dict:
+             out: Path | None = None, batch_size: int = 64, consensus_k: int = CONSENSUS_K,
+             calibration: Path | None = None) -> dict:
     """Evaluate a run on a split and write metrics.json, report.md and the figures to `out`
-    (default RUN/eval-SPLIT); `consensus_k`: the neighbours of the consensus section. Returns the metrics."""
+    (default RUN/eval-SPLIT); `consensus_k`: the neighbours of the consensus section. Returns the metrics.
+
+    The `calibration` section reports each grade head's ECE before temperature scaling and, with the
+    temperatures of `calibration` (a `retina-train calibrate` file; default RUN/calibration.json when
+    present), after; a reliability diagram (before/after) goes beside the report."""
     run = load_run(run_dir)
     archive = read_archive(archive_dir)
     splits = load_splits(splits_path)
@@ -190,6 +210,7 @@ def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "
     texts, facts, same = query_texts(data.records, narrative_seed)
     embeddings = embed_split(run, data, texts, batch_size)
     metrics = compute_metrics(data.records, embeddings, facts, consensus_k)
+    metrics["calibration"], reliability_data = _calibration(run_dir, run, data, embeddings, calibration)
     metrics["run"] = {"run": str(run_dir), "config": run.model.config.name, "split": split,
                       "gallery_size": len(data), **{k: run.info.get(k) for k in (
                           "steps", "training_seconds", "samples_per_second", "precision", "fingerprint")}}
@@ -197,6 +218,9 @@ def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "
     out = Path(out) if out else Path(run_dir) / f"eval-{split}"
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(run, archive, data, embeddings, texts, metrics, out)
+    if reliability_data:
+        figures["reliability diagram (before / after calibration)"] = plot_reliability(
+            reliability_data, out / "reliability.png", f"{run.model.config.name} on {split}")
     notes = [
         f"Split `{split}` of {archive_dir}: {len(data)} photographs from "
         f"{len({r.patient_id for r in data.records})} patients; every gallery is this whole split.",
@@ -213,9 +237,32 @@ def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "
         + (" (zero-shot against grade prompts: the baseline has no grading heads)."
            if run.model.config.grading == "zero_shot" else "."),
     ]
+    notes.append(_calibration_note(metrics["calibration"]))
     write_report(metrics, out, f"Evaluation of {run.model.config.name} on {split}", figures, notes)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     return metrics
+
+
+def _calibration(run_dir: Path, run: LoadedRun, data: SplitData, embeddings: Embeddings,
+                 explicit: Path | None) -> tuple[dict, dict]:
+    """The metrics' calibration section and the reliability data, with the run's calibration (or
+    `explicit`); ValueError when it was fitted on other weights."""
+    chosen = run_calibration(run_dir, explicit)
+    source = str(explicit) if explicit is not None else str(Path(run_dir) / CALIBRATION_FILE) if chosen else None
+    if chosen is not None:
+        check_weights(chosen, sha256_of(run.files.weights), source or "the calibration")
+    logits = {"icdr": embeddings.icdr_logits, "sdrg": embeddings.sdrg_logits}
+    return calibration_metrics(logits, {"icdr": data.icdr, "sdrg": data.sdrg}, chosen, source=source)
+
+
+def _calibration_note(section: dict) -> str:
+    if section.get("temperatures") is None:
+        return ("Calibration: no temperatures (no RUN/calibration.json and no --calibration; fit them with "
+                "`retina-train calibrate`), so ECE is reported before calibration only.")
+    temperatures = section["temperatures"]
+    return (f"Calibration: temperatures ICDR {temperatures['icdr']:.4f}, SDRG {temperatures['sdrg']:.4f} from "
+            f"{section['source']} (fitted on {section['fitted_on']}); ECE of top-label confidence in "
+            f"{section['bins']} equal-width bins, from the photograph alone.")
 
 
 def _figures(run: LoadedRun, archive, data: SplitData, embeddings: Embeddings, texts: list[str],

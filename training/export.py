@@ -50,6 +50,7 @@ from index.bundle import (
     SCHEMA_VERSION,
     TEXT_ENCODER,
     TOKENIZER,
+    Calibration,
     Manifest,
     OpenVinoInt8,
     TextSettings,
@@ -61,6 +62,7 @@ from index.bundle import (
 from index.quantize import EXPORT_OP_TYPES, quantize_int8
 from index.records import ICDR_NAMES, SDRG_NAMES
 from index.runtimes import OpenVinoGraph
+from training.calibration import check_weights
 from training.data import BatchBuilder, stored_narrative
 from training.evaluation.metrics import instance_recall, summarise
 from training.gate.export import export_gate
@@ -491,7 +493,7 @@ def run_gate_folder(run_dir: Path) -> Path | None:
 
 def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path,
                   precision: Precision = "fp32", split: str = "val", openvino_int8: bool = False,
-                  gate: Path | None = None) -> ParityReport:
+                  gate: Path | None = None, grade_calibration: Calibration | None = None) -> ParityReport:
     """Export a run to a bundle at `out` (written to a temporary folder and moved into place only
     after the parity check passes). Raises ExportError when the check fails.
 
@@ -499,7 +501,10 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
     default the run's own `gate/` folder when it has one, else the bundle has no gate.
 
     `openvino_int8`: also write the encoders as OpenVINO INT8 IR, checked (see the module docstring); fp32
-    only (the openvino runtime runs the grader's fp32 graph), and needs the `openvino` extra (ValueError)."""
+    only (the openvino runtime runs the grader's fp32 graph), and needs the `openvino` extra (ValueError).
+
+    `grade_calibration`: the grade heads' temperatures (`retina-train calibrate`, `training.calibration`) for the
+    manifest; ValueError when they were fitted on other weights than the run's."""
     if openvino_int8:
         if precision != "fp32":
             raise ValueError("the OpenVINO INT8 IR goes with precision fp32 (the openvino runtime runs the "
@@ -508,6 +513,8 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
             raise ValueError(f"the OpenVINO INT8 IR needs {' and '.join(missing_packages())}: {INSTALL}")
     torch.manual_seed(0)
     run = load_run(run_dir)
+    if grade_calibration is not None:
+        check_weights(grade_calibration, sha256_of(run.files.checkpoint / MODEL_FILE))
     model = run.model.float().eval()
     # The SDPA path of transformers' BERT decides at trace time whether a padding mask is needed (no
     # padding in the example batch: no mask), which a traced graph would then never apply.
@@ -578,6 +585,7 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
             data_fingerprint=run.info["fingerprint"],
             weights_sha256=sha256_of(run.files.checkpoint / MODEL_FILE),
             metrics=dict(summarise(metrics)),
+            calibration=grade_calibration,
             opset=OPSET,
             exporter=EXPORTER,
             files={name: sha256_of(staging / name) for name in files},

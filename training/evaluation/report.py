@@ -376,6 +376,29 @@ def _referable_section(result: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _calibration_section(result: dict[str, Any]) -> list[str]:
+    """Per grade head: photographs, temperature, ECE and NLL before and after calibration."""
+    temperatures = result.get("temperatures") or {}
+    rows = []
+    for head in ("icdr", "sdrg"):
+        entry = result.get(head)
+        if not entry:
+            continue
+        rows.append([head.upper(), str(entry["items"]), format_number(temperatures.get(head)),
+                     format_number(entry["ece_before"]), format_number(entry.get("ece_after")),
+                     format_number(entry["nll_before"]), format_number(entry.get("nll_after"))])
+    lines = ["## Calibration (grades from the photograph)", ""]
+    if not temperatures:
+        lines += ["No calibration for this run (`retina-train calibrate` writes one): before only.", ""]
+    else:
+        lines += [f"Temperatures from `{result.get('source')}`, fitted on {result.get('fitted_on')}.", ""]
+    bins = result.get("bins")
+    lines += [f"ECE: expected calibration error of the top grade's probability in {bins} equal-width bins "
+              "(0 is perfectly calibrated); NLL: mean negative log-likelihood of the true grade.", ""]
+    return lines + _table(["head", "photographs", "temperature", "ECE before", "ECE after", "NLL before",
+                           "NLL after"], rows)
+
+
 def write_report(
     metrics: dict[str, Any], out_dir: Path, title: str, figures: dict[str, Path], notes: list[str]
 ) -> Path:
@@ -401,6 +424,8 @@ def write_report(
     for task in ("icdr", "sdrg"):
         if task in metrics:
             lines += _grading_section(task, metrics[task])
+    if metrics.get("calibration"):
+        lines += _calibration_section(metrics["calibration"])
     if "referable" in metrics:
         lines += _referable_section(metrics["referable"])
     if figures:
