@@ -237,6 +237,9 @@ def test_the_page_shows_gradability_and_the_neighbours_consensus(
         consensus = page.locator("#consensus")
         assert consensus.is_visible() and "Similar archived photographs" in consensus.text_content()
         assert consensus.get_attribute("data-agrees") in ("true", "false")
+        calibrated = page.locator("#calibrated")  # this tiny run was exported without a calibration
+        assert calibrated.is_visible() and calibrated.get_attribute("data-calibrated") == "false"
+        assert "Uncalibrated" in calibrated.text_content()
         if os.environ.get("RETINA_PAGE_SCREENSHOT"):
             page.screenshot(path=str(Path(os.environ["RETINA_PAGE_SCREENSHOT"]).with_suffix(".trust.png")),
                             full_page=True)

@@ -343,6 +343,13 @@
       ? `Referable DR likely · P = ${p.toFixed(2)}`
       : `Referable DR unlikely · P = ${p.toFixed(2)}`;
     badge.title = "Probability of referable diabetic retinopathy (ICDR grade 2 or worse)";
+    const calibrated = $("#calibrated");
+    calibrated.hidden = false;
+    calibrated.dataset.calibrated = String(Boolean(predicted.calibrated));
+    calibrated.textContent = predicted.calibrated
+      ? "Calibrated probabilities: a grade shown at 70% is right about 70% of the time " +
+        "(temperature-scaled on a validation split)."
+      : "Uncalibrated probabilities (this model was exported without calibration).";
     $("#predicted").hidden = false;
   }
 
