@@ -40,7 +40,7 @@ from tokenizers import Tokenizer
 
 from index.bundle import GRADER, IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER, BundleError, Manifest, read_manifest
 from index.cpus import available_cpus
-from index.gate import Gradability, assess
+from index.gate import Gradability, assess, fundus_layout
 from index.preprocess import ImageSpec, batch_model_inputs
 from index.records import ICDR_NAMES, REFERABLE_ICDR, SDRG_NAMES, FundusRecord
 from index.runtimes import (
@@ -328,7 +328,8 @@ class Embedder:
         if not images:
             return []
         out = self._graphs[spec.file].run({"pixels": batch_model_inputs(images, spec.image)})
-        return assess(out["gate_probabilities"], spec)
+        layouts = [fundus_layout(image) for image in images] if spec.layout_rule else None
+        return assess(out["gate_probabilities"], spec, layouts)
 
 
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:

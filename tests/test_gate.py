@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from index.gate import DEFECTS, GATE_OUTPUTS, INADEQUATE, NOT_FUNDUS, REASONS, GateSpec, assess
@@ -47,6 +48,27 @@ def test_assess_names_what_is_wrong() -> None:
     assert set(answers[0].probabilities) == set(GATE_OUTPUTS)
     with pytest.raises(ValueError, match="shape"):
         assess(np.zeros((2, 3)), SPEC)
+
+
+def test_the_layout_rule_keeps_fundus_photographs_and_refuses_the_samples() -> None:
+    from PIL import ImageDraw
+
+    from index.gate import fundus_layout
+
+    assert fundus_layout(skimage_fundus())
+    assert not any(fundus_layout(image) for image in skimage_samples(SKIMAGE_TRAIN + SKIMAGE_HELD_OUT).values())
+    disc = Image.new("RGB", (300, 200))
+    ImageDraw.Draw(disc).ellipse((60, 10, 240, 190), fill=(180, 90, 40))
+    assert fundus_layout(disc)  # an orange-red field with dark corners: what the rule calls a fundus camera's
+    grey = Image.new("RGB", (300, 200))
+    ImageDraw.Draw(grey).ellipse((60, 10, 240, 190), fill=(120, 120, 120))
+    assert not fundus_layout(grey)
+    answers = assess(np.array([_row(0.1, 0.9), _row(0.1, 0.9)]), SPEC, layouts=[True, False])
+    assert answers[0].fundus and answers[0].ok and answers[0].probability == pytest.approx(0.9)
+    assert answers[0].probabilities["fundus_layout"] == 1.0
+    assert not answers[1].fundus and answers[1].reasons == [NOT_FUNDUS]
+    off = assess(np.array([_row(0.1, 0.9)]), SPEC.model_copy(update={"layout_rule": False}), layouts=[True])
+    assert not off[0].fundus
 
 
 def test_gate_file_must_be_a_plain_name() -> None:
