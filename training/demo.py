@@ -119,13 +119,18 @@ def _trained_with_current_tiny(run: Path) -> bool:
     return all(saved.get(key) == current[key] for key in compared)
 
 
-def _exported_weights(bundle: Path) -> tuple[str | None, str] | None:
-    """(weights sha256, bundle fingerprint) of a bundle that verifies, else None."""
+def _exported_weights(bundle: Path) -> tuple[str | None, str, bool, bool] | None:
+    """(weights sha256, bundle fingerprint, has a gate, is calibrated) of a bundle that verifies, else None."""
     try:
         manifest = read_manifest(bundle)
     except BundleError:
         return None
-    return manifest.weights_sha256, manifest.fingerprint
+    return manifest.weights_sha256, manifest.fingerprint, manifest.gate is not None, manifest.calibration is not None
+
+
+def _run_extras(run: Path) -> tuple[bool, bool]:
+    """Whether a run has a gradability gate and a calibration, which its export carries."""
+    return (run / "gate").is_dir(), (run / "calibration.json").is_file()
 
 
 def _model_run(paths_root: Path, options: DemoOptions) -> Path:
@@ -191,7 +196,7 @@ def prepare(options: DemoOptions, console: Console | None = None) -> DemoPaths:
     weights = sha256_of(paths.run / "checkpoint" / "model.safetensors")
     exported = _exported_weights(paths.bundle)
     source = "the run trained here" if options.train else options.model
-    if exported is not None and exported[0] == weights:
+    if exported is not None and exported[0] == weights and exported[2:] == _run_extras(paths.run):
         reuse_stage(console, "bundle", f"{paths.bundle} holds {source} (fingerprint {exported[1]})")
     else:
         run_stage(console, f"{total - 1}/{total} ONNX export of {source} with parity check", [
