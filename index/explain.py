@@ -9,8 +9,8 @@ Target: P(ICDR >= g) with g = max(1, the predicted ICDR grade). For a photograph
 probability the grade rests on (hiding what made it "at least g" lowers it), and a drop below the
 threshold between g-1 and g is exactly what would lower the grade. For a photograph graded 0 it is
 P(any DR): the map then shows what (little) pushes it towards DR, not what makes it healthy, since
-"no lesion anywhere" has no location. The probabilities are the grader's softmax as exported (before any
-calibration a service may apply on top; a monotone calibration would not move the peak).
+"no lesion anywhere" has no location. The probabilities are those `/grade` reports (`Embedder.grade_pixels`
+goes through the same grader, temperature-scaled when the bundle has a calibration).
 
 Heatmap: the model input is cut into cells of `stride` pixels; each cell gets the mean probability drop of
 the windows that cover it (with the default stride of half a window, four windows), so the map is finer

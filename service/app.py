@@ -359,7 +359,7 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
             pending_explanations[0] -= 1
         _refuse_non_fundus(gradability, gate or settings.gate)
         return _json(_explain_response(explanation, gradability, embedder.manifest.icdr_names,
-                                       embedder.manifest.sdrg_names, started))
+                                       embedder.manifest.sdrg_names, embedder.calibrated, started))
 
     image_content = {"image/jpeg": {}, "image/png": {}, "image/tiff": {}}
 
@@ -601,7 +601,7 @@ def _rounded(value: float | None) -> float | None:
 
 def _explain_response(
     explanation: Explanation, gradability: Gradability | None, icdr_names: Sequence[str],
-    sdrg_names: Sequence[str], started: float,
+    sdrg_names: Sequence[str], calibrated: bool, started: float,
 ) -> ExplainResponse:
     e = explanation
     xs, ys = e.cell_centres()
@@ -621,6 +621,7 @@ def _explain_response(
         referable=e.icdr_grade >= REFERABLE_ICDR,
         referable_probability=round(referable, 6),
         gradable=_gradable(gradability),
+        calibrated=calibrated,
         target=ExplainTarget(grade=e.target_grade, name=f"P(ICDR >= {e.target_grade})",
                              probability=round(e.target_probability, 6), max_drop=round(e.max_drop, 6)),
         heatmap=Heatmap(

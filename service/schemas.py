@@ -222,6 +222,8 @@ class ExplainResponse(BaseModel):
     gradable: Gradable | None = Field(
         default=None, description="The photograph's gradability (None: a bundle without a gate)."
     )
+    calibrated: bool = Field(default=False, description="The probabilities are temperature-scaled on a validation "
+                             "split (the bundle's calibration); false: the model's raw softmax.")
     target: ExplainTarget
     heatmap: Heatmap
     occlusions: int = Field(description="Occluded copies of the photograph graded.")

@@ -46,10 +46,11 @@ def test_explain_answers_grades_and_a_heatmap(served: Served, photo: tuple[int, 
     assert heatmap["peak"]["x"] == heatmap["x"][heatmap["peak"]["col"]]
     assert heatmap["peak"]["y"] == heatmap["y"][heatmap["peak"]["row"]]
     assert body["target"]["grade"] == max(1, body["icdr"]["grade"])
+    assert body["gradable"] is None  # the tiny bundle has no gate
     assert body["occlusions"] > 0 and body["explain_ms"] > 0 and body["took_ms"] >= body["explain_ms"]
     # The same grades as /grade (and as the embedder) give for the photograph.
     graded = httpx.post(served.url + "/grade", files={"file": ("p.jpg", data, "image/jpeg")}, timeout=60).json()
-    assert body["icdr"]["grade"] == graded["icdr"]["grade"]
+    assert body["icdr"]["grade"] == graded["icdr"]["grade"] and body["calibrated"] == graded["calibrated"]
     expected = Embedder(paths[0], device="cpu", threads=1).grade(decode_image(data)).icdr_probabilities
     got = [p["probability"] for p in body["icdr"]["probabilities"]]
     np.testing.assert_allclose(got, expected, atol=1e-4)
@@ -96,3 +97,20 @@ def test_a_png_with_a_black_border_maps_back(served: Served, photo: tuple[int, b
     box, alone_box = wide.json()["heatmap"]["square_box"], alone["square_box"]
     assert box[0] == pytest.approx(alone_box[0] + 90, abs=2) and box[1] == pytest.approx(alone_box[1] + 20, abs=2)
     np.testing.assert_allclose(wide.json()["heatmap"]["values"], alone["values"], atol=0.05)
+
+
+def test_explain_follows_the_gate(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from bundle_factory import gated_bundle
+
+    built = gated_bundle(tmp_path_factory)
+    with serve(ServiceSettings(bundle=built.bundle, index=built.index, device="cpu", threads=1)) as server:
+        form = {"window": "56", "stride": "56"}
+        refused = _post(server.url, built.other, **form)
+        assert refused.status_code == 422 and "not a fundus photograph" in refused.json()["detail"]
+        reported = _post(server.url, built.other, gate="report", **form)
+        assert reported.status_code == 200, reported.text
+        assert reported.json()["gradable"]["fundus"] is False
+        assert any("not a fundus photograph" in note for note in reported.json()["notes"])
+        accepted = _post(server.url, built.fundus_like, **form)
+        assert accepted.status_code == 200 and accepted.json()["gradable"]["fundus"] is True
+        assert accepted.json()["heatmap"]["rows"] == 2
