@@ -350,6 +350,27 @@ class Embedder:
                   for start in range(0, len(pixels), batch_size)]
         return np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
 
+    def grade_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """Already preprocessed pixels (N, 3, S, S) (`index.preprocess.to_model_input`) -> (ICDR (N, 5), SDRG
+        (N, 5)) probabilities from the photograph alone, in batches of `batch_size` (image tower, then the
+        grader on its tokens). What `index.explain` grades occluded copies of a photograph with."""
+        _check_batch_size(batch_size)
+        pixels = self._check_pixels(pixels)
+        icdr_parts, sdrg_parts = [], []
+        for start in range(0, len(pixels), batch_size):
+            tower = self._run_image(pixels[start : start + batch_size])
+            n = len(tower.vectors)
+            icdr, sdrg, _ = self._run_grader(
+                n, image_tokens=tower.tokens, image=np.ones(n, bool), text=np.zeros(n, bool),
+                tabular_present=np.zeros(n, bool),
+            )
+            icdr_parts.append(icdr)
+            sdrg_parts.append(sdrg)
+        if not icdr_parts:
+            empty = np.zeros((0, len(self.manifest.icdr_names)), np.float32)
+            return empty, np.zeros((0, len(self.manifest.sdrg_names)), np.float32)
+        return np.concatenate(icdr_parts), np.concatenate(sdrg_parts)
+
     def embed_texts(self, texts: Sequence[str], batch_size: int = 64) -> TextEmbedding:
         """Texts -> (N, D) float32 L2-normalised embeddings and a truncation flag per text.
 

@@ -8,7 +8,7 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -27,9 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index.consensus import Consensus
 from index.embedder import GradeInput, Grades, is_valid_unicode
+from index.explain import ExplainError, Explanation, check_window
 from index.gate import Gradability
 from index.metadata import MAX_RECORD_ID, Filters
 from index.preprocess import ImageDecodeError, decode_image
+from index.records import REFERABLE_ICDR
 from index.store import Hit
 from service.engine import Engine, GradeRequest, NotReady, SearchAnswer, SearchRequest
 from service.errors import CatchUnexpected
@@ -38,12 +40,16 @@ from service.schemas import (
     NOT_BLANK,
     Against,
     ErrorResponse,
+    ExplainResponse,
+    ExplainTarget,
     GateMode,
     Gradable,
     GradePrediction,
     GradeProbability,
     GradeResponse,
     Health,
+    Heatmap,
+    HeatmapPeak,
     Neighbour,
     NeighbourConsensus,
     Predicted,
@@ -76,6 +82,7 @@ ERROR_MEANINGS: dict[int, str] = {
     404: "No such archived photograph.",
     408: "The request body did not arrive in time.",
     413: "The request body is larger than the limit.",
+    429: "Too many heatmaps are being computed (`/explain`); retry in a moment.",
     415: "The upload is not a JPEG, PNG or TIFF image.",
     422: "The request is invalid: `detail` says why, `errors` (when given) where. Also a photograph that the "
          "gradability gate judges not a fundus photograph (unless `gate` is report).",
@@ -92,6 +99,11 @@ def _errors(*codes: int) -> dict[int | str, dict[str, object]]:
 ERRORS = _errors(400, 401, 408, 413, 415, 422, 500, 503)
 MAX_FORM_JSON_CHARS = 10_000
 """The longest `filters` / `structured` form field (JSON) accepted."""
+MAX_PENDING_EXPLANATIONS = 4
+"""Heatmaps computed or waiting at once; more get 429 (each holds the model thread for some 170 grader runs,
+and searches and grades queue behind it)."""
+WEAK_EVIDENCE = 0.01
+"""Below this largest drop of the target probability, a note says that no single region decides the grade."""
 
 
 def _plain_digits(value: object) -> object:
@@ -303,6 +315,51 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
             calibrated=grades.calibrated,
             text_truncated=grades.text_truncated, notes=notes, took_ms=_ms(started),
         )
+
+    pending_explanations = [0]
+
+    @app.post("/explain", response_model=ExplainResponse, responses={**ERRORS, **_errors(429)}, tags=["grading"])
+    async def explain(
+        file: Annotated[UploadFile, File(description="A fundus photograph: JPEG, PNG or TIFF.")],
+        window: Annotated[
+            int | None,
+            Form(ge=1, le=4096, description="Occlusion window in model-input pixels (default about 1/7 of the "
+                                            "side; 1/28 to 1/2 of it)."),
+            PlainDigits,
+        ] = None,
+        stride: Annotated[
+            int | None,
+            Form(ge=1, le=4096, description="Occlusion stride in model-input pixels (default half the window; "
+                                            "1/4 to 1 window)."),
+            PlainDigits,
+        ] = None,
+        gate: Annotated[GateMode | None, Form(description=GATE_FIELD)] = None,
+    ) -> Response:
+        """The photograph's grades and an occlusion heatmap of where the evidence for its ICDR grade lies:
+        each region is hidden in turn (replaced by a blurred copy) and the fall of P(ICDR >= g), g = max(1,
+        predicted grade), is mapped. Gradient-free, from the bundle's graphs; a few hundred times the cost
+        of /grade."""
+        started = time.perf_counter()
+        route = "/explain"
+        embedder, _ = engine.parts()
+        try:
+            check_window(embedder.image_spec.size, window, stride)
+        except ExplainError as error:
+            raise BadInput(422, str(error)) from None
+        with metrics.timed(route, "decode"):
+            image = await _decode_upload(file, engine, settings)
+        if pending_explanations[0] >= MAX_PENDING_EXPLANATIONS:
+            raise BadInput(429, f"{MAX_PENDING_EXPLANATIONS} heatmaps are being computed; retry in a moment")
+        pending_explanations[0] += 1
+        try:
+            with metrics.timed(route, "explain"):
+                explanation, gradability = await _model_call(asyncio.wrap_future(engine.explain(image, window,
+                                                                                                stride)))
+        finally:
+            pending_explanations[0] -= 1
+        _refuse_non_fundus(gradability, gate or settings.gate)
+        return _json(_explain_response(explanation, gradability, embedder.manifest.icdr_names,
+                                       embedder.manifest.sdrg_names, embedder.calibrated, started))
 
     image_content = {"image/jpeg": {}, "image/png": {}, "image/tiff": {}}
 
@@ -540,6 +597,47 @@ def _consensus_body(consensus: Consensus | None, names: tuple[str, ...]) -> Neig
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 6)
+
+
+def _explain_response(
+    explanation: Explanation, gradability: Gradability | None, icdr_names: Sequence[str],
+    sdrg_names: Sequence[str], calibrated: bool, started: float,
+) -> ExplainResponse:
+    e = explanation
+    xs, ys = e.cell_centres()
+    left, top, right, bottom = e.square_box
+    row, col = e.peak
+    referable = float(e.icdr_probabilities[REFERABLE_ICDR:].sum())
+    notes = _gate_notes(gradability)
+    if e.icdr_grade == 0:
+        notes.append("graded no DR: the map shows what pushes the photograph towards DR (P(ICDR >= 1)), not "
+                     "evidence for the grade")
+    if e.max_drop < WEAK_EVIDENCE:
+        notes.append(f"hiding any one region lowers P(ICDR >= {e.target_grade}) by less than {WEAK_EVIDENCE}: the "
+                     "evidence is spread over the photograph (or absent), so the peak is weak")
+    return ExplainResponse(
+        icdr=_prediction(e.icdr_probabilities, tuple(icdr_names)),
+        sdrg=_prediction(e.sdrg_probabilities, tuple(sdrg_names)),
+        referable=e.icdr_grade >= REFERABLE_ICDR,
+        referable_probability=round(referable, 6),
+        gradable=_gradable(gradability),
+        calibrated=calibrated,
+        target=ExplainTarget(grade=e.target_grade, name=f"P(ICDR >= {e.target_grade})",
+                             probability=round(e.target_probability, 6), max_drop=round(e.max_drop, 6)),
+        heatmap=Heatmap(
+            rows=int(e.heatmap.shape[0]), cols=int(e.heatmap.shape[1]),
+            values=np.round(e.heatmap.astype(np.float64), 4).tolist(),
+            x=[round(float(v), 2) for v in xs], y=[round(float(v), 2) for v in ys],
+            cell_size=round(e.stride * (right - left) / e.input_size, 3),
+            square_box=[left, top, right, bottom], field_of_view_box=list(e.field_of_view_box),
+            peak=HeatmapPeak(row=row, col=col, x=round(e.peak_xy[0], 2), y=round(e.peak_xy[1], 2)),
+            window=e.window, stride=e.stride, input_size=e.input_size,
+        ),
+        occlusions=e.occlusions,
+        explain_ms=round(e.seconds * 1000, 2),
+        notes=notes,
+        took_ms=_ms(started),
+    )
 
 
 def _observe_search(metrics: Metrics, route: str, answer: SearchAnswer) -> None:

@@ -21,7 +21,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -32,6 +32,8 @@ from PIL import Image
 
 from index.consensus import Consensus, neighbour_consensus
 from index.embedder import Embedder, GradeInput, Grades, SearchQuery
+from index.explain import Explanation, explain_photograph
+from index.gate import Gradability
 from index.metadata import Filters
 from index.store import INFO_FILE, Against, Hit, IndexStore, IndexStoreError, file_digests, open_index, read_info
 from service.batching import MicroBatcher
@@ -311,6 +313,22 @@ class Engine:
             [g.icdr_grade for g in grades],
         )
         return [GradeAnswer(g, c) for g, c in zip(grades, consensus, strict=True)]
+
+    def explain(
+        self, image: Image.Image, window: int | None = None, stride: int | None = None
+    ) -> Future[tuple[Explanation, Gradability | None]]:
+        """The occlusion heatmap of one photograph (`index.explain`) and the gate's answer on it, computed on
+        the model thread like every model call (never on the event loop). It is heavy (some 170 graded copies
+        at the defaults), so batches submitted after it wait for it."""
+        return self._model_pool.submit(self._run_explain, image, window, stride)
+
+    def _run_explain(
+        self, image: Image.Image, window: int | None, stride: int | None
+    ) -> tuple[Explanation, Gradability | None]:
+        embedder, _ = self.parts()
+        explanation = explain_photograph(embedder, image, window=window, stride=stride)
+        gradability = embedder.check_gradability([image])[0] if embedder.has_gate else None
+        return explanation, gradability
 
 
 def _searched(

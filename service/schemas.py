@@ -168,6 +168,70 @@ class GradeResponse(BaseModel):
     took_ms: float
 
 
+class HeatmapPeak(BaseModel):
+    """The heatmap's strongest cell: its row and column, and its centre in photograph pixels."""
+
+    row: int
+    col: int
+    x: float
+    y: float
+
+
+class Heatmap(BaseModel):
+    """An occlusion heatmap and how to lay it on the uploaded photograph (pixels: x right, y down)."""
+
+    rows: int
+    cols: int
+    values: list[list[float]] = Field(
+        description="rows x cols, each in [0, 1]: the fall of the target probability when the cell is hidden, "
+                    "over the largest fall (0: hiding it lowers nothing)."
+    )
+    x: list[float] = Field(description="Each column's centre, photograph pixels.")
+    y: list[float] = Field(description="Each row's centre, photograph pixels.")
+    cell_size: float = Field(description="A cell's side in photograph pixels (the last row and column may be cut "
+                                         "by the square's edge).")
+    square_box: list[float] = Field(
+        description="[left, top, right, bottom] of the square the model sees, in photograph pixels: the field-of-"
+                    "view crop padded to a square, so it may reach beyond the photograph. The grid tiles it from "
+                    "its top-left corner."
+    )
+    field_of_view_box: list[float] = Field(description="[left, top, right, bottom] of the field-of-view crop.")
+    peak: HeatmapPeak
+    window: int = Field(description="Occlusion window, model-input pixels.")
+    stride: int = Field(description="Occlusion stride (= a cell's side), model-input pixels.")
+    input_size: int = Field(description="Side of the model input, pixels.")
+
+
+class ExplainTarget(BaseModel):
+    """The probability the heatmap explains: P(ICDR >= grade), grade = max(1, the predicted ICDR grade)."""
+
+    grade: int
+    name: str = Field(description="e.g. 'P(ICDR >= 2)'.")
+    probability: float = Field(description="On the photograph as it is.")
+    max_drop: float = Field(description="The largest fall of that probability when one cell is hidden (the "
+                                        "heatmap's 1.0).")
+
+
+class ExplainResponse(BaseModel):
+    """`POST /explain`: the photograph's grades and where on it the evidence for the ICDR grade lies."""
+
+    icdr: GradePrediction
+    sdrg: GradePrediction
+    referable: bool
+    referable_probability: float
+    gradable: Gradable | None = Field(
+        default=None, description="The photograph's gradability (None: a bundle without a gate)."
+    )
+    calibrated: bool = Field(default=False, description="The probabilities are temperature-scaled on a validation "
+                             "split (the bundle's calibration); false: the model's raw softmax.")
+    target: ExplainTarget
+    heatmap: Heatmap
+    occlusions: int = Field(description="Occluded copies of the photograph graded.")
+    explain_ms: float = Field(description="Time spent computing the heatmap in the model thread.")
+    notes: list[str] = Field(default_factory=list, description="What a person should know about this answer.")
+    took_ms: float
+
+
 class Health(BaseModel):
     """`GET /healthz`."""
 

@@ -54,7 +54,7 @@ def _fuzz(operation: schemathesis.APIOperation, mode: schemathesis.GenerationMod
     run()
 
 
-MODEL_READS = ("/search/text", "/search/image", "/grade")
+MODEL_READS = ("/search/text", "/search/image", "/grade", "/explain")
 
 
 # The plugin's `schema.parametrize()` does not run under pytest 9; hypothesis drives each operation here.

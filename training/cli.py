@@ -397,6 +397,37 @@ def _recorded_data(run_dir: Path, run: str, archive: Path | None, splits: Path |
     return chosen[0], chosen[1]
 
 
+@app.command("explain-eval")
+def explain_eval(
+    bundle: Annotated[Path, typer.Option(help="An exported bundle (`retina-train export`).")],
+    archive: Annotated[Path, typer.Option(help="A synthetic archive with lesion positions (`synth`).")],
+    n: Annotated[int | None, typer.Option(min=1, help="At most this many DR photographs, in order.")] = 200,
+    window: Annotated[int | None, typer.Option(help="Occlusion window, model-input pixels (~1/7 side).")] = None,
+    stride: Annotated[int | None, typer.Option(help="Occlusion stride, model-input pixels (window/2).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="ONNX Runtime threads (default: all allowed).")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the report (every photograph) here.")] = None,
+    overlays: Annotated[Path | None, typer.Option(help="Write overlays of the first photographs here (PNG).")] = None,
+) -> None:
+    """The occlusion heatmap's pointing game on a synthetic archive's DR photographs (peak within a drawn
+    lesion's radius + 15 px at 512 px), against a random point of the field and the field's centre, and the
+    latency per photograph."""
+    from index.bundle import BundleError
+    from index.explain import ExplainError
+    from training.explain_eval import ExplainEvalError, evaluate_pointing, format_summary, write_report
+
+    with _progress() as progress:
+        task = progress.add_task("explaining", total=n, rate="")
+        try:
+            report = evaluate_pointing(bundle, archive, n=n, window=window, stride=stride, threads=threads,
+                                       overlays=overlays,
+                                       on_photograph=lambda score: progress.advance(task))
+        except (ExplainEvalError, ExplainError, BundleError, ArchiveError, FileNotFoundError) as error:
+            raise _fail(str(error)) from None
+    if json_path is not None:
+        write_report(report, json_path)
+    print(format_summary(report.summary()))
+
+
 @app.command()
 def calibrate(
     run: Annotated[str, typer.Option(help="A run folder from `retina-train fit`, or a shipped model (zoo:NAME).")],

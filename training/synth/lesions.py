@@ -115,12 +115,28 @@ def grades_compatible(icdr: int | None, sdrg: int | None) -> bool:
     return (icdr, sdrg) in COMPATIBLE_GRADES
 
 
+class DrawnLesion(BaseModel):
+    """Where one DR lesion was drawn, in pixels of the written photograph: its centre (x to the right, y
+    down, from the top-left corner) and `r`, the radius of a circle about the centre that holds the drawn
+    shape (for an elongated lesion, its half-length; for venous beading, half the beaded run)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: str
+    x: float
+    y: float
+    r: float
+
+
 class LesionInventory(BaseModel):
     """What a rendered photograph shows: lesion counts by hemi-field and by quadrant.
 
     Only kinds that were drawn appear, each with every hemi-field and quadrant key. DR lesions use the
     names in `DR_LESIONS`; other findings their own names (a diffuse finding, such as tessellation, is
     counted once in each quadrant it covers).
+
+    `lesions`: every DR lesion as drawn, in pixels of the photograph (`DrawnLesion`); None in a plan's
+    inventory (nothing drawn yet) and in archives written before positions were recorded.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -128,6 +144,7 @@ class LesionInventory(BaseModel):
     counts: dict[str, dict[str, int]]
     quadrant_counts: dict[str, dict[str, int]]
     grade_conflict: bool = False
+    lesions: list[DrawnLesion] | None = None
 
     def total(self, lesion: str) -> int:
         """How many lesions of this kind were drawn (0 when none)."""
@@ -147,9 +164,13 @@ class LesionInventory(BaseModel):
 
     @classmethod
     def from_points(
-        cls, points: Iterable[tuple[str, float, float]], grade_conflict: bool = False
+        cls,
+        points: Iterable[tuple[str, float, float]],
+        grade_conflict: bool = False,
+        lesions: Iterable[DrawnLesion] | None = None,
     ) -> LesionInventory:
-        """Count (kind, x, y) retina-frame points into an inventory."""
+        """Count (kind, x, y) retina-frame points into an inventory (with the drawn DR lesions in pixels,
+        when given)."""
         counts: dict[str, dict[str, int]] = {}
         quadrants: dict[str, dict[str, int]] = {}
         for kind, x, y in points:
@@ -158,7 +179,8 @@ class LesionInventory(BaseModel):
                 quadrants[kind] = dict.fromkeys(QUADRANTS, 0)
             counts[kind][hemifield_of(y)] += 1
             quadrants[kind][quadrant_of(x, y)] += 1
-        return cls(counts=counts, quadrant_counts=quadrants, grade_conflict=grade_conflict)
+        drawn = None if lesions is None else list(lesions)
+        return cls(counts=counts, quadrant_counts=quadrants, grade_conflict=grade_conflict, lesions=drawn)
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from training.synth.anatomy import (
 )
 from training.synth.lesions import (
     INTRARETINAL_HAEMORRHAGES,
+    DrawnLesion,
     LesionInventory,
     LesionPlan,
     PlannedLesion,
@@ -214,6 +215,7 @@ def render_fundus(
     found = painter.paint(plan)
     findings = _FindingPainter(anatomy, layers, vein_mask, artery_mask, pathology_rng)
     found += findings.paint(record, plan)
+    drawn = painter.drawn_in_pixels()
 
     radius = anatomy.radius
     layers.composite(image, _DEEP_STYLES, radius)
@@ -228,7 +230,7 @@ def render_fundus(
     image = _degrade(image, anatomy, quality, quality_rng)
     image = ImageChops.add(image, _noise_crop(size, quality_rng), scale=1.0, offset=-128)
     image = Image.composite(image, Image.new("RGB", (size, size), 0), _field_mask(anatomy))
-    return image, LesionInventory.from_points(found, grade_conflict=plan.grade_conflict)
+    return image, LesionInventory.from_points(found, grade_conflict=plan.grade_conflict, lesions=drawn)
 
 
 def benchmark_render(n: int, size: int) -> float:
@@ -275,6 +277,23 @@ def _benchmark_records() -> list[FundusRecord]:
 # -- placement ----------------------------------------------------------------------------------
 
 _SMALL_LESIONS = frozenset({"microaneurysm", "dot_haemorrhage", "hard_exudate"})
+
+_EXTENT: dict[str, float] = {
+    "microaneurysm": 1.0,  # a disc of radius `size`
+    "dot_haemorrhage": 1.2,  # _blob with roughness 0.15: radius up to (1 + 1.05 x 0.15) x size
+    "blot_haemorrhage": 1.5,  # roughness 0.45: up to 1.47 x size
+    "flame_haemorrhage": 1.0,  # half-length `size` along its axis
+    "hard_exudate": 1.25,  # roughness 0.2 (and at least 1.2 px)
+    "cotton_wool_spot": 1.45,  # three 0.8 x size ellipses (+-20%) whose centres scatter by 0.25 x size
+    "irma": 1.3,  # a few short tortuous vessels from within 0.5 x size of the centre
+    "preretinal_haemorrhage": 1.25,  # a boat 2.5 x size wide, size high
+    "laser_scar": 1.45,  # roughness 0.4
+    "venous_beading": 1.0,  # a run of about 2 x size along a vein, centred on the point
+    "new_vessels_elsewhere": 1.3,  # a frond: loops scattered by 0.4 x size, branches of 1 x size
+    "new_vessels_disc": 1.3,  # a frond about the disc (reach at least 1.1 disc radii)
+}
+"""Radius of the circle that holds each DR lesion's drawn shape, in units of its planned `size` (see the
+painters below); the inventory records it in pixels (`DrawnLesion.r`)."""
 _FIELD_MARGIN = 0.04
 
 
@@ -335,6 +354,8 @@ class _LesionPainter:
         self.vessels = vessels
         self.rng = rng
         self.veins = _VeinIndex(anatomy)
+        self.drawn: list[tuple[str, float, float, float]] = []
+        """(kind, x, y, reach): every drawn lesion in the retina frame, reach in field radii."""
 
     def paint(self, plan: LesionPlan) -> list[tuple[str, float, float]]:
         """Draw every planned lesion; return its final retina-frame position by kind."""
@@ -354,12 +375,27 @@ class _LesionPainter:
                     x, y = self.off_vessels(x, y, les.size)
                 self.draw(les, x, y)
             found.append((les.kind, float(x), float(y)))
+            self.drawn.append((les.kind, float(x), float(y), les.size * _EXTENT[les.kind]))
         for les in plan.lesions:
             if les.kind == "new_vessels_disc":
                 x, y = anatomy.disc
                 self.new_vessels_disc(les)
                 found.append((les.kind, x, y))
+                reach = max(les.size, anatomy.disc_radius * 1.1)
+                self.drawn.append((les.kind, float(x), float(y), reach * _EXTENT[les.kind]))
         return found
+
+    def drawn_in_pixels(self) -> list[DrawnLesion]:
+        """The lesions drawn so far, in pixels of the photograph (centre and holding radius)."""
+        anatomy = self.anatomy
+        out = []
+        for kind, x, y, reach in self.drawn:
+            px, py = (float(v) for v in anatomy.to_pixels(np.array([x, y])))
+            r = reach * anatomy.radius
+            if kind == "hard_exudate":
+                r = max(r, 1.2 * _EXTENT[kind])
+            out.append(DrawnLesion(kind=kind, x=round(px, 2), y=round(py, 2), r=round(r, 2)))
+        return out
 
     def off_vessels(self, x: float, y: float, size: float) -> tuple[float, float]:
         """Nudge a small lesion off the large vessels (it would be hidden), keeping its quadrant."""
