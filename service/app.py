@@ -323,7 +323,7 @@ def _add_routes(app: FastAPI, engine: Engine, metrics: Metrics, settings: Servic
         file: Annotated[UploadFile, File(description="A fundus photograph: JPEG, PNG or TIFF.")],
         window: Annotated[
             int | None,
-            Form(ge=1, le=4096, description="Occlusion window in model-input pixels (default about 1/7 of the "
+            Form(ge=1, le=4096, description="Occlusion window in model-input pixels (default 3/28 of the "
                                             "side; 1/28 to 1/2 of it)."),
             PlainDigits,
         ] = None,

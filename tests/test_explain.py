@@ -105,7 +105,7 @@ def test_no_evidence_gives_an_empty_map() -> None:
 
 
 def test_window_bounds() -> None:
-    assert check_window(224, None, None) == (32, 16)
+    assert check_window(224, None, None) == (24, 12)
     assert check_window(224, 56, 14) == (56, 14)
     for window, stride in ((4, None), (200, None), (32, 4), (32, 40), (8, 2)):
         with pytest.raises(ExplainError):
