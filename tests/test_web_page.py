@@ -213,8 +213,9 @@ def test_the_page_behind_an_api_key(paths: tuple[Path, Path, Path], browser: obj
 def test_the_page_shows_gradability_and_the_neighbours_consensus(
     browser: object, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """A bundle with a gradability gate: the badge and the consensus line for a photograph; a photograph the
-    gate calls not a fundus photograph gets the server's 422 message and, on request, the flagged answer."""
+    """A bundle with a gradability gate: the badge, the calibration line, the consensus line and the evidence
+    heatmap for a photograph; a photograph the gate calls not a fundus photograph gets the server's 422
+    message and, on request, the flagged answer."""
     from bundle_factory import gated_bundle
 
     built = gated_bundle(tmp_path_factory)
@@ -240,9 +241,20 @@ def test_the_page_shows_gradability_and_the_neighbours_consensus(
         calibrated = page.locator("#calibrated")  # this tiny run was exported without a calibration
         assert calibrated.is_visible() and calibrated.get_attribute("data-calibrated") == "false"
         assert "Uncalibrated" in calibrated.text_content()
+        # The evidence: the heatmap from /explain painted over the preview, and hidden again.
+        page.click("#explain-toggle")
+        page.wait_for_selector("#heatmap", state="visible", timeout=120_000)
+        assert int(page.get_attribute("#heatmap", "data-cells")) > 0
+        assert page.get_attribute("#explain-toggle", "aria-pressed") == "true"
+        assert "P(ICDR >=" in page.text_content("#explain-status")
+        size = page.eval_on_selector("#heatmap", "c => [c.width, c.height]")
+        shown = page.eval_on_selector("#photo-preview", "i => [i.clientWidth, i.clientHeight]")
+        assert size == shown and size[0] > 0
         if os.environ.get("RETINA_PAGE_SCREENSHOT"):
             page.screenshot(path=str(Path(os.environ["RETINA_PAGE_SCREENSHOT"]).with_suffix(".trust.png")),
                             full_page=True)
+        page.click("#explain-toggle")
+        assert page.locator("#heatmap").is_hidden()
 
         page.set_input_files("#photo-input", files=[{"name": "cat.jpg", "mimeType": "image/jpeg",
                                                      "buffer": built.other}])

@@ -18,6 +18,10 @@
   const photoPreview = $("#photo-preview");
   const photoName = $("#photo-name");
   const photoSearch = $("#photo-search");
+  const explainToggle = $("#explain-toggle");
+  const explainStatus = $("#explain-status");
+  const heatmapCanvas = $("#heatmap");
+  let explanation = null; // the /explain answer for the current photograph
   const results = $("#results");
   const errorBanner = $("#error");
   const errorMessage = $("#error-message");
@@ -462,6 +466,7 @@
       list.append(el("li", { class: "no-match", text: "No archived case matches these filters. Clear or widen the filters." }));
     }
     $("#neighbours-section").hidden = false;
+    explainToggle.hidden = !(search.kind === "image" && !photoPreview.hidden);
     results.dataset.state = "done";
     results.dataset.kind = search.kind;
     results.dataset.count = String(n);
@@ -478,9 +483,95 @@
     photoPreview.src = photoUrl;
     photoName.textContent = file.name || "photograph";
     photoSearch.hidden = false;
+    resetEvidence();
     lastQuery = { kind: "image", file };
     runSearch(lastQuery, true);
   }
+
+  // --- the evidence on the photograph (POST /explain) -------------------------------------------------
+
+  function resetEvidence() {
+    explanation = null;
+    heatmapCanvas.hidden = true;
+    photoFigure.classList.remove("evidence");
+    explainToggle.hidden = true;
+    explainToggle.disabled = false;
+    explainToggle.setAttribute("aria-pressed", "false");
+    explainToggle.textContent = "Show the evidence on the photograph";
+    explainStatus.hidden = true;
+  }
+
+  /** Paint the heatmap's cells (red, stronger where hiding them lowers the target more) and its peak. */
+  function drawHeatmap(heatmap) {
+    const scale = photoPreview.clientWidth / photoPreview.naturalWidth;
+    heatmapCanvas.width = photoPreview.clientWidth;
+    heatmapCanvas.height = photoPreview.clientHeight;
+    const context = heatmapCanvas.getContext("2d");
+    context.clearRect(0, 0, heatmapCanvas.width, heatmapCanvas.height);
+    const side = heatmap.cell_size * scale;
+    let painted = 0;
+    heatmap.values.forEach((row, r) => row.forEach((value, c) => {
+      if (value <= 0.05) return;
+      context.fillStyle = `rgba(255, 40, 0, ${(0.7 * value).toFixed(3)})`;
+      context.fillRect(heatmap.x[c] * scale - side / 2, heatmap.y[r] * scale - side / 2, side, side);
+      painted += 1;
+    }));
+    context.strokeStyle = "#00e5ff";
+    context.lineWidth = 2;
+    context.beginPath();
+    context.arc(heatmap.peak.x * scale, heatmap.peak.y * scale, Math.max(6, side), 0, 2 * Math.PI);
+    context.stroke();
+    heatmapCanvas.dataset.cells = String(painted);
+  }
+
+  async function toggleEvidence() {
+    if (!heatmapCanvas.hidden) {
+      heatmapCanvas.hidden = true;
+      photoFigure.classList.remove("evidence");
+      explainToggle.setAttribute("aria-pressed", "false");
+      explainToggle.textContent = "Show the evidence on the photograph";
+      explainStatus.hidden = true;
+      return;
+    }
+    const search = lastQuery;
+    if (!search || search.kind !== "image") return;
+    if (!explanation) {
+      explainToggle.disabled = true;
+      explainStatus.hidden = false;
+      explainStatus.textContent = "Computing the heatmap (a few seconds)…";
+      const body = new FormData();
+      body.append("file", search.file, search.file.name || "photograph");
+      if (search.gate) body.append("gate", search.gate);
+      try {
+        const response = await fetch("/explain", { method: "POST", body, headers: { Accept: "application/json" } });
+        if (lastQuery !== search) return; // another photograph since
+        if (!response.ok) {
+          showError(await failureMessage(response));
+          explainStatus.hidden = true;
+          return;
+        }
+        explanation = await response.json();
+      } catch (error) {
+        showError("could not reach the service (network error). Check the connection and try again.");
+        explainStatus.hidden = true;
+        return;
+      } finally {
+        explainToggle.disabled = false;
+      }
+    }
+    photoFigure.classList.add("evidence");
+    drawHeatmap(explanation.heatmap);
+    heatmapCanvas.hidden = false;
+    explainToggle.setAttribute("aria-pressed", "true");
+    explainToggle.textContent = "Hide the evidence";
+    explainStatus.hidden = false;
+    explainStatus.textContent = `Red: where hiding part of the photograph lowers ${explanation.target.name} ` +
+      `(${percent(explanation.target.probability)}) the most; circle: the strongest. ` +
+      `${Math.round(explanation.explain_ms)} ms, ${explanation.occlusions} occluded copies.`;
+  }
+
+  explainToggle.addEventListener("click", toggleEvidence);
+  window.addEventListener("resize", () => { if (explanation && !heatmapCanvas.hidden) drawHeatmap(explanation.heatmap); });
 
   // A TIFF or a non-image cannot be previewed: keep the file name only.
   photoPreview.addEventListener("error", () => { photoPreview.hidden = true; });
