@@ -85,6 +85,9 @@ class Gradability:
     """P(fundus photograph) x P(adequate quality); P(fundus photograph) is 1 where the layout rule holds."""
     fundus: bool
     """False: not a fundus photograph at all (no grade should be given)."""
+    recognised: bool = True
+    """The network itself took it for a fundus photograph (False where only the layout rule did: a kind of
+    photograph the gate was not trained on, whose quality judgement may not apply)."""
     reasons: list[str] = field(default_factory=list)
     """Why it is not gradable, in words (empty when ok)."""
     probabilities: dict[str, float] = field(default_factory=dict)
@@ -132,6 +135,7 @@ def assess(
     for index, row in enumerate(probabilities):
         by_name = {name: round(float(row[i]), 4) for name, i in column.items()}
         p_fundus, p_adequate = float(row[column["fundus"]]), float(row[column["adequate"]])
+        recognised = p_fundus >= spec.fundus_threshold
         if spec.layout_rule and layouts is not None:
             by_name["fundus_layout"] = float(layouts[index])
             if layouts[index]:
@@ -145,7 +149,7 @@ def assess(
             reasons = [REASONS[d] for d in DEFECTS if d in column and row[column[d]] >= spec.defect_threshold]
             reasons = reasons or [INADEQUATE]
         answers.append(Gradability(ok=ok, probability=round(p_fundus * p_adequate, 4), fundus=fundus,
-                                   reasons=reasons, probabilities=by_name))
+                                   reasons=reasons, probabilities=by_name, recognised=recognised))
     return answers
 
 

@@ -521,7 +521,7 @@ def _gradable(answer: Gradability | None) -> Gradable | None:
     if answer is None:
         return None
     return Gradable(ok=answer.ok, probability=answer.probability, fundus=answer.fundus, reasons=answer.reasons,
-                    probabilities=answer.probabilities)
+                    probabilities=answer.probabilities, recognised=answer.recognised)
 
 
 def _refuse_non_fundus(answer: Gradability | None, mode: str) -> None:
@@ -540,7 +540,11 @@ def _gate_notes(answer: Gradability | None) -> list[str]:
         return []
     if not answer.fundus:
         return ["the gradability gate judges this not a fundus photograph: the grades and neighbours mean nothing"]
-    return [f"the photograph may not be gradable ({'; '.join(answer.reasons)}): treat the grades with caution"]
+    note = f"the photograph may not be gradable ({'; '.join(answer.reasons)}): treat the grades with caution"
+    if not answer.recognised:
+        note += ("; the gradability gate does not recognise this kind of photograph (it was trained on rendered "
+                 "ones), so its quality judgement may not apply: look at the photograph yourself")
+    return [note]
 
 
 def _truncation_note(engine: Engine) -> str:

@@ -92,6 +92,10 @@ class Gradable(BaseModel):
     ok: bool = Field(description="A fundus photograph of adequate quality: gradable.")
     probability: float = Field(description="P(fundus photograph) x P(adequate quality).")
     fundus: bool = Field(description="False: not a fundus photograph at all.")
+    recognised: bool = Field(
+        default=True, description="The gate's network itself took it for a fundus photograph; false where only the "
+        "layout rule did (a kind of photograph it was not trained on: its quality judgement may not apply)."
+    )
     reasons: list[str] = Field(description="Why it is not gradable, e.g. 'out of focus' (empty when ok).")
     probabilities: dict[str, float] = Field(
         description="Each gate output: fundus, adequate, and each defect (focus, illumination, image_field, artifacts)."

@@ -65,7 +65,7 @@ def test_the_layout_rule_keeps_fundus_photographs_and_refuses_the_samples() -> N
     assert not fundus_layout(grey)
     answers = assess(np.array([_row(0.1, 0.9), _row(0.1, 0.9)]), SPEC, layouts=[True, False])
     assert answers[0].fundus and answers[0].ok and answers[0].probability == pytest.approx(0.9)
-    assert answers[0].probabilities["fundus_layout"] == 1.0
+    assert answers[0].probabilities["fundus_layout"] == 1.0 and not answers[0].recognised
     assert not answers[1].fundus and answers[1].reasons == [NOT_FUNDUS]
     off = assess(np.array([_row(0.1, 0.9)]), SPEC.model_copy(update={"layout_rule": False}), layouts=[True])
     assert not off[0].fundus
@@ -189,3 +189,36 @@ def test_service_refuses_or_reports_what_the_gate_calls_not_fundus(tmp_path_fact
             assert accepted.status_code == 200 and accepted.json()["gradable"]["fundus"] is True
         text_only = httpx.post(served.url + "/grade", data={"text": "moderate NPDR"}, timeout=60)
         assert text_only.status_code == 200 and text_only.json()["gradable"] is None
+
+
+def _shipped_gate_answers(images: list[Image.Image]) -> list:
+    """The shipped model's gate (zoo:tiny-synth/gate) on photographs, through PyTorch and the layout rule."""
+    from index.gate import fundus_layout
+    from training.data import normalise
+    from training.gate.train import load_gate
+    from training.zoo import resolve_run
+
+    model, spec = load_gate(resolve_run("zoo:tiny-synth") / "gate")
+    pixels = torch.from_numpy(np.stack([model_pixels(image, spec.image) for image in images]))
+    with torch.inference_mode():
+        probabilities = torch.sigmoid(model(normalise(pixels, spec.image.mean, spec.image.std))).numpy()
+    return assess(probabilities, spec, [fundus_layout(image) for image in images])
+
+
+def test_the_shipped_gate_refuses_every_bundled_sample_and_keeps_the_fundus_photograph() -> None:
+    samples = skimage_samples(SKIMAGE_TRAIN + SKIMAGE_HELD_OUT)
+    answers = _shipped_gate_answers([*samples.values(), skimage_fundus()])
+    refused = {name for name, answer in zip(samples, answers, strict=False) if not answer.fundus}
+    assert refused == set(samples)
+    assert answers[-1].fundus
+
+
+@pytest.mark.shared_data
+def test_the_shipped_gate_refuses_few_real_photographs(shared_data_dir: Path) -> None:
+    from index.preprocess import decode_image
+
+    photos = sorted((shared_data_dir / "eyepacs-sample" / "images").glob("*.jpg"))
+    assert len(photos) == 130
+    answers = _shipped_gate_answers([decode_image(path) for path in photos])
+    not_fundus = sum(not answer.fundus for answer in answers)
+    assert not_fundus <= 0.05 * len(photos), f"{not_fundus} real photographs refused as not fundus photographs"

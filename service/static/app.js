@@ -310,7 +310,8 @@
       badge.textContent = "Not a fundus photograph: the grades mean nothing";
     } else if (!gradable.ok) {
       badge.className = "badge ungradable";
-      badge.textContent = `Possibly ungradable: ${gradable.reasons.join("; ")} · P = ${p}`;
+      const unsure = gradable.recognised === false ? " (unfamiliar kind of photograph: check it yourself)" : "";
+      badge.textContent = `Possibly ungradable: ${gradable.reasons.join("; ")}${unsure} · P = ${p}`;
     } else {
       badge.className = "badge gradable";
       badge.textContent = `Gradable photograph · P = ${p}`;

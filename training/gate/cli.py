@@ -32,6 +32,8 @@ def fit(
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (one-cycle).")] = 3e-3,
     negative_share: Annotated[float, typer.Option(min=0.0, help="Fresh non-fundus images per epoch, as a share "
                                                   "of the training photographs.")] = 0.3,
+    realism: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of training images given colour casts, "
+                                           "softness and noise (0: none; see README 'Trust').")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed of the negatives, the order and the weights.")] = 0,
     threads: Annotated[int | None, typer.Option(min=1, help="Torch threads (default: all CPUs).")] = None,
 ) -> None:
@@ -45,7 +47,7 @@ def fit(
     except (ArchiveError, ValueError, OSError) as error:
         raise _fail(str(error)) from None
     options = GateOptions(epochs=epochs, batch_size=batch_size, lr=lr, negative_share=negative_share, seed=seed,
-                          threads=threads)
+                          threads=threads, realism=realism)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console) as progress:
         tasks: dict[str, int] = {}

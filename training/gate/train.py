@@ -80,6 +80,9 @@ class GateOptions:
     weight_decay: float = 1e-4
     negative_share: float = 0.3
     """Negatives per epoch, as a share of the training photographs."""
+    realism: float = 0.0
+    """Share of the training images given `realism`'s colour casts, softness and noise (0: none; the shipped
+    gate, see README "Trust")."""
     seed: int = 0
     threads: int | None = None
 
@@ -229,7 +232,9 @@ def fit_gate(
         for step in range(steps_per_epoch):
             rows = order[step * options.batch_size : (step + 1) * options.batch_size]
             images = torch.from_numpy(data.pixels[rows])
-            images = realism(jitter(images, draw_jitter(generator, len(rows), 0.1)), generator)
+            images = jitter(images, draw_jitter(generator, len(rows), 0.1))
+            if options.realism > 0:
+                images = realism(images, generator, options.realism)
             flip = torch.rand(len(rows), generator=generator) < 0.5
             images[flip] = images[flip].flip(2)  # left and right eyes look alike to the gate
             logits = model(normalise(images, spec.mean, spec.std))
