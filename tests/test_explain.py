@@ -81,12 +81,12 @@ def test_peak_falls_on_the_only_evidence_and_moves_with_it(spot: tuple[float, fl
     image = fundus_with_spot(spot)
     explanation = explain_photograph(model, image)  # type: ignore[arg-type]
     window, stride = check_window(112, None, None)
-    assert (explanation.window, explanation.stride) == (window, stride) == (16, 8)
-    assert explanation.heatmap.shape == (14, 14)
+    assert (explanation.window, explanation.stride) == (window, stride) == (12, 6)  # 3/28 of 112 px, half of it
+    assert explanation.heatmap.shape == (19, 19)
     assert explanation.heatmap.dtype == np.float32
     assert explanation.heatmap.min() >= 0.0 and explanation.heatmap.max() == pytest.approx(1.0)
     assert explanation.target_grade == 1 and explanation.target_probability > 0.9
-    assert 0 < explanation.occlusions <= len(window_origins(112, 16, 8)) ** 2
+    assert 0 < explanation.occlusions <= len(window_origins(112, 12, 6)) ** 2
     cell = stride * (explanation.square_box[2] - explanation.square_box[0]) / 112
     assert math.dist(explanation.peak_xy, spot) <= cell, (explanation.peak_xy, spot, cell)
     # Far from the spot the map is empty: hiding plain background lowers nothing.

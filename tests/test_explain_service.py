@@ -55,7 +55,7 @@ def test_explain_answers_grades_and_a_heatmap(served: Served, photo: tuple[int, 
     got = [p["probability"] for p in body["icdr"]["probabilities"]]
     np.testing.assert_allclose(got, expected, atol=1e-4)
     default = _post(served.url, data).json()["heatmap"]
-    assert (default["window"], default["stride"], default["rows"]) == (16, 8, 14)
+    assert (default["window"], default["stride"], default["rows"]) == (12, 6, 19)
 
 
 def test_explain_refuses_what_it_cannot_explain(served: Served, photo: tuple[int, bytes]) -> None:
