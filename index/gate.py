@@ -152,12 +152,3 @@ def assess(
                                    reasons=reasons, probabilities=by_name, recognised=recognised))
     return answers
 
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    """Element-wise logistic function, stable for large magnitudes."""
-    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(logits, dtype=np.float64)))
-
-
-def reasons_text(answers: Sequence[Gradability]) -> list[str]:
-    """One line per answer: "gradable" or the reasons joined (for logs and CLI output)."""
-    return ["gradable" if a.ok else "; ".join(a.reasons) for a in answers]
