@@ -52,7 +52,7 @@ def build(
     archive: Annotated[Path, typer.Option(help="The BRSET-layout archive to embed.")],
     out: Annotated[Path, typer.Option(help="The index folder to write (new or empty, or a partial build).")],
     batch_size: Annotated[int, typer.Option(min=1, help="Photographs per model batch.")] = 32,
-    kind: Annotated[str, typer.Option(help="auto, flat, ivf, hnsw or ivfpq (auto: by size and memory).")] = "auto",
+    kind: Annotated[str, typer.Option(help="auto, flat, ivf, hnsw, ivfsq or ivfpq (auto: by size, memory).")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build in OUT.")] = False,
     chunk_size: Annotated[int, typer.Option(min=1, help="Photographs per resumable chunk.")] = 512,
     cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even when a GPU is present.")] = False,
@@ -93,8 +93,8 @@ def build(
     image.faiss, record.faiss, metadata.sqlite and index.json (written last); with --store milvus the
     vectors go to two Milvus collections instead of the .faiss files, and index.json records where.
     With --engine ray an actor pool on a Ray cluster embeds the chunks (the same shards, the same index)."""
-    if kind not in ("auto", "flat", "ivf", "hnsw", "ivfpq"):
-        raise _fail(f"--kind must be auto, flat, ivf, hnsw or ivfpq, not {kind!r}")
+    if kind not in ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq"):
+        raise _fail(f"--kind must be auto, flat, ivf, hnsw, ivfsq or ivfpq, not {kind!r}")
     if store not in ("faiss", "milvus"):
         raise _fail(f"--store must be faiss or milvus, not {store!r}")
     if store == "milvus" and not milvus_uri:
@@ -110,8 +110,8 @@ def build(
         raise _fail(f"{', '.join(given)} only apply to --engine ray")
     if cpu and gpus_per_worker:
         raise _fail("--gpus-per-worker and --cpu contradict each other")
-    if ondisk and (store != "faiss" or kind not in ("auto", "ivf", "ivfpq")):
-        raise _fail("--ondisk builds FAISS IVF indexes: use it with --store faiss and --kind auto, ivf or ivfpq")
+    if ondisk and (store != "faiss" or kind not in ("auto", "ivf", "ivfsq", "ivfpq")):
+        raise _fail("--ondisk builds FAISS IVF indexes: use it with --store faiss and --kind auto, ivf, ivfsq or ivfpq")
     kind_choice: KindChoice = kind  # type: ignore[assignment]
     options = BuildOptions(bundle=bundle, archive=archive, out=out, batch_size=batch_size, kind=kind_choice,
                            resume=resume, chunk_size=chunk_size, device="cpu" if cpu else "auto",
@@ -219,7 +219,7 @@ def bench(
     models: Annotated[str, typer.Option(help="Model configs (random init), comma-separated.")] = "tiny,paper",
     sizes: Annotated[str, typer.Option(help="Index sizes to search, comma-separated (1e4,1e5,1e6).")] = "1e4,1e5,1e6",
     kinds: Annotated[
-        str, typer.Option(help="Index kinds to search: flat, auto (choose_kind's pick), ivf, hnsw, ivfpq.")
+        str, typer.Option(help="Index kinds to search: flat, auto (choose_kind's pick), ivf, hnsw, ivfsq, ivfpq.")
     ] = "flat,auto,ivf,hnsw",
     batch_size: Annotated[int, typer.Option(min=1, help="Images or texts per embedding batch.")] = 16,
     seconds: Annotated[float, typer.Option(min=0.0, help="Time budget per measurement.")] = 5.0,
@@ -259,8 +259,9 @@ def bench_scale(
     n: Annotated[str, typer.Option(help="Vectors to index (1e7).")] = "1e7",
     dim: Annotated[int, typer.Option(min=2, help="Width of the vectors.")] = 256,
     shard_size: Annotated[str, typer.Option(help="Vectors per shard.")] = "1e6",
-    kind: Annotated[str, typer.Option(help="ivf (IVF-Flat) or ivfpq.")] = "ivf",
+    kind: Annotated[str, typer.Option(help="ivf (IVF-Flat), ivfsq (IVF-SQ8) or ivfpq.")] = "ivf",
     pq_m: Annotated[int | None, typer.Option(min=1, help="ivfpq: bytes per vector (default: by memory).")] = None,
+    nlist: Annotated[int | None, typer.Option(min=1, help="IVF lists (default: by size, 65,536 at 10^7).")] = None,
     ondisk: Annotated[bool, typer.Option("--ondisk/--in-memory", help="Merge the lists into a mapped file.")] = True,
     queries: Annotated[int, typer.Option(min=1, help="Timed single-query searches.")] = 1000,
     tune_queries: Annotated[int, typer.Option(min=1, help="Queries used to choose nprobe (not timed).")] = 200,
@@ -277,8 +278,8 @@ def bench_scale(
     from index.bench.scale import run_scale_bench
     from index.cpus import cpu_model
 
-    if kind not in ("ivf", "ivfpq"):
-        raise _fail(f"--kind must be ivf or ivfpq, not {kind!r}")
+    if kind not in ("ivf", "ivfsq", "ivfpq"):
+        raise _fail(f"--kind must be ivf, ivfsq or ivfpq, not {kind!r}")
     try:
         count, size = int(float(n)), int(float(shard_size))
     except ValueError:
@@ -288,7 +289,7 @@ def bench_scale(
         console.print(f"{stage}: {done}/{total}")
 
     report = run_scale_bench(work, count, dim, size, kind, ondisk, queries, tune_queries,  # type: ignore[arg-type]
-                             target_recall, threads, seed, progress, pq_m)
+                             target_recall, threads, seed, progress, pq_m, nlist)
     report.cpu = cpu_model()
     text = json.dumps(report.as_dict(), indent=1)
     typer.echo(text)

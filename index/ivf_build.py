@@ -33,7 +33,7 @@ from faiss.contrib.ondisk import merge_ondisk
 from index.atomic import atomic_target
 from index.vector_index import VectorIndex, VectorIndexError, faiss_messages_to_stderr, ivf_nlist, train_size
 
-ShardedKind = Literal["ivf", "ivfpq"]
+ShardedKind = Literal["ivf", "ivfsq", "ivfpq"]
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.ids\.npy$")
 IVFDATA_SUFFIX = ".ivfdata"
 
@@ -146,10 +146,12 @@ def build_from_shards(
     ondisk: bool = False,
     seed: int = 0,
     pq_m: int | None = None,
+    nlist: int | None = None,
     progress: Progress = _no_progress,
 ) -> ShardedBuild:
     """Train on a sample of `shards`, add them shard by shard, and write the index to `out` (with
-    `ondisk`, its inverted lists to `out` + `.ivfdata` beside it). Returns what was built."""
+    `ondisk`, its inverted lists to `out` + `.ivfdata` beside it). `nlist` overrides `ivf_nlist`'s choice
+    (the sample is then `train_size` for that many lists). Returns what was built."""
     if not shards:
         raise VectorIndexError("no shards to build an index from")
     out = Path(out)
@@ -158,9 +160,9 @@ def build_from_shards(
     seconds: dict[str, float] = {}
 
     started = time.perf_counter()
-    sample = training_sample(shards, train_size(total, ivf_nlist(total)), seed)
+    sample = training_sample(shards, train_size(total, nlist or ivf_nlist(total)), seed)
     progress("training", 0, 1)
-    trained = VectorIndex.create(kind, dim, sample, n_hint=total, pq_m=pq_m, seed=seed, device="cpu")
+    trained = VectorIndex.create(kind, dim, sample, n_hint=total, pq_m=pq_m, nlist=nlist, seed=seed, device="cpu")
     progress("training", 1, 1)
     seconds["train"] = time.perf_counter() - started
 

@@ -49,6 +49,7 @@ from index.store import (
 from index.vector_index import (
     HNSW_EF_CONSTRUCTION,
     HNSW_M,
+    IVF_KINDS,
     IndexKind,
     SearchParams,
     exact_search,
@@ -348,7 +349,7 @@ class MilvusVectors:
         extra: dict[str, Any] = {}
         if self.kind == "hnsw":
             extra["ef"] = max(k, params.ef_search or 64)
-        elif self.kind in ("ivf", "ivfpq") and params.nprobe is not None:
+        elif self.kind in IVF_KINDS and params.nprobe is not None:
             extra["nprobe"] = params.nprobe
         return {"metric_type": "IP", "params": extra}
 
@@ -500,7 +501,7 @@ class MilvusIndexStore(IndexStore):
         filter expression)."""
         vectors = self.milvus(against)
         params = params or self.info.indexes[against].search
-        if vectors.kind in ("ivf", "ivfpq") and filters is not None and not filters.is_empty():
+        if vectors.kind in IVF_KINDS and filters is not None and not filters.is_empty():
             params = self._filtered_params(against, params, filters)
         scores, ids = vectors.search(queries, k, params, filters)
         return self._hits(scores, ids)

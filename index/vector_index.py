@@ -7,6 +7,9 @@ Kinds (all `METRIC_INNER_PRODUCT`):
   reconstructed and removed by id). Approximate: `nprobe` of the `nlist` lists are scanned.
 - `hnsw`: `IndexIDMap2(IndexHNSWFlat)`, M=32. Approximate: `efSearch` bounds the graph walk. FAISS cannot
   delete from an HNSW graph, so `remove` rebuilds the graph from the remaining vectors (a full build).
+- `ivfsq`: IVF with 8-bit scalar-quantised vectors (`SQ8`, 1 byte per dimension: a quarter of IVF-Flat's
+  bytes, scores within about 1% of exact). A query scans a quarter of the bytes IVF-Flat scans, which is
+  what bounds a large index's latency (`retina-index bench-scale`, README "Scaling").
 - `ivfpq`: IVF with product-quantised codes (`m` bytes per vector); for archives whose raw vectors do
   not fit in memory. Scores are approximate as well as the neighbour set.
 
@@ -61,8 +64,10 @@ import numpy as np
 
 from index.atomic import atomic_target
 
-IndexKind = Literal["flat", "ivf", "hnsw", "ivfpq"]
+IndexKind = Literal["flat", "ivf", "hnsw", "ivfsq", "ivfpq"]
 KINDS: tuple[str, ...] = get_args(IndexKind)
+IVF_KINDS: tuple[str, ...] = ("ivf", "ivfsq", "ivfpq")
+"""The kinds that are FAISS IVF indexes (trained, `nprobe`, mergeable on disk)."""
 
 FLAT_MAX_VECTORS = 20_000
 """Up to this many vectors (and if they fit in memory) search is exact (about 2 ms a query here)."""
@@ -132,7 +137,7 @@ class VectorIndexError(Exception):
 
 @dataclass(frozen=True)
 class SearchParams:
-    """Per-call search parameters. `nprobe` is for `ivf`/`ivfpq`, `ef_search` for `hnsw`; None = the
+    """Per-call search parameters. `nprobe` is for the IVF kinds, `ef_search` for `hnsw`; None = the
     index's construction default. They never change the index itself."""
 
     nprobe: int | None = None
@@ -205,11 +210,13 @@ def pq_code_size(n: int, dim: int, memory_budget_bytes: int | None = None) -> in
     return candidates[-1]
 
 
-def _factory_string(kind: IndexKind, dim: int, n_hint: int, pq_m: int | None) -> str:
-    nlist = ivf_nlist(n_hint)
+def _factory_string(kind: IndexKind, dim: int, n_hint: int, pq_m: int | None, nlist: int | None = None) -> str:
+    nlist = nlist or ivf_nlist(n_hint)
     quantizer = f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_FROM_NLIST else f"IVF{nlist}"
     if kind == "ivf":
         return f"{quantizer},Flat"
+    if kind == "ivfsq":
+        return f"{quantizer},SQ8"
     m = pq_m or pq_code_size(n_hint, dim)
     # 8-bit codes need 256 * 39 training points; fewer bits for tiny archives.
     nbits = int(max(1, min(8, math.floor(math.log2(max(2, n_hint // MIN_POINTS_PER_CENTROID))))))
@@ -278,12 +285,13 @@ class VectorIndex:
         *,
         n_hint: int | None = None,
         pq_m: int | None = None,
+        nlist: int | None = None,
         seed: int = 0,
         device: Literal["auto", "cpu"] = "auto",
     ) -> VectorIndex:
-        """A new, empty index. `ivf`/`ivfpq` are trained here on `train_vectors` (required; a random
+        """A new, empty index. the IVF kinds are trained here on `train_vectors` (required; a random
         sample of `train_size` of them is used); `n_hint` (default: the number of training vectors) is the
-        expected archive size that sets `nlist` and the PQ code size."""
+        expected archive size that sets `nlist` (unless given) and the PQ code size."""
         if kind not in KINDS:
             raise VectorIndexError(f"unknown index kind {kind!r}; expected one of {', '.join(KINDS)}")
         if kind == "flat":
@@ -297,7 +305,9 @@ class VectorIndex:
                 raise VectorIndexError(f"a {kind} index needs training vectors")
             train = _as_matrix(train_vectors, dim, "training vectors")
             n = int(n_hint or len(train))
-            index = faiss.index_factory(dim, _factory_string(kind, dim, n, pq_m), faiss.METRIC_INNER_PRODUCT)
+            if nlist is not None and not 1 <= nlist <= len(train):
+                raise VectorIndexError(f"nlist must be between 1 and the {len(train)} training vectors, not {nlist}")
+            index = faiss.index_factory(dim, _factory_string(kind, dim, n, pq_m, nlist), faiss.METRIC_INNER_PRODUCT)
             ivf = faiss.extract_index_ivf(index)
             ivf.cp.seed = seed
             if kind == "ivfpq":
@@ -322,7 +332,7 @@ class VectorIndex:
     def ondisk(self) -> bool:
         """True for an IVF index whose inverted lists live in a memory-mapped `.ivfdata` file
         (`index.ivf_build`); such an index is read-only."""
-        if self.kind not in ("ivf", "ivfpq"):
+        if self.kind not in IVF_KINDS:
             return False
         invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(self._cpu).invlists)
         return isinstance(invlists, faiss.OnDiskInvertedLists)
@@ -347,7 +357,7 @@ class VectorIndex:
     def describe(self) -> dict[str, int | str]:
         """The construction parameters, for index.json."""
         out: dict[str, int | str] = {"kind": self.kind, "dim": self.dim, "ntotal": self.ntotal}
-        if self.kind in ("ivf", "ivfpq"):
+        if self.kind in IVF_KINDS:
             ivf = faiss.extract_index_ivf(self._cpu)
             out["nlist"] = int(ivf.nlist)
             if self.kind == "ivfpq":
@@ -446,7 +456,7 @@ class VectorIndex:
         indexes refuse parameter types they do not handle)."""
         params = params or SearchParams()
         out: faiss.SearchParameters | None = None
-        if self.kind in ("ivf", "ivfpq"):
+        if self.kind in IVF_KINDS:
             ivf = faiss.extract_index_ivf(self._cpu)
             nprobe = int(params.nprobe or ivf.nprobe)
             out = faiss.SearchParametersIVF(nprobe=min(nprobe, int(ivf.nlist)))
@@ -490,7 +500,7 @@ class VectorIndex:
             if self.kind != "flat" and len(allowed) <= EXACT_FILTER_MAX:
                 return self._search_among(matrix, k, allowed)
             selector = faiss.IDSelectorBatch(allowed)
-            if self.kind in ("ivf", "ivfpq"):
+            if self.kind in IVF_KINDS:
                 ivf = faiss.extract_index_ivf(self._cpu)
                 nprobe = int((params or SearchParams()).nprobe or ivf.nprobe)
                 wider = filtered_nprobe(nprobe, int(ivf.nlist), len(allowed), self.ntotal)
@@ -586,6 +596,8 @@ def _kind_of(index: faiss.Index, path: Path) -> IndexKind:
         return "ivf"
     if isinstance(concrete, faiss.IndexIVFPQ):
         return "ivfpq"
+    if isinstance(concrete, faiss.IndexIVFScalarQuantizer):
+        return "ivfsq"
     raise VectorIndexError(f"{path}: unsupported FAISS index type {type(concrete).__name__}")
 
 

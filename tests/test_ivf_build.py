@@ -56,7 +56,7 @@ def test_shards_are_listed_in_order_and_sampled_from_all(shards: tuple[Path, np.
         (folder / "shard-00009.ids.npy").unlink()
 
 
-@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+@pytest.mark.parametrize("kind", ["ivf", "ivfsq", "ivfpq"])
 def test_on_disk_merge_answers_as_the_in_memory_index(
     shards: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path, kind: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -128,6 +128,17 @@ def test_bench_scale_prints_its_report(tmp_path: Path) -> None:
     assert report["n"] == 20_000 and report["shards"] == 4 and report["ondisk"] is True
     assert report["recall_at_10"] >= 0.9 and 0 < report["p50_ms"] <= report["p99_ms"]
     assert report["bytes_on_disk"]["ivf-ondisk.faiss.ivfdata"] > 20_000 * 16 * 4
+
+
+def test_nlist_can_be_chosen_for_a_build(shards: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    folder, ids, vectors = shards
+    built = build_from_shards(list_shards(folder), "ivf", tmp_path / "few.faiss", nlist=16)
+    assert built.nlist == 16 and built.ntotal == len(ids)
+    index = VectorIndex.load(tmp_path / "few.faiss", device="cpu")
+    found = index.search(vectors[:5], 1, SearchParams(nprobe=16))[1][:, 0]
+    assert np.array_equal(found, ids[:5])
+    with pytest.raises(VectorIndexError, match="nlist must be between 1 and the 100 training vectors"):
+        VectorIndex.create("ivf", DIM, vectors[:100], nlist=200, device="cpu")
 
 
 def test_allowed_ids_are_cached_until_the_table_changes() -> None:

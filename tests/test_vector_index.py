@@ -64,7 +64,8 @@ def test_flat_is_exact(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "params"), [("ivf", SearchParams(nprobe=16)), ("hnsw", SearchParams(ef_search=64))]
+    ("kind", "params"),
+    [("ivf", SearchParams(nprobe=16)), ("ivfsq", SearchParams(nprobe=16)), ("hnsw", SearchParams(ef_search=64))],
 )
 def test_approximate_recall_on_clustered_data(
     data: tuple[np.ndarray, np.ndarray, np.ndarray], kind: str, params: SearchParams
@@ -118,7 +119,7 @@ def test_concurrent_searches_with_different_params(data: tuple[np.ndarray, np.nd
     assert not np.array_equal(serial[0], serial[1])
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq"])
 def test_filters_return_only_allowed_ids(data: tuple[np.ndarray, np.ndarray, np.ndarray], kind: str) -> None:
     vectors, ids, queries = data
     index = VectorIndex.create(kind, DIM, train_vectors=vectors)  # type: ignore[arg-type]
@@ -132,8 +133,11 @@ def test_filters_return_only_allowed_ids(data: tuple[np.ndarray, np.ndarray, np.
         assert (found >= 0).all() and np.isin(found, allowed).all()
         rows = np.flatnonzero(np.isin(ids, allowed))
         want_scores, want = brute_force(vectors[rows], ids[rows], queries[:50], 10)
-        exact = kind == "flat" or allowed is narrow
-        assert (found == want).mean() > (0.999 if exact else 0.9)
+        exact = kind == "flat" or (allowed is narrow and kind != "ivfsq")  # SQ8 stores approximate vectors
+        if exact:
+            assert (found == want).mean() > 0.999
+        else:
+            assert np.mean([len(set(f) & set(w)) / 10 for f, w in zip(found, want, strict=True)]) > 0.9
         if exact:
             np.testing.assert_allclose(scores, want_scores, atol=1e-5)
     # nothing allowed: nothing returned; fewer allowed than k: the rest is -1; unknown allowed ids ignored
@@ -143,7 +147,7 @@ def test_filters_return_only_allowed_ids(data: tuple[np.ndarray, np.ndarray, np.
     assert np.isneginf(scores[:, 2:]).all()
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq", "ivfpq"])
 def test_removed_ids_are_never_returned(data: tuple[np.ndarray, np.ndarray, np.ndarray], kind: str) -> None:
     vectors, ids, _ = data
     index = VectorIndex.create(kind, DIM, train_vectors=vectors, pq_m=16)  # type: ignore[arg-type]
@@ -159,7 +163,7 @@ def test_removed_ids_are_never_returned(data: tuple[np.ndarray, np.ndarray, np.n
         index.reconstruct(removed[:1])
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq", "ivfpq"])
 def test_save_load_round_trip(tmp_path: Path, data: tuple[np.ndarray, np.ndarray, np.ndarray], kind: str) -> None:
     vectors, ids, queries = data
     index = VectorIndex.create(kind, DIM, train_vectors=vectors, pq_m=16)  # type: ignore[arg-type]

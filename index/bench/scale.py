@@ -117,6 +117,7 @@ def run_scale_bench(
     seed: int = 0,
     progress: Progress = _no_progress,
     pq_m: int | None = None,
+    nlist: int | None = None,
 ) -> ScaleReport:
     """Shards, build, truth, tune and time (see the module docstring)."""
     work = Path(work)
@@ -128,7 +129,7 @@ def run_scale_bench(
 
     index_path = work / f"{kind}{pq_m or ''}{'-ondisk' if ondisk else ''}.faiss"
     built = build_from_shards(list_shards(shards_dir)[:count], kind, index_path, ondisk=ondisk, seed=seed,
-                              pq_m=pq_m, progress=progress)
+                              pq_m=pq_m, nlist=nlist, progress=progress)
     seconds.update({f"build_{stage}": value for stage, value in built.seconds.items()})
     peak_build = _peak_rss_mb()
 

@@ -24,6 +24,8 @@ import faiss
 import numpy as np
 
 from index.vector_index import (
+    IVF_KINDS,
+    KINDS,
     IndexKind,
     SearchParams,
     VectorIndex,
@@ -271,7 +273,7 @@ def _build(
     notes: list[str] = []
     train = None
     n_hint = len(vectors)
-    if kind in ("ivf", "ivfpq"):
+    if kind in IVF_KINDS:
         nlist = ivf_nlist(n_hint)
         sample = train_size(len(vectors), nlist)
         train = vectors[np.random.default_rng(seed).choice(len(vectors), sample, replace=False)]
@@ -384,7 +386,7 @@ def bench_size(
 
 
 def _expand(kinds: Iterable[str]) -> list[str]:
-    allowed = {"auto", "flat", "ivf", "hnsw", "ivfpq"}
+    allowed = {"auto", *KINDS}
     out = []
     for kind in kinds:
         if kind not in allowed:

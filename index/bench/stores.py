@@ -26,6 +26,7 @@ import numpy as np
 from index.bench.search import synthetic_mixture
 from index.metadata import Filters, Labels, MetadataRow, MetadataTable
 from index.vector_index import (
+    IVF_KINDS,
     IndexKind,
     SearchParams,
     VectorIndex,
@@ -150,7 +151,7 @@ def bench_milvus(vectors: np.ndarray, rows: list[MetadataRow], kind: IndexKind, 
         allowed = int(np.isin([row.labels.icdr for row in rows], SELECTIVE.icdr or []).sum())
         nlist = int(collection.describe().get("nlist", 1))
         wider = SearchParams(nprobe=filtered_nprobe(params.nprobe or DEFAULT_NPROBE, nlist, allowed, len(rows)))
-        filtered_params = wider if kind in ("ivf", "ivfpq") else params
+        filtered_params = wider if kind in IVF_KINDS else params
         filtered = _timed(lambda query: collection.search(query, K, filtered_params, SELECTIVE)[1], queries)
     finally:
         collection.client.drop_collection(name)
