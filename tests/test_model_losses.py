@@ -17,6 +17,7 @@ from training.model.losses import (
     IGNORE_INDEX,
     class_weights,
     contrastive_loss,
+    contrastive_loss_with_hard_negatives,
     gather_with_grad,
     mask_tokens,
     maskable_tokens,
@@ -182,3 +183,18 @@ def test_supervised_contrastive_rewards_grade_clusters_and_skips_rows_without_po
     embeddings = clustered.clone().requires_grad_(True)
     supervised_contrastive_loss(embeddings, labels, 10.0).backward()
     assert embeddings.grad is not None and embeddings.grad[:4].abs().sum() > 0
+
+
+def test_hard_negatives_only_add_to_the_a_to_b_direction() -> None:
+    a, b = _unit(16, 32, seed=1), _unit(16, 32, seed=2)
+    none = torch.zeros(16, dtype=torch.bool)
+    plain = contrastive_loss(a, b, 5.0)
+    assert contrastive_loss_with_hard_negatives(a, b, 5.0, _unit(16, 32, seed=3), none).item() == pytest.approx(
+        plain.item(), abs=1e-6)
+    # a hard negative as close as the positive: the a -> b half rises by about log(2) at a large scale
+    aligned = _unit(16, 32, seed=4)
+    hard = contrastive_loss_with_hard_negatives(aligned, aligned, 50.0, aligned, torch.ones(16, dtype=torch.bool))
+    assert hard.item() == pytest.approx(math.log(2) / 2, abs=0.05)
+    hard_b = _unit(16, 32, seed=5).requires_grad_()
+    contrastive_loss_with_hard_negatives(a, b, 5.0, hard_b, torch.ones(16, dtype=torch.bool)).backward()
+    assert hard_b.grad is not None and hard_b.grad.abs().sum() > 0

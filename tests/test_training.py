@@ -120,6 +120,36 @@ def test_init_starts_from_earlier_weights(data: tuple[Path, Path], tmp_path: Pat
         tmp_path / "base" / "tokenizer" / "tokenizer.json").read_text()
 
 
+def test_counterfactual_records_train_text_to_record_against_hard_negatives(
+    data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.model import load_config
+    from training.model.model import RetinaAlignModel
+
+    config = load_config("tiny").model_dump()
+    config["losses"]["counterfactual_records"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    seen: list[dict[str, torch.Tensor]] = []
+    forward = RetinaAlignModel.forward
+
+    def spy(self: RetinaAlignModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen.append(batch)
+        return forward(self, batch)
+
+    monkeypatch.setattr(RetinaAlignModel, "forward", spy)
+    fit(_options(data, tmp_path / "run", config=str(tmp_path / "config.json"), max_steps=2))
+    assert len(seen) == 2
+    for batch in seen:
+        assert batch["counterfactual_tabular"].shape == batch["tabular"].shape
+        present = batch["counterfactual_present"]
+        assert present.float().mean() > 0.5  # the synthetic narratives state eye, sex, age, ... nearly always
+        differs = (batch["counterfactual_tabular"] != batch["tabular"]).any(dim=1)
+        assert torch.equal(differs, present)
+    log = _log(tmp_path / "run")
+    assert all(0 < step["contrastive_text_record"] < 1e3 for step in log)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["losses"]["counterfactual_records"] is True
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

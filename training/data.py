@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from index.preprocess import ImageSpec, decode_image, model_pixels
 from index.records import FundusRecord
 from index.tabular import FeatureSpec
 from training.model.losses import IGNORE_INDEX
-from training.text.narratives import write_narrative
+from training.text.counterfactual import CounterfactualPool, counterfactual
+from training.text.narrative_facts import StatedFacts
+from training.text.narratives import compose_narrative, write_narrative
 from training.tokenizer import batch_tokenizer, encode_texts
 
 FRESH_NARRATIVE_PROBABILITY = 0.5
@@ -101,6 +104,36 @@ def training_narrative(record: FundusRecord, epoch: int, seed: int) -> str:
     return write_narrative(record, seed=1_000_003 * (epoch + 1) + seed)
 
 
+def training_narrative_and_facts(record: FundusRecord, epoch: int, seed: int,
+                                 narrative_seed: int) -> tuple[str, StatedFacts | None]:
+    """`training_narrative` with the facts it states: None for a stored narrative that is not the one
+    `compose_narrative(record, narrative_seed)` writes (the facts of an arbitrary text are unknown)."""
+    text = training_narrative(record, epoch, seed)
+    for candidate in (narrative_seed, seed, 1_000_003 * (epoch + 1) + seed):
+        written, facts = compose_narrative(record, candidate)
+        if written == text:
+            return text, facts
+    return text, None
+
+
+@dataclass
+class Counterfactuals:
+    """Hard negatives for text -> record: per row, the tabular features of its record with one fact its
+    text states made false (`training.text.counterfactual`), and whether the row has one."""
+
+    tabular: np.ndarray
+    present: np.ndarray
+
+    @classmethod
+    def draw(cls, records: Sequence[FundusRecord], facts: Sequence[StatedFacts | None], rng: random.Random,
+             pool: CounterfactualPool, spec: FeatureSpec) -> Counterfactuals:
+        """One counterfactual per record where its text states a fact that can be changed."""
+        changed = [None if f is None else counterfactual(r, f, rng, pool) for r, f in zip(records, facts, strict=True)]
+        present = np.array([c is not None for c in changed], dtype=bool)
+        tabular = spec.transform([c if c is not None else r for r, c in zip(records, changed, strict=True)])
+        return cls(tabular, present)
+
+
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) normalised by mean/std."""
     pixels = images.permute(0, 3, 1, 2).float().div_(255.0)
@@ -152,12 +185,20 @@ class BatchBuilder:
         rows: np.ndarray,
         texts: Sequence[str],
         jitter_params: torch.Tensor | None = None,
+        counterfactuals: Counterfactuals | None = None,
     ) -> dict[str, torch.Tensor]:
-        """A batch of the given rows, with `texts` as their narratives; images jittered if params given."""
+        """A batch of the given rows, with `texts` as their narratives; images jittered if params given;
+        with `counterfactuals`, their tabular features and mask as "counterfactual_tabular" /
+        "counterfactual_present"."""
         images = torch.from_numpy(self.data.images[rows])
         if jitter_params is not None:
             images = jitter(images, jitter_params)
+        extra = {}
+        if counterfactuals is not None:
+            extra = {"counterfactual_tabular": torch.from_numpy(counterfactuals.tabular),
+                     "counterfactual_present": torch.from_numpy(counterfactuals.present)}
         return {
+            **extra,
             "pixels": normalise(images, self.mean, self.std),
             **self.tokenize(texts),
             "tabular": torch.from_numpy(self.data.tabular[rows]),

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
 from collections.abc import Callable
@@ -31,9 +32,11 @@ from pydantic import BaseModel, Field
 
 from index.archive.brset import Archive, read_archive
 from index.preprocess import Illumination
+from index.records import FundusRecord
 from index.tabular import FeatureSpec, fit_feature_spec
 from training.data import (
     BatchBuilder,
+    Counterfactuals,
     SplitData,
     draw_jitter,
     fingerprint,
@@ -42,6 +45,7 @@ from training.data import (
     sampling_weights,
     stored_narrative,
     training_narrative,
+    training_narrative_and_facts,
 )
 from training.hardware import PrecisionChoice, autocast_context, choose_precision, describe_machine
 from training.model.config import ModelConfig
@@ -57,6 +61,8 @@ from training.run import (
     write_json,
 )
 from training.splits import load_splits
+from training.synth.archive import read_synth_manifest
+from training.text.counterfactual import CounterfactualPool
 from training.tokenizer import load_tokenizer, train_wordpiece
 
 log = logging.getLogger(__name__)
@@ -193,6 +199,7 @@ class _Session:
     steps_per_epoch: int
     total_steps: int
     warmup: int
+    counterfactual_source: _CounterfactualSource | None = None
 
     @property
     def local_batch(self) -> int:
@@ -203,6 +210,31 @@ class _Session:
         """Save the model, optimiser, RNG and loop position (rank 0 only)."""
         if self.rank == 0:
             save_checkpoint(self.files, self.model, self.optimizer, self.position, self.jitter_generator)
+
+
+@dataclass
+class _CounterfactualSource:
+    """What a step needs to draw text -> record hard negatives (`losses.counterfactual_records`)."""
+
+    pool: CounterfactualPool
+    spec: FeatureSpec
+    narrative_seed: int
+
+    def draw(self, records: list[FundusRecord], epoch: int, seed: int, step: int) -> tuple[list[str], Counterfactuals]:
+        """The rows' training texts and one counterfactual record per row (where its text allows one)."""
+        written = [training_narrative_and_facts(r, epoch, seed, self.narrative_seed) for r in records]
+        rng = random.Random(1_000_003 * seed + step)
+        drawn = Counterfactuals.draw(records, [facts for _, facts in written], rng, self.pool, self.spec)
+        return [text for text, _ in written], drawn
+
+
+def _counterfactual_source(config: ModelConfig, train: SplitData, spec: FeatureSpec,
+                           archive: Path) -> _CounterfactualSource | None:
+    """The hard-negative source of a config that trains with counterfactual records, else None."""
+    if not config.losses.counterfactual_records:
+        return None
+    narrative_seed = int(read_synth_manifest(archive).get("seed", 0))
+    return _CounterfactualSource(CounterfactualPool.from_records(train.records), spec, narrative_seed)
 
 
 def _run_info(options: FitOptions, files: RunFiles, archive: Archive, splits: dict[str, list[str]],
@@ -338,6 +370,7 @@ def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None) -> _
         jitter_generator=jitter_generator, position=position,
         weights=sampling_weights(train.icdr, options.balance), steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, warmup=int(options.warmup_fraction * total_steps),
+        counterfactual_source=_counterfactual_source(config, train, spec, Path(options.archive)),
     )
 
 
@@ -348,8 +381,14 @@ def _train_step(session: _Session, rows: np.ndarray, epoch: int) -> dict:
     step_started = time.perf_counter()
     mine = slice(session.rank * session.local_batch, (session.rank + 1) * session.local_batch)
     jitter_params = draw_jitter(session.jitter_generator, global_batch)[mine]
-    texts = [training_narrative(session.train.records[i], epoch, options.seed) for i in rows[mine]]
-    batch = {k: v.to(session.device) for k, v in session.builder.batch(rows[mine], texts, jitter_params).items()}
+    records = [session.train.records[i] for i in rows[mine]]
+    counterfactuals = None
+    if session.counterfactual_source is not None:
+        texts, counterfactuals = session.counterfactual_source.draw(records, epoch, options.seed, position["step"])
+    else:
+        texts = [training_narrative(r, epoch, options.seed) for r in records]
+    built = session.builder.batch(rows[mine], texts, jitter_params, counterfactuals)
+    batch = {k: v.to(session.device) for k, v in built.items()}
     for group in session.optimizer.param_groups:
         group["lr"] = learning_rate(position["step"], session.total_steps, options.lr, session.warmup)
     with autocast_context(session.precision.precision, session.device):

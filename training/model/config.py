@@ -157,6 +157,8 @@ class LossConfig(_Strict):
     signal the narrative (which states the grade) cannot shortcut. `image_grade_contrastive` pulls image
     embeddings of the same ICDR grade together (supervised contrastive, `losses.supervised_contrastive_loss`),
     so that searching by a photograph finds the same disease, not just a look-alike.
+    `counterfactual_records` adds, to each text's text -> record InfoNCE row, a hard negative: its own
+    record with one fact the text states made false in the structured data (`training.text.counterfactual`).
     """
 
     contrastive_image_text: float = Field(default=1.0, ge=0)
@@ -170,6 +172,7 @@ class LossConfig(_Strict):
     icdr_image_only: float = Field(default=0.0, ge=0)
     sdrg_image_only: float = Field(default=0.0, ge=0)
     image_grade_contrastive: float = Field(default=0.0, ge=0)
+    counterfactual_records: bool = False
     image_mask_ratio: float = Field(default=0.75, gt=0, lt=1)
     text_mask_prob: float = Field(default=0.15, gt=0, lt=1)
     init_logit_scale: float = math.log(1 / 0.07)

@@ -56,6 +56,23 @@ def contrastive_loss(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tenso
     return (loss_ab + loss_ba) / 2
 
 
+def contrastive_loss_with_hard_negatives(
+    a: Tensor, b: Tensor, logit_scale: Tensor | float, hard_b: Tensor, hard_present: Tensor
+) -> Tensor:
+    """`contrastive_loss` where each row of `a` also competes against its own hard negative `hard_b` (B, D)
+    in the a -> b direction (rows where `hard_present` is False have none). The b -> a direction is the
+    plain one: a hard negative of b is not a text."""
+    a, b, hard_b = a.float(), b.float(), hard_b.float()
+    rank, _ = world()
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+    labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+    hard = (a * hard_b).sum(dim=-1, keepdim=True)
+    hard = hard.masked_fill(~hard_present.view(-1, 1), float("-inf"))
+    loss_ab = F.cross_entropy(logit_scale * torch.cat([a @ all_b.T, hard], dim=1), labels)
+    loss_ba = F.cross_entropy(logit_scale * b @ all_a.T, labels)
+    return (loss_ab + loss_ba) / 2
+
+
 def gather_labels(labels: Tensor) -> Tensor:
     """Concatenate a label tensor from every rank along dim 0 (no gradients); identity when not distributed."""
     _, size = world()

@@ -39,6 +39,7 @@ from training.model.config import ImageDecoderConfig, ModelConfig
 from training.model.fusion import FusionOutput, FusionTransformer, ModalityTokens
 from training.model.losses import (
     contrastive_loss,
+    contrastive_loss_with_hard_negatives,
     mask_tokens,
     maskable_tokens,
     masked_patch_loss,
@@ -252,7 +253,8 @@ class RetinaAlignModel(nn.Module):
 
         Batch keys (each optional, the losses that need a missing one are skipped): "pixels" (B, 3, H,
         W), "input_ids" and "attention_mask" (B, L), "tabular" (B, F), "icdr" and "sdrg" (B,) long with
-        -100 for a missing grade.
+        -100 for a missing grade; "counterfactual_tabular" (B, F) and "counterfactual_present" (B,) bool,
+        the text -> record hard negatives used under `losses.counterfactual_records`.
         """
         weights = self.config.losses
         pixels, input_ids, tabular = batch.get("pixels"), batch.get("input_ids"), batch.get("tabular")
@@ -275,10 +277,21 @@ class RetinaAlignModel(nn.Module):
             embeddings["record"] = self.embed_record(record)
 
         losses: dict[str, Tensor] = {}
+        counterfactuals = bool(weights.counterfactual_records and "record" in embeddings
+                               and "counterfactual_tabular" in batch)
         for a, b in CONTRASTIVE_PAIRS:
             name = f"contrastive_{a}_{b}"
+            if b == "record" and counterfactuals:
+                continue  # with its hard negatives below
             if getattr(weights, name) > 0 and a in embeddings and b in embeddings:
                 losses[name] = contrastive_loss(embeddings[a], embeddings[b], self.logit_scale(f"{a}_{b}"))
+        if counterfactuals:
+            counter = self._fuse_states(image_states, None, None, self.tabular(batch["counterfactual_tabular"]),
+                                        present={})
+            losses["contrastive_text_record"] = contrastive_loss_with_hard_negatives(
+                embeddings["text"], embeddings["record"], self.logit_scale("text_record"),
+                self.embed_record(counter), batch["counterfactual_present"],
+            )
         if weights.image_grade_contrastive > 0 and "image" in embeddings and "icdr" in batch:
             losses["image_grade_contrastive"] = supervised_contrastive_loss(
                 embeddings["image"], batch["icdr"], self.logit_scale(IMAGE_GRADE_SCALE)
