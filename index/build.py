@@ -57,7 +57,7 @@ from index.store import (
     write_info,
 )
 from index.vector_index import (
-    IVF_KINDS,
+    ONDISK_KINDS,
     IndexKind,
     SearchParams,
     VectorIndex,
@@ -69,7 +69,7 @@ from index.vector_index import (
 if TYPE_CHECKING:
     from index.embedder import Embedder
 
-KindChoice = Literal["auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq"]
+KindChoice = Literal["auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq", "ivfpqr"]
 EngineChoice = Literal["local", "ray"]
 PLAN_FILE = "plan.json"
 CLUSTER_INSTALL = "pip install 'retina-align[cluster]'"
@@ -129,7 +129,7 @@ class BuildOptions(BaseModel):
                 raise ValueError(f"{', '.join(given)} only apply to --engine ray")
         if self.gpus_per_worker and self.device == "cpu":
             raise ValueError("--gpus-per-worker and --cpu contradict each other")
-        if self.ondisk and (self.store != "faiss" or self.kind not in ("auto", *IVF_KINDS)):
+        if self.ondisk and (self.store != "faiss" or self.kind not in ("auto", *ONDISK_KINDS)):
             raise ValueError("--ondisk builds FAISS IVF indexes: use it with --store faiss and an IVF --kind (or auto)")
         return self
 
@@ -355,7 +355,7 @@ def build_index(options: BuildOptions, embedder: Embedder | None = None, console
 
         if kind not in supported_kinds(options.milvus_uri or ""):
             kind = "ivf"  # milvus-lite 2.5: FLAT or IVF_FLAT only
-    if options.ondisk and kind not in IVF_KINDS:
+    if options.ondisk and kind not in ONDISK_KINDS:
         kind = "ivf"  # an on-disk index is IVF whatever its size
     console.print(f"indexing {len(ids):,} photographs ({kind}{', on disk' if options.ondisk else ''}, {options.store})")
     rows = _metadata_rows(archive, ids, icdr, sdrg)

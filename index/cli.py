@@ -52,7 +52,7 @@ def build(
     archive: Annotated[Path, typer.Option(help="The BRSET-layout archive to embed.")],
     out: Annotated[Path, typer.Option(help="The index folder to write (new or empty, or a partial build).")],
     batch_size: Annotated[int, typer.Option(min=1, help="Photographs per model batch.")] = 32,
-    kind: Annotated[str, typer.Option(help="auto, flat, ivf, hnsw, ivfsq or ivfpq (auto: by size, memory).")] = "auto",
+    kind: Annotated[str, typer.Option(help="auto, flat, ivf, hnsw, ivfsq, ivfpq, ivfpqr (auto: by size).")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted build in OUT.")] = False,
     chunk_size: Annotated[int, typer.Option(min=1, help="Photographs per resumable chunk.")] = 512,
     cpu: Annotated[bool, typer.Option("--cpu", help="Use the CPU even when a GPU is present.")] = False,
@@ -93,8 +93,8 @@ def build(
     image.faiss, record.faiss, metadata.sqlite and index.json (written last); with --store milvus the
     vectors go to two Milvus collections instead of the .faiss files, and index.json records where.
     With --engine ray an actor pool on a Ray cluster embeds the chunks (the same shards, the same index)."""
-    if kind not in ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq"):
-        raise _fail(f"--kind must be auto, flat, ivf, hnsw, ivfsq or ivfpq, not {kind!r}")
+    if kind not in ("auto", "flat", "ivf", "hnsw", "ivfsq", "ivfpq", "ivfpqr"):
+        raise _fail(f"--kind must be auto, flat, ivf, hnsw, ivfsq, ivfpq or ivfpqr, not {kind!r}")
     if store not in ("faiss", "milvus"):
         raise _fail(f"--store must be faiss or milvus, not {store!r}")
     if store == "milvus" and not milvus_uri:
@@ -219,7 +219,7 @@ def bench(
     models: Annotated[str, typer.Option(help="Model configs (random init), comma-separated.")] = "tiny,paper",
     sizes: Annotated[str, typer.Option(help="Index sizes to search, comma-separated (1e4,1e5,1e6).")] = "1e4,1e5,1e6",
     kinds: Annotated[
-        str, typer.Option(help="Index kinds to search: flat, auto (choose_kind's pick), ivf, hnsw, ivfsq, ivfpq.")
+        str, typer.Option(help="Index kinds to search: flat, auto (choose_kind's pick) or an explicit kind.")
     ] = "flat,auto,ivf,hnsw",
     batch_size: Annotated[int, typer.Option(min=1, help="Images or texts per embedding batch.")] = 16,
     seconds: Annotated[float, typer.Option(min=0.0, help="Time budget per measurement.")] = 5.0,
@@ -259,7 +259,7 @@ def bench_scale(
     n: Annotated[str, typer.Option(help="Vectors to index (1e7).")] = "1e7",
     dim: Annotated[int, typer.Option(min=2, help="Width of the vectors.")] = 256,
     shard_size: Annotated[str, typer.Option(help="Vectors per shard.")] = "1e6",
-    kind: Annotated[str, typer.Option(help="ivf (IVF-Flat), ivfsq (IVF-SQ8) or ivfpq.")] = "ivf",
+    kind: Annotated[str, typer.Option(help="ivf (IVF-Flat), ivfsq (IVF-SQ8), ivfpq, ivfpqr.")] = "ivf",
     pq_m: Annotated[int | None, typer.Option(min=1, help="ivfpq: bytes per vector (default: by memory).")] = None,
     nlist: Annotated[int | None, typer.Option(min=1, help="IVF lists (default: by size, 65,536 at 10^7).")] = None,
     ondisk: Annotated[bool, typer.Option("--ondisk/--in-memory", help="Merge the lists into a mapped file.")] = True,
@@ -278,8 +278,10 @@ def bench_scale(
     from index.bench.scale import run_scale_bench
     from index.cpus import cpu_model
 
-    if kind not in ("ivf", "ivfsq", "ivfpq"):
-        raise _fail(f"--kind must be ivf, ivfsq or ivfpq, not {kind!r}")
+    if kind not in ("ivf", "ivfsq", "ivfpq", "ivfpqr"):
+        raise _fail(f"--kind must be ivf, ivfsq, ivfpq or ivfpqr, not {kind!r}")
+    if kind == "ivfpqr" and ondisk:
+        raise _fail("--kind ivfpqr keeps its re-ranking vectors in memory: add --in-memory")
     try:
         count, size = int(float(n)), int(float(shard_size))
     except ValueError:

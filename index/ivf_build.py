@@ -31,9 +31,16 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
 from index.atomic import atomic_target
-from index.vector_index import VectorIndex, VectorIndexError, faiss_messages_to_stderr, ivf_nlist, train_size
+from index.vector_index import (
+    ONDISK_KINDS,
+    VectorIndex,
+    VectorIndexError,
+    faiss_messages_to_stderr,
+    ivf_nlist,
+    train_size,
+)
 
-ShardedKind = Literal["ivf", "ivfsq", "ivfpq"]
+ShardedKind = Literal["ivf", "ivfsq", "ivfpq", "ivfpqr"]
 SHARD_PATTERN = re.compile(r"^shard-(\d{5,})\.ids\.npy$")
 IVFDATA_SUFFIX = ".ivfdata"
 
@@ -154,6 +161,8 @@ def build_from_shards(
     (the sample is then `train_size` for that many lists). Returns what was built."""
     if not shards:
         raise VectorIndexError("no shards to build an index from")
+    if ondisk and kind not in ONDISK_KINDS:
+        raise VectorIndexError(f"a {kind} index cannot be merged on disk; build it in memory")
     out = Path(out)
     total = sum(len(s) for s in shards)
     dim = int(shards[0].vectors().shape[1])

@@ -10,6 +10,11 @@ Kinds (all `METRIC_INNER_PRODUCT`):
 - `ivfsq`: IVF with 8-bit scalar-quantised vectors (`SQ8`, 1 byte per dimension: a quarter of IVF-Flat's
   bytes, scores within about 1% of exact). A query scans a quarter of the bytes IVF-Flat scans, which is
   what bounds a large index's latency (`retina-index bench-scale`, README "Scaling").
+- `ivfpqr`: IVF-PQ with 4-bit fast-scan codes (`PQ{dim/2}x4fs`: SIMD distance tables, several times
+  faster to scan than IVF-Flat) whose top `k * REFINE_K_FACTOR` candidates are re-ranked exactly against
+  the raw vectors (`IndexRefineFlat`, held in memory), wrapped in `IndexIDMap2` for the ids. The fastest
+  kind for large archives that fit in memory: exact scores, recall set by nprobe and the re-ranking depth.
+  Removal rebuilds it from the kept vectors (no retraining); it is not mergeable on disk.
 - `ivfpq`: IVF with product-quantised codes (`m` bytes per vector); for archives whose raw vectors do
   not fit in memory. Scores are approximate as well as the neighbour set.
 
@@ -64,10 +69,16 @@ import numpy as np
 
 from index.atomic import atomic_target
 
-IndexKind = Literal["flat", "ivf", "hnsw", "ivfsq", "ivfpq"]
+IndexKind = Literal["flat", "ivf", "hnsw", "ivfsq", "ivfpq", "ivfpqr"]
 KINDS: tuple[str, ...] = get_args(IndexKind)
-IVF_KINDS: tuple[str, ...] = ("ivf", "ivfsq", "ivfpq")
-"""The kinds that are FAISS IVF indexes (trained, `nprobe`, mergeable on disk)."""
+IVF_KINDS: tuple[str, ...] = ("ivf", "ivfsq", "ivfpq", "ivfpqr")
+"""The kinds with an IVF index inside (trained on a sample, searched with `nprobe`)."""
+ONDISK_KINDS: tuple[str, ...] = ("ivf", "ivfsq", "ivfpq")
+"""The IVF kinds whose inverted lists can be merged into one memory-mapped file (`index.ivf_build`)."""
+ID_MAP_KINDS: tuple[str, ...] = ("flat", "hnsw", "ivfpqr")
+"""The kinds wrapped in `IndexIDMap2` (their ids live in its id map, not in inverted lists)."""
+REFINE_K_FACTOR = 32
+"""`ivfpqr`: candidates re-ranked exactly per result wanted (k=10 re-ranks the 320 best by PQ score)."""
 
 FLAT_MAX_VECTORS = 20_000
 """Up to this many vectors (and if they fit in memory) search is exact (about 2 ms a query here)."""
@@ -217,6 +228,9 @@ def _factory_string(kind: IndexKind, dim: int, n_hint: int, pq_m: int | None, nl
         return f"{quantizer},Flat"
     if kind == "ivfsq":
         return f"{quantizer},SQ8"
+    if kind == "ivfpqr":
+        m = pq_m or (dim // 2 if dim % 2 == 0 else dim)
+        return f"{quantizer},PQ{m}x4fs,RFlat"
     m = pq_m or pq_code_size(n_hint, dim)
     # 8-bit codes need 256 * 39 training points; fewer bits for tiny archives.
     nbits = int(max(1, min(8, math.floor(math.log2(max(2, n_hint // MIN_POINTS_PER_CENTROID))))))
@@ -268,11 +282,12 @@ class VectorIndex:
         self._cpu = index
         self.kind: IndexKind = kind
         self.dim = int(index.d)
-        self._want_gpu = device == "auto" and kind != "hnsw" and _gpu_count() > 0
+        self._want_gpu = device == "auto" and kind not in ("hnsw", "ivfpqr") and _gpu_count() > 0
         self._gpu: faiss.Index | None = None
         self._gpu_resources = None
         self._gpu_lock = threading.Lock()
         self._map_lock = threading.Lock()
+        self._positions: tuple[np.ndarray, np.ndarray] | None = None  # ivfpqr: (sorted ids, their positions)
 
     # construction
 
@@ -310,6 +325,8 @@ class VectorIndex:
             index = faiss.index_factory(dim, _factory_string(kind, dim, n, pq_m, nlist), faiss.METRIC_INNER_PRODUCT)
             ivf = faiss.extract_index_ivf(index)
             ivf.cp.seed = seed
+            if kind == "ivfpqr":
+                faiss.downcast_index(index).k_factor = REFINE_K_FACTOR
             if kind == "ivfpq":
                 # Polysemous training (index_factory's default for PQ) takes minutes and is only used
                 # for Hamming-distance pre-filtering, which this index does not do.
@@ -318,7 +335,10 @@ class VectorIndex:
             if sample < len(train):
                 train = train[np.random.default_rng(seed).choice(len(train), sample, replace=False)]
             index.train(train)
-            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+            if kind == "ivfpqr":
+                index = faiss.IndexIDMap2(index)
+            else:
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
         return cls(index, kind, device)
 
     # properties
@@ -332,7 +352,7 @@ class VectorIndex:
     def ondisk(self) -> bool:
         """True for an IVF index whose inverted lists live in a memory-mapped `.ivfdata` file
         (`index.ivf_build`); such an index is read-only."""
-        if self.kind not in IVF_KINDS:
+        if self.kind not in ONDISK_KINDS:
             return False
         invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(self._cpu).invlists)
         return isinstance(invlists, faiss.OnDiskInvertedLists)
@@ -360,17 +380,19 @@ class VectorIndex:
         if self.kind in IVF_KINDS:
             ivf = faiss.extract_index_ivf(self._cpu)
             out["nlist"] = int(ivf.nlist)
-            if self.kind == "ivfpq":
+            if self.kind in ("ivfpq", "ivfpqr"):
                 pq = faiss.downcast_index(ivf).pq
                 out["pq_m"] = int(pq.M)
                 out["pq_nbits"] = int(pq.nbits)
+            if self.kind == "ivfpqr":
+                out["refine_k_factor"] = int(self._refine().k_factor)
         elif self.kind == "hnsw":
             out["hnsw_m"] = HNSW_M
         return out
 
     def ids(self) -> np.ndarray:
         """All ids in the index (int64), in storage order."""
-        if self.kind in ("flat", "hnsw"):
+        if self.kind in ID_MAP_KINDS:
             return faiss.vector_to_array(faiss.downcast_index(self._cpu).id_map).astype(np.int64)
         invlists = faiss.extract_index_ivf(self._cpu).invlists
         parts = [
@@ -417,6 +439,7 @@ class VectorIndex:
         if len(matrix):
             self._cpu.add_with_ids(matrix, identifiers)
             self._gpu = None
+            self._positions = None
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove vectors by id; returns how many were removed (unknown ids are ignored)."""
@@ -427,11 +450,45 @@ class VectorIndex:
         before = self.ntotal
         if self.kind == "hnsw":
             self._rebuild_hnsw_without(identifiers)
+        elif self.kind == "ivfpqr":
+            self._refill_without(identifiers)
         else:
             # IDSelectorArray: IVF's hash-table direct map only removes through an explicit id list.
             self._cpu.remove_ids(faiss.IDSelectorArray(identifiers))
         self._gpu = None
+        self._positions = None
         return before - self.ntotal
+
+    def _refine(self) -> faiss.IndexRefine:
+        """ivfpqr: the re-ranking index inside the id map."""
+        return faiss.downcast_index(faiss.downcast_index(self._cpu).index)
+
+    def _refill_without(self, removed: np.ndarray) -> None:
+        """ivfpqr (FAISS cannot remove from it): empty the trained index and add back the kept vectors,
+        read exactly from its re-ranking store."""
+        current = self.ids()
+        keep = ~np.isin(current, removed)
+        if keep.all():
+            return
+        vectors = self._refine().refine_index.reconstruct_n(0, len(current))[keep]
+        id_map = faiss.downcast_index(self._cpu)
+        id_map.reset()
+        if len(vectors):
+            id_map.add_with_ids(vectors, current[keep])
+        id_map.construct_rev_map()  # `reset` leaves the removed ids in the reverse map
+
+    def _internal_positions(self, allowed: np.ndarray) -> np.ndarray:
+        """ivfpqr: the id map's positions of the `allowed` ids present (what the inner index's selector
+        sees: FAISS translates a selector for the id map, not for the IVF index under the re-ranking)."""
+        with self._map_lock:
+            if self._positions is None:
+                ids = self.ids()
+                order = np.argsort(ids, kind="stable")
+                self._positions = (ids[order], order.astype(np.int64))
+            sorted_ids, positions = self._positions
+        at = np.clip(np.searchsorted(sorted_ids, allowed), 0, max(len(sorted_ids) - 1, 0))
+        found = sorted_ids[at] == allowed if len(sorted_ids) else np.zeros(len(allowed), dtype=bool)
+        return positions[at[found]]
 
     def _rebuild_hnsw_without(self, removed: np.ndarray) -> None:
         current = self.ids()
@@ -462,6 +519,12 @@ class VectorIndex:
             out = faiss.SearchParametersIVF(nprobe=min(nprobe, int(ivf.nlist)))
             if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSWFlat):
                 out.quantizer_params = faiss.SearchParametersHNSW(efSearch=max(2 * nprobe, 64))
+            if self.kind == "ivfpqr":
+                # The selector (already over id-map positions) goes to the IVF search, under the re-ranking.
+                if selector is not None:
+                    out.sel = selector
+                return faiss.IndexRefineSearchParameters(k_factor=float(self._refine().k_factor),
+                                                         base_index_params=out)
         elif self.kind == "hnsw" and params.ef_search is not None:
             out = faiss.SearchParametersHNSW(efSearch=int(params.ef_search))
         if selector is not None:
@@ -499,7 +562,13 @@ class VectorIndex:
                 return empty
             if self.kind != "flat" and len(allowed) <= EXACT_FILTER_MAX:
                 return self._search_among(matrix, k, allowed)
-            selector = faiss.IDSelectorBatch(allowed)
+            if self.kind == "ivfpqr":
+                inside = self._internal_positions(allowed)
+                if len(inside) == 0:
+                    return empty
+                selector = faiss.IDSelectorBatch(inside)
+            else:
+                selector = faiss.IDSelectorBatch(allowed)
             if self.kind in IVF_KINDS:
                 ivf = faiss.extract_index_ivf(self._cpu)
                 nprobe = int((params or SearchParams()).nprobe or ivf.nprobe)
@@ -592,6 +661,8 @@ def _kind_of(index: faiss.Index, path: Path) -> IndexKind:
             return "flat"
         if isinstance(inner, faiss.IndexHNSWFlat):
             return "hnsw"
+        if isinstance(inner, faiss.IndexRefine):
+            return "ivfpqr"
     if isinstance(concrete, faiss.IndexIVFFlat):
         return "ivf"
     if isinstance(concrete, faiss.IndexIVFPQ):

@@ -141,6 +141,35 @@ def test_nlist_can_be_chosen_for_a_build(shards: tuple[Path, np.ndarray, np.ndar
         VectorIndex.create("ivf", DIM, vectors[:100], nlist=200, device="cpu")
 
 
+def test_ivfpqr_builds_from_shards_in_memory_with_exact_scores(
+    shards: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    folder, ids, vectors = shards
+    with pytest.raises(VectorIndexError, match="cannot be merged on disk"):
+        build_from_shards(list_shards(folder), "ivfpqr", tmp_path / "no.faiss", ondisk=True)
+    built = build_from_shards(list_shards(folder), "ivfpqr", tmp_path / "pqr.faiss", nlist=64)
+    index = VectorIndex.load(built.index_path, device="cpu")
+    assert index.kind == "ivfpqr" and index.ntotal == len(ids) and built.nlist == 64
+    assert index.describe()["pq_nbits"] == 4 and index.describe()["refine_k_factor"] == 32
+    queries = synthetic_mixture(DIM, n_clusters=64, n_super=8).sample(40, np.random.default_rng(5))
+    scores, found = index.search(queries, 10, SearchParams(nprobe=64))
+    want_scores, want = exact_search_scores(vectors, ids, queries)
+    # 4-bit codes of 2 dimensions each only shortlist at 32-d (at 256-d: 0.98, README "Scaling")
+    assert recall_at_k(found, want) >= 0.9
+    same = found[:, 0] == want[:, 0]
+    assert same.mean() > 0.9
+    np.testing.assert_allclose(scores[same, 0], want_scores[same, 0], atol=1e-5)  # re-ranked: exact scores
+    result = CliRunner().invoke(app, ["bench-scale", "--work", str(tmp_path), "--n", "2e4", "--kind", "ivfpqr"])
+    assert result.exit_code != 0 and "--in-memory" in result.output
+
+
+def exact_search_scores(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-10 (scores, ids) by inner product."""
+    similarity = queries @ vectors.T
+    order = np.argsort(-similarity, axis=1)[:, :10]
+    return np.take_along_axis(similarity, order, axis=1), ids[order]
+
+
 def test_allowed_ids_are_cached_until_the_table_changes() -> None:
     from index.bench.stores import SELECTIVE, synthetic_rows
     from index.metadata import MetadataTable

@@ -65,7 +65,8 @@ def test_flat_is_exact(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "params"),
-    [("ivf", SearchParams(nprobe=16)), ("ivfsq", SearchParams(nprobe=16)), ("hnsw", SearchParams(ef_search=64))],
+    [("ivf", SearchParams(nprobe=16)), ("ivfsq", SearchParams(nprobe=16)),
+     ("ivfpqr", SearchParams(nprobe=16)), ("hnsw", SearchParams(ef_search=64))],
 )
 def test_approximate_recall_on_clustered_data(
     data: tuple[np.ndarray, np.ndarray, np.ndarray], kind: str, params: SearchParams
@@ -119,7 +120,7 @@ def test_concurrent_searches_with_different_params(data: tuple[np.ndarray, np.nd
     assert not np.array_equal(serial[0], serial[1])
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq", "ivfpqr"])
 def test_filters_return_only_allowed_ids(data: tuple[np.ndarray, np.ndarray, np.ndarray], kind: str) -> None:
     vectors, ids, queries = data
     index = VectorIndex.create(kind, DIM, train_vectors=vectors)  # type: ignore[arg-type]
@@ -147,7 +148,7 @@ def test_filters_return_only_allowed_ids(data: tuple[np.ndarray, np.ndarray, np.
     assert np.isneginf(scores[:, 2:]).all()
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq", "ivfpq", "ivfpqr"])
 def test_removed_ids_are_never_returned(data: tuple[np.ndarray, np.ndarray, np.ndarray], kind: str) -> None:
     vectors, ids, _ = data
     index = VectorIndex.create(kind, DIM, train_vectors=vectors, pq_m=16)  # type: ignore[arg-type]
@@ -163,7 +164,7 @@ def test_removed_ids_are_never_returned(data: tuple[np.ndarray, np.ndarray, np.n
         index.reconstruct(removed[:1])
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq", "ivfpq"])
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfsq", "ivfpq", "ivfpqr"])
 def test_save_load_round_trip(tmp_path: Path, data: tuple[np.ndarray, np.ndarray, np.ndarray], kind: str) -> None:
     vectors, ids, queries = data
     index = VectorIndex.create(kind, DIM, train_vectors=vectors, pq_m=16)  # type: ignore[arg-type]
