@@ -196,5 +196,8 @@ def test_hard_negatives_only_add_to_the_a_to_b_direction() -> None:
     hard = contrastive_loss_with_hard_negatives(aligned, aligned, 50.0, aligned, torch.ones(16, dtype=torch.bool))
     assert hard.item() == pytest.approx(math.log(2) / 2, abs=0.05)
     hard_b = _unit(16, 32, seed=5).requires_grad_()
-    contrastive_loss_with_hard_negatives(a, b, 5.0, hard_b, torch.ones(16, dtype=torch.bool)).backward()
-    assert hard_b.grad is not None and hard_b.grad.abs().sum() > 0
+    scale = torch.tensor(5.0, requires_grad=True)
+    some = torch.arange(16) % 3 > 0  # rows without a hard negative must not poison the scale's gradient
+    contrastive_loss_with_hard_negatives(a, b, scale, hard_b, some).backward()
+    assert hard_b.grad is not None and hard_b.grad[some].abs().sum() > 0 and hard_b.grad[~some].abs().sum() == 0
+    assert scale.grad is not None and torch.isfinite(scale.grad)

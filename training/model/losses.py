@@ -66,9 +66,10 @@ def contrastive_loss_with_hard_negatives(
     rank, _ = world()
     all_a, all_b = gather_with_grad(a), gather_with_grad(b)
     labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
-    hard = (a * hard_b).sum(dim=-1, keepdim=True)
-    hard = hard.masked_fill(~hard_present.view(-1, 1), float("-inf"))
-    loss_ab = F.cross_entropy(logit_scale * torch.cat([a @ all_b.T, hard], dim=1), labels)
+    logits = logit_scale * torch.cat([a @ all_b.T, (a * hard_b).sum(dim=-1, keepdim=True)], dim=1)
+    # Masked after scaling: -inf times the scale would send NaN into the scale's gradient (0 * inf).
+    absent = torch.cat([torch.zeros_like(logits[:, :-1], dtype=torch.bool), ~hard_present.view(-1, 1)], dim=1)
+    loss_ab = F.cross_entropy(logits.masked_fill(absent, float("-inf")), labels)
     loss_ba = F.cross_entropy(logit_scale * b @ all_a.T, labels)
     return (loss_ab + loss_ba) / 2
 
