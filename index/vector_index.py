@@ -55,6 +55,7 @@ copy stays the source of truth: mutations apply to it (the GPU copy is re-cloned
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import sys
@@ -78,7 +79,10 @@ ONDISK_KINDS: tuple[str, ...] = ("ivf", "ivfsq", "ivfpq")
 ID_MAP_KINDS: tuple[str, ...] = ("flat", "hnsw", "ivfpqr")
 """The kinds wrapped in `IndexIDMap2` (their ids live in its id map, not in inverted lists)."""
 REFINE_K_FACTOR = 32
-"""`ivfpqr`: candidates re-ranked exactly per result wanted (k=10 re-ranks the 320 best by PQ score)."""
+"""`ivfpqr`: candidates re-ranked exactly per result wanted (k=10 re-ranks the 320 best by PQ score), unless
+a search says otherwise (`SearchParams.k_factor`, which tuning sets)."""
+REFINE_K_FACTORS: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+"""`ivfpqr`: the re-ranking depths tuning tries (the denser the archive, the deeper the shortlist must go)."""
 
 FLAT_MAX_VECTORS = 20_000
 """Up to this many vectors (and if they fit in memory) search is exact (about 2 ms a query here)."""
@@ -148,11 +152,13 @@ class VectorIndexError(Exception):
 
 @dataclass(frozen=True)
 class SearchParams:
-    """Per-call search parameters. `nprobe` is for the IVF kinds, `ef_search` for `hnsw`; None = the
-    index's construction default. They never change the index itself."""
+    """Per-call search parameters. `nprobe` is for the IVF kinds, `ef_search` for `hnsw`, `k_factor` for
+    `ivfpqr` (candidates re-ranked exactly per result wanted); None = the index's construction default.
+    They never change the index itself."""
 
     nprobe: int | None = None
     ef_search: int | None = None
+    k_factor: int | None = None
 
 
 # --- choosing and sizing -------------------------------------------------------------------------
@@ -523,8 +529,8 @@ class VectorIndex:
                 # The selector (already over id-map positions) goes to the IVF search, under the re-ranking.
                 if selector is not None:
                     out.sel = selector
-                return faiss.IndexRefineSearchParameters(k_factor=float(self._refine().k_factor),
-                                                         base_index_params=out)
+                k_factor = float(params.k_factor or self._refine().k_factor)
+                return faiss.IndexRefineSearchParameters(k_factor=k_factor, base_index_params=out)
         elif self.kind == "hnsw" and params.ef_search is not None:
             out = faiss.SearchParametersHNSW(efSearch=int(params.ef_search))
         if selector is not None:
@@ -573,7 +579,7 @@ class VectorIndex:
                 ivf = faiss.extract_index_ivf(self._cpu)
                 nprobe = int((params or SearchParams()).nprobe or ivf.nprobe)
                 wider = filtered_nprobe(nprobe, int(ivf.nlist), len(allowed), self.ntotal)
-                params = SearchParams(nprobe=wider, ef_search=(params or SearchParams()).ef_search)
+                params = dataclasses.replace(params or SearchParams(), nprobe=wider)
         search_params = self._parameters(params, selector)
         if selector is None and self._want_gpu:
             with self._gpu_lock:
@@ -734,6 +740,26 @@ def tune_search_params(
     return tune_against_truth(index, queries, truth_index.search(queries, k)[1], target_recall, k)
 
 
+def _tune_refined(
+    index: VectorIndex, queries: np.ndarray, truth: np.ndarray, target_recall: float, k: int, probes: list[int]
+) -> tuple[SearchParams, float]:
+    """ivfpqr: the fewest lists whose deepest re-ranking reaches the target, then the shallowest re-ranking
+    that still does at that nprobe (the list scan is the cost; re-ranking a few hundred more is not)."""
+    best: tuple[SearchParams, float] = (SearchParams(nprobe=probes[-1], k_factor=REFINE_K_FACTORS[-1]), 0.0)
+    for nprobe in probes:
+        deepest = SearchParams(nprobe=nprobe, k_factor=REFINE_K_FACTORS[-1])
+        best = (deepest, recall_at_k(index.search(queries, k, deepest)[1], truth))
+        if best[1] < target_recall:
+            continue
+        for k_factor in REFINE_K_FACTORS[:-1]:
+            candidate = SearchParams(nprobe=nprobe, k_factor=k_factor)
+            recall = recall_at_k(index.search(queries, k, candidate)[1], truth)
+            if recall >= target_recall:
+                return candidate, recall
+        return best
+    return best
+
+
 def tune_against_truth(
     index: VectorIndex, queries: np.ndarray, truth: np.ndarray, target_recall: float = 0.95, k: int = 10
 ) -> tuple[SearchParams, float]:
@@ -745,6 +771,8 @@ def tune_against_truth(
     else:
         nlist = int(faiss.extract_index_ivf(index._cpu).nlist)
         probes = [p for p in (2**i for i in range(20)) if p < nlist] + [nlist]
+        if index.kind == "ivfpqr":
+            return _tune_refined(index, queries, truth, target_recall, k, probes)
         candidates = [SearchParams(nprobe=p) for p in probes]
     best: tuple[SearchParams, float] = (candidates[-1], 0.0)
     for candidate in candidates:

@@ -252,3 +252,21 @@ def test_choose_kind_rules() -> None:
     assert ivf_nlist(60) == 1 and ivf_nlist(1000) == 25
     assert vector_index.pq_code_size(100_000_000, 512, 64 * gib) == 128  # 18 GB of codes fit
     assert vector_index.pq_code_size(100_000_000, 512, 10 * gib) == 32
+
+
+def test_ivfpqr_tunes_its_reranking_depth_and_deeper_finds_more(
+    data: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    vectors, ids, queries = data
+    index = VectorIndex.create("ivfpqr", DIM, train_vectors=vectors)
+    index.add(vectors, ids)
+    shallow = measure_recall(index, vectors, queries, 10, SearchParams(nprobe=16, k_factor=1), exact_ids=ids)
+    deep = measure_recall(index, vectors, queries, 10, SearchParams(nprobe=16, k_factor=64), exact_ids=ids)
+    assert deep > shallow + 0.05
+    tuned, recall = tune_search_params(index, vectors, ids, queries)
+    assert recall >= 0.95 and tuned.nprobe is not None and tuned.k_factor in vector_index.REFINE_K_FACTORS
+    # the shallowest depth reaching the target at that nprobe: one step shallower misses it
+    shallower = [f for f in vector_index.REFINE_K_FACTORS if f < tuned.k_factor]
+    if shallower:
+        params = SearchParams(nprobe=tuned.nprobe, k_factor=shallower[-1])
+        assert measure_recall(index, vectors, queries, 10, params, exact_ids=ids) < 0.95
