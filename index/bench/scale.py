@@ -61,6 +61,8 @@ class ScaleReport:
     p99_ms: float
     cpu: str = ""
     notes: list[str] = field(default_factory=list)
+    k_factor: int | None = None
+    """ivfpqr: the tuned re-ranking depth (candidates re-ranked exactly per result)."""
 
     def as_dict(self) -> dict[str, object]:
         """The report as JSON-ready data."""
@@ -178,6 +180,7 @@ def run_scale_bench(
             "index_after_queries": round(_rss_mb() - rss_before, 1),
         },
         nprobe=nprobe,
+        k_factor=params.k_factor,
         tune_recall_at_10=round(tune_recall, 4),
         recall_at_10=round(recall, 4),
         queries=len(timed),
