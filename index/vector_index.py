@@ -8,8 +8,8 @@ Kinds (all `METRIC_INNER_PRODUCT`):
 - `hnsw`: `IndexIDMap2(IndexHNSWFlat)`, M=32. Approximate: `efSearch` bounds the graph walk. FAISS cannot
   delete from an HNSW graph, so `remove` rebuilds the graph from the remaining vectors (a full build).
 - `ivfsq`: IVF with 8-bit scalar-quantised vectors (`SQ8`, 1 byte per dimension: a quarter of IVF-Flat's
-  bytes, scores within about 1% of exact). A query scans a quarter of the bytes IVF-Flat scans, which is
-  what bounds a large index's latency (`retina-index bench-scale`, README "Scaling").
+  memory and disk, approximate scores). Not faster to scan than IVF-Flat on the CPUs measured here:
+  decoding the codes costs about what reading the floats does (README "Scaling").
 - `ivfpqr`: IVF-PQ with 4-bit fast-scan codes (`PQ{dim/2}x4fs`: SIMD distance tables, several times
   faster to scan than IVF-Flat) whose top `k * REFINE_K_FACTOR` candidates are re-ranked exactly against
   the raw vectors (`IndexRefineFlat`, held in memory), wrapped in `IndexIDMap2` for the ids. The fastest
@@ -310,7 +310,7 @@ class VectorIndex:
         seed: int = 0,
         device: Literal["auto", "cpu"] = "auto",
     ) -> VectorIndex:
-        """A new, empty index. the IVF kinds are trained here on `train_vectors` (required; a random
+        """A new, empty index. The IVF kinds are trained here on `train_vectors` (required; a random
         sample of `train_size` of them is used); `n_hint` (default: the number of training vectors) is the
         expected archive size that sets `nlist` (unless given) and the PQ code size."""
         if kind not in KINDS:
