@@ -96,24 +96,32 @@ def stored_narrative(record: FundusRecord, seed: int = 0) -> str:
     return record.narrative or write_narrative(record, seed)
 
 
-def training_narrative(record: FundusRecord, epoch: int, seed: int) -> str:
-    """The text a record is trained with in an epoch: its stored narrative, or a fresh paraphrase."""
+def _fresh_narrative_seed(record: FundusRecord, epoch: int, seed: int) -> int | None:
+    """The seed of the fresh paraphrase a record is trained with in an epoch, or None when that epoch uses
+    its stored narrative."""
     digest = hashlib.sha256(f"{seed}:{epoch}:{record.image_id}".encode()).digest()
     if int.from_bytes(digest[:4], "little") / 2**32 >= FRESH_NARRATIVE_PROBABILITY:
-        return stored_narrative(record, seed)
-    return write_narrative(record, seed=1_000_003 * (epoch + 1) + seed)
+        return None
+    return 1_000_003 * (epoch + 1) + seed
+
+
+def training_narrative(record: FundusRecord, epoch: int, seed: int) -> str:
+    """The text a record is trained with in an epoch: its stored narrative, or a fresh paraphrase."""
+    fresh = _fresh_narrative_seed(record, epoch, seed)
+    return stored_narrative(record, seed) if fresh is None else write_narrative(record, seed=fresh)
 
 
 def training_narrative_and_facts(record: FundusRecord, epoch: int, seed: int,
                                  narrative_seed: int) -> tuple[str, StatedFacts | None]:
     """`training_narrative` with the facts it states: None for a stored narrative that is not the one
     `compose_narrative(record, narrative_seed)` writes (the facts of an arbitrary text are unknown)."""
-    text = training_narrative(record, epoch, seed)
-    for candidate in (narrative_seed, seed, 1_000_003 * (epoch + 1) + seed):
-        written, facts = compose_narrative(record, candidate)
-        if written == text:
-            return text, facts
-    return text, None
+    fresh = _fresh_narrative_seed(record, epoch, seed)
+    if fresh is not None:
+        return compose_narrative(record, fresh)
+    if record.narrative is None:  # `stored_narrative` writes one with `seed`
+        return compose_narrative(record, seed)
+    written, facts = compose_narrative(record, narrative_seed)
+    return record.narrative, facts if written == record.narrative else None
 
 
 @dataclass
