@@ -5,6 +5,8 @@ A folder that `retina-train export` writes and everything online reads:
     BUNDLE/manifest.json        this schema: what the graphs expect and produce, and a sha256 per file
     BUNDLE/image_encoder.onnx   pixels (B, 3, S, S) -> image_embedding (B, D), image_tokens (B, N, W)
     BUNDLE/text_encoder.onnx    input_ids, attention_mask (B, L) -> text_embedding (B, D), text_tokens (B, L, W)
+                                and, optionally, text_record_embedding (B, D): the text against records (the
+                                model's record head); a graph without it searches records with text_embedding
     BUNDLE/grader.onnx          image_tokens, text_tokens, attention_mask, tabular + presence flags (B,)
                                 -> icdr_logits, sdrg_logits (B, 5), record_embedding (B, D)
     BUNDLE/tokenizer.json       the text tokenizer (Hugging Face `tokenizers` format)

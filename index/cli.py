@@ -188,7 +188,7 @@ def query(
             raise _fail(str(error)) from None
         if embedded.truncated[0]:
             console.print(f"note: the text was cut to the model's {embedder.max_length} tokens")
-        vector = embedded.vectors
+        vector = embedded.against(against_choice)
         title = f"text: {text[:60]!r}"
     else:
         assert image is not None

@@ -42,7 +42,7 @@ from index.bundle import GRADER, IMAGE_ENCODER, TEXT_ENCODER, TOKENIZER, BundleE
 from index.cpus import available_cpus
 from index.gate import Gradability, assess, fundus_layout
 from index.preprocess import ImageSpec, batch_model_inputs
-from index.records import ICDR_NAMES, REFERABLE_ICDR, SDRG_NAMES, FundusRecord
+from index.records import ICDR_NAMES, REFERABLE_ICDR, SDRG_NAMES, Against, FundusRecord
 from index.runtimes import (
     RUNTIMES,
     Graph,
@@ -67,10 +67,16 @@ Structured = FundusRecord | Mapping[str, object]
 
 @dataclass(frozen=True)
 class TextEmbedding:
-    """Embeddings of texts, and which texts were cut to the model's maximum length."""
+    """Embeddings of texts (against photographs and against records), and which texts were cut to the
+    model's maximum length."""
 
-    vectors: np.ndarray  # (N, D) float32, L2-normalised
+    vectors: np.ndarray  # (N, D) float32, L2-normalised: searches photographs
     truncated: list[bool]  # True where the text had more than max_length tokens (the rest was ignored)
+    record_vectors: np.ndarray | None = None  # (N, D): searches records; None: `vectors` do both
+
+    def against(self, target: Against) -> np.ndarray:
+        """The vectors that search `target` ("image" or "record")."""
+        return self.record_vectors if target == "record" and self.record_vectors is not None else self.vectors
 
 
 @dataclass(frozen=True)
@@ -129,9 +135,14 @@ class Grades:
 class SearchQuery:
     """One query through its tower once: the search vector, and the grades fused from the same pass."""
 
-    vector: np.ndarray  # (D,) float32, L2-normalised
+    vector: np.ndarray  # (D,) float32, L2-normalised: searches photographs (and records, without the next)
     grades: Grades
     truncated: bool = False  # a text cut to the model's max_length
+    record_vector: np.ndarray | None = None  # (D,) a text's own vector against records (its record head)
+
+    def against(self, target: Against) -> np.ndarray:
+        """The vector that searches `target` ("image" or "record")."""
+        return self.record_vector if target == "record" and self.record_vector is not None else self.vector
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,7 @@ class RecordEmbeddings:
 class _TowerOutput:
     vectors: np.ndarray  # (N, D)
     tokens: np.ndarray  # (N, T, W) for the grader
+    record_vectors: np.ndarray | None = None  # (N, D) a text's embedding against records, where the graph has one
 
 
 @dataclass(frozen=True)
@@ -377,13 +389,17 @@ class Embedder:
         Raises ValueError for a text that is empty, whitespace only, or has no token the tokenizer reads.
         """
         _check_batch_size(batch_size)
-        vectors, truncated = [], []
+        vectors, record_vectors, truncated = [], [], []
         for start in range(0, len(texts), batch_size):
             tokens = self.tokenize(texts[start : start + batch_size], first_index=start)
-            vectors.append(self._run_text(tokens).vectors)
+            tower = self._run_text(tokens)
+            vectors.append(tower.vectors)
+            if tower.record_vectors is not None:
+                record_vectors.append(tower.record_vectors)
             truncated += tokens.truncated
         matrix = np.concatenate(vectors) if vectors else np.zeros((0, self.dim), np.float32)
-        return TextEmbedding(vectors=matrix, truncated=truncated)
+        return TextEmbedding(vectors=matrix, truncated=truncated,
+                             record_vectors=np.concatenate(record_vectors) if record_vectors else None)
 
     def embed_records(
         self, images: Sequence[Image.Image], structured: Sequence[Structured], batch_size: int = 32
@@ -450,7 +466,8 @@ class Embedder:
         )
         return [
             SearchQuery(tower.vectors[i], self._grades(icdr[i], sdrg[i], record[i], ["text"], tokens.truncated[i]),
-                        tokens.truncated[i])
+                        tokens.truncated[i],
+                        None if tower.record_vectors is None else tower.record_vectors[i])
             for i in range(n)
         ]
 
@@ -605,7 +622,9 @@ class Embedder:
 
     def _run_text(self, tokens: Tokens) -> _TowerOutput:
         out = self._graphs[TEXT_ENCODER].run({"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask})
-        return _TowerOutput(np.ascontiguousarray(out["text_embedding"], dtype=np.float32), out["text_tokens"])
+        record = out.get("text_record_embedding")  # bundles exported before the record head lack it
+        return _TowerOutput(np.ascontiguousarray(out["text_embedding"], dtype=np.float32), out["text_tokens"],
+                            None if record is None else np.ascontiguousarray(record, dtype=np.float32))
 
     def _run_grader(
         self, n: int, *, image_tokens: np.ndarray | None = None, text_tokens: np.ndarray | None = None,

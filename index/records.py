@@ -8,6 +8,7 @@ columns, with the dataset's misspellings normalised (`iluminaton` -> `illuminati
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +32,10 @@ SDRG_NAMES: tuple[str, ...] = (
 
 REFERABLE_ICDR = 2
 """Referable diabetic retinopathy: ICDR grade >= 2 (moderate NPDR or worse)."""
+
+Against = Literal["image", "record"]
+"""What a search compares its query with: the photographs' embeddings, or the records' (photograph +
+structured data, fused)."""
 
 
 class Sex(IntEnum):

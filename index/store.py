@@ -40,6 +40,7 @@ from index.atomic import atomic_target, write_text_atomic
 from index.bundle import now_iso, sha256_of
 from index.ivf_build import IVFDATA_SUFFIX
 from index.metadata import Filters, MetadataError, MetadataRow, MetadataTable
+from index.records import Against
 from index.vector_index import IndexKind, SearchParams, VectorIndex, VectorIndexError
 
 INDEX_SCHEMA_VERSION = 1
@@ -48,7 +49,6 @@ PARTIAL_DIR = ".partial"
 NORM_TOLERANCE = 1e-3
 """Vectors added to an index must have unit L2 norm within this tolerance (inner product = cosine)."""
 
-Against = Literal["image", "record"]
 AGAINST: tuple[Against, ...] = ("image", "record")
 
 

@@ -350,7 +350,7 @@ def _searched(
     hits: list[list[Hit]] = [[] for _ in requests]
     unfiltered: list[list[Hit] | None] = [None] * len(requests)
     for against, filters, members in groups:
-        vectors = np.stack([queries[i].vector for i in members])
+        vectors = np.stack([queries[i].against(against) for i in members])
         depth = max(requests[i].k for i in members)
         whole_archive = against == "image" and (filters is None or filters.is_empty())
         if whole_archive:  # deep enough for the consensus too (k + 1: the photograph itself may be archived)

@@ -1,4 +1,5 @@
-"""A tiny exported bundle for tests: a 64-photograph synthetic archive, a 2-step `tiny` run, an fp32 export.
+"""A tiny exported bundle for tests: a 64-photograph synthetic archive, a 2-step `tiny` run (with the text's
+record head, `record_text_head`, so that text -> record search has its own vector), an fp32 export.
 
 Built once per test session (about 30 s on 2 cores) and shared by every module that asks for it, so
 that test_export.py and test_embedder.py do not pay for it twice. Not a test module (no `test_` prefix).
@@ -13,6 +14,7 @@ import pytest
 
 from index.archive.brset import read_archive
 from training.export import ParityReport, export_bundle
+from training.model import load_config
 from training.splits import make_splits, save_splits
 from training.synth.archive import write_archive
 from training.synth.priors import sample_records
@@ -39,8 +41,10 @@ def tiny_bundle(factory: pytest.TempPathFactory) -> TinyBundle:
         root = factory.mktemp("tiny-bundle")
         write_archive(sample_records(64, seed=1), root / "archive", size=224, seed=1)
         save_splits(make_splits(read_archive(root / "archive").records, seed=0), root / "splits.json")
-        fit(FitOptions(config="tiny", archive=root / "archive", splits=root / "splits.json", out=root / "run",
-                       epochs=1, batch_size=8, max_steps=2, precision="fp32", seed=3))
+        config = load_config("tiny").model_copy(update={"record_text_head": True})
+        (root / "tiny.json").write_text(config.model_dump_json(indent=1))
+        fit(FitOptions(config=str(root / "tiny.json"), archive=root / "archive", splits=root / "splits.json",
+                       out=root / "run", epochs=1, batch_size=8, max_steps=2, precision="fp32", seed=3))
         report = export_bundle(root / "run", root / "archive", root / "splits.json", root / "bundle")
         _built["tiny"] = TinyBundle(root / "archive", root / "splits.json", root / "run", root / "bundle", report)
     return _built["tiny"]

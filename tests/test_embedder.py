@@ -4,7 +4,10 @@ validation and truncation, providers."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +17,7 @@ from bundle_factory import TinyBundle, tiny_bundle
 from PIL import Image
 
 from index.archive.brset import read_archive
+from index.bundle import TEXT_ENCODER
 from index.embedder import CPU, CUDA, Embedder, GradeInput, Grades
 from index.preprocess import batch_model_inputs, decode_image
 from index.records import FundusRecord
@@ -122,6 +126,49 @@ def test_text_embeddings_match_pytorch_with_transformers_ids(embedder: Embedder,
     assert embedded.truncated == [False] * N + [True, False, False]
     # One text alone (no padding) embeds as it does inside a padded batch.
     np.testing.assert_allclose(embedder.embed_texts(texts[-2:-1]).vectors[0], reference[-2], atol=ATOL)
+
+
+def test_texts_search_records_with_the_record_heads_vector(embedder: Embedder, run: LoadedRun, sample) -> None:
+    texts = sample[2]
+    tokens = run.tokenizer(texts, padding=True, truncation=True, max_length=run.model.config.text.max_length,
+                           return_tensors="pt")
+    assert run.model.config.record_text_head
+    with torch.no_grad():
+        image_side = run.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).numpy()
+        record_side = run.model.encode_text_for_records(tokens["input_ids"], tokens["attention_mask"]).numpy()
+    embedded = embedder.embed_texts(texts)
+    assert embedded.record_vectors is not None and _unit(embedded.record_vectors)
+    np.testing.assert_allclose(embedded.against("image"), image_side, atol=ATOL)
+    np.testing.assert_allclose(embedded.against("record"), record_side, atol=ATOL)
+    assert np.abs(record_side - image_side).max() > 0.01  # the two heads differ
+    for query, image_vector, record_vector in zip(embedder.query_texts(texts), image_side, record_side, strict=True):
+        np.testing.assert_allclose(query.against("image"), image_vector, atol=ATOL)
+        np.testing.assert_allclose(query.against("record"), record_vector, atol=ATOL)
+
+
+def test_a_text_graph_without_a_record_output_searches_records_with_its_one_vector(
+    tiny: TinyBundle, sample, tmp_path: Path
+) -> None:
+    """A bundle exported before the record head: its text graph has two outputs, and they serve both."""
+    import onnx
+
+    from index.bundle import MANIFEST_FILE, sha256_of
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny.bundle, bundle)
+    graph = onnx.load(str(bundle / TEXT_ENCODER))
+    (record_output,) = [o for o in graph.graph.output if o.name == "text_record_embedding"]
+    graph.graph.output.remove(record_output)
+    onnx.save(graph, str(bundle / TEXT_ENCODER))
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    manifest["files"][TEXT_ENCODER] = sha256_of(bundle / TEXT_ENCODER)
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    older = Embedder(bundle, device="cpu")
+    embedded = older.embed_texts(sample[2])
+    assert embedded.record_vectors is None
+    np.testing.assert_array_equal(embedded.against("record"), embedded.vectors)
+    query = older.query_texts(sample[2][:1])[0]
+    assert query.record_vector is None and query.against("record") is query.vector
 
 
 def test_empty_texts_are_refused(embedder: Embedder) -> None:

@@ -219,6 +219,60 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(tiny, tokenizer, tmp_path
         )
 
 
+def test_without_a_record_head_one_text_embedding_searches_both(tiny, tokenizer) -> None:
+    tiny.eval()
+    b = _batch(tokenizer, size=3)
+    with torch.no_grad():
+        image_side, record_side, tokens = tiny.encode_text_for_search(b["input_ids"], b["attention_mask"])
+        torch.testing.assert_close(image_side, tiny.encode_text(b["input_ids"], b["attention_mask"]))
+        torch.testing.assert_close(record_side, image_side)
+        torch.testing.assert_close(tokens, tiny.encode_text_for_fusion(b["input_ids"], b["attention_mask"])[1])
+    assert not any(name.startswith("text_record_proj") for name in tiny.state_dict())  # older checkpoints load
+
+
+def test_a_record_head_gives_the_text_its_own_embedding_for_records(tokenizer) -> None:
+    config = load_config("tiny").model_copy(update={"record_text_head": True})
+    torch.manual_seed(0)
+    model = create_model(config, tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+    b = _batch(tokenizer, size=4)
+    model.eval()
+    with torch.no_grad():
+        image_side, record_side, _ = model.encode_text_for_search(b["input_ids"], b["attention_mask"])
+        torch.testing.assert_close(image_side, model.encode_text(b["input_ids"], b["attention_mask"]))
+        torch.testing.assert_close(record_side, model.encode_text_for_records(b["input_ids"], b["attention_mask"]))
+        torch.testing.assert_close(record_side.norm(dim=-1), torch.ones(4))
+    assert (image_side * record_side).sum(-1).abs().max() < 0.99  # two projections, two embeddings
+
+    model.train()
+    losses = model(b)
+
+    def grads(loss_name: str) -> tuple[bool, bool]:
+        model.zero_grad()
+        losses[loss_name].backward(retain_graph=True)
+        head, shared = model.text_record_proj.weight.grad, model.text_proj.weight.grad
+        return head is not None and bool(head.any()), shared is not None and bool(shared.any())
+
+    # The facts side (records, tabular data) trains the record head only; the photographs the shared one only.
+    assert grads("contrastive_text_record") == (True, False)
+    assert grads("contrastive_text_tabular") == (True, False)
+    assert grads("contrastive_image_text") == (False, True)
+
+
+def test_image_uniformity_is_a_loss_that_trains_the_image_tower(tokenizer) -> None:
+    config = load_config("tiny").model_dump()
+    config["losses"]["image_uniformity"] = 1.0
+    torch.manual_seed(0)
+    model = create_model(ModelConfig.model_validate(config), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+    losses = model(_batch(tokenizer, size=4))
+    assert losses["image_uniformity"] < 0
+    model.zero_grad()
+    losses["image_uniformity"].backward()
+    assert any(p.grad is not None and p.grad.any() for p in model.image.parameters())
+    assert model.text_proj.weight.grad is None  # a loss of the image embeddings alone
+    assert "image_uniformity" not in create_model(load_config("tiny"), tabular_width=TABULAR_WIDTH,
+                                                  tokenizer=tokenizer)(_batch(tokenizer, size=4))
+
+
 def test_clip_baseline_trains_image_text_contrastive_only(tokenizer) -> None:
     model = create_model("clip-baseline", tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
     assert model.image_decoder is None and model.mlm_head is None

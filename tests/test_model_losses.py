@@ -25,6 +25,7 @@ from training.model.losses import (
     normalize_patches,
     patchify,
     random_patch_mask,
+    uniformity_loss,
     weighted_cross_entropy,
 )
 
@@ -201,3 +202,21 @@ def test_hard_negatives_only_add_to_the_a_to_b_direction() -> None:
     contrastive_loss_with_hard_negatives(a, b, scale, hard_b, some).backward()
     assert hard_b.grad is not None and hard_b.grad[some].abs().sum() > 0 and hard_b.grad[~some].abs().sum() == 0
     assert scale.grad is not None and torch.isfinite(scale.grad)
+
+
+def test_uniformity_is_zero_for_a_collapsed_batch_and_lower_the_more_it_spreads() -> None:
+    point = F.normalize(torch.randn(1, 16), dim=-1)
+    assert uniformity_loss(point.repeat(8, 1)).item() == pytest.approx(0.0, abs=1e-6)
+    near = F.normalize(point + 0.05 * torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    spread = F.normalize(torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    assert uniformity_loss(spread) < uniformity_loss(near) < 0
+    # Two antipodal points: ||x - y||^2 = 4 for the one pair, so the mean potential is exp(-2 * 4).
+    assert uniformity_loss(torch.cat([point, -point])).item() == pytest.approx(-8.0, abs=1e-4)
+    one = point.clone().requires_grad_(True)
+    loss = uniformity_loss(one)
+    loss.backward()
+    assert loss.item() == 0.0 and one.grad is not None  # one row: nothing to spread, the graph is kept
+    rows = near.clone().requires_grad_(True)
+    uniformity_loss(rows).backward()
+    stepped = F.normalize(rows - 0.1 * rows.grad, dim=-1)
+    assert uniformity_loss(stepped) < uniformity_loss(near)  # its gradient spreads the rows

@@ -104,6 +104,26 @@ def test_text_search_filters_and_record_embeddings(served: Served) -> None:
         assert any("match the filters" in note for note in body["notes"])
 
 
+def test_text_search_against_records_uses_the_texts_record_vector(served: Served,
+                                                                 stored: tuple[Path, Path, str]) -> None:
+    embedder = Embedder(stored[0], device="cpu")
+    query = embedder.query_texts([QUERY])[0]
+    assert query.record_vector is not None  # the tiny bundle's model has a record head
+    store = open_index(stored[1], embedder)
+    scores = {}
+    for against in ("record", "image"):
+        response = httpx.post(served.url + "/search/text", json={"text": QUERY, "k": 5, "against": against},
+                              timeout=60)
+        assert response.status_code == 200, response.text
+        expected = store.search(query.against(against)[None], 5, against)[0]  # type: ignore[arg-type]
+        neighbours = response.json()["neighbours"]
+        assert [n["id"] for n in neighbours] == [hit.id for hit in expected]
+        assert [n["score"] for n in neighbours] == pytest.approx([hit.score for hit in expected], abs=1e-5)
+        scores[against] = [hit.score for hit in expected]
+    photographs_vector_on_records = [hit.score for hit in store.search(query.vector[None], 5, "record")[0]]
+    assert photographs_vector_on_records != pytest.approx(scores["record"], abs=1e-5)
+
+
 def test_image_search_matches_the_bare_model(served: Served, photo: tuple[int, bytes],
                                              stored: tuple[Path, Path, str]) -> None:
     photo_id, data = photo

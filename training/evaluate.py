@@ -68,6 +68,11 @@ class Embeddings:
     sdrg_probabilities: np.ndarray
     icdr_logits: np.ndarray | None = None  # what the probabilities are the softmax of (for calibration)
     sdrg_logits: np.ndarray | None = None
+    text_record: np.ndarray | None = None  # the texts against records (a record head); None: `text`
+
+    def text_against(self, gallery: str) -> np.ndarray:
+        """The text embeddings that search `gallery` ("image" or "record")."""
+        return self.text_record if gallery == "record" and self.text_record is not None else self.text
 
 
 def _batches(n: int, size: int) -> list[np.ndarray]:
@@ -106,14 +111,15 @@ def embed_split(run: LoadedRun, data: SplitData, texts: Sequence[str], batch_siz
     if zero_shot:
         icdr_classes = _class_embeddings(run, builder, grade_prompts(ICDR_NAMES, ICDR_DESCRIPTIONS))
         sdrg_classes = _class_embeddings(run, builder, grade_prompts(SDRG_NAMES, SDRG_DESCRIPTIONS))
-    out: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "record", "text", "icdr", "sdrg",
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("image", "record", "text", "text_record", "icdr", "sdrg",
                                                           "icdr_logits", "sdrg_logits")}
     for rows in _batches(len(data), batch_size):
         batch = builder.batch(rows, [texts[i] for i in rows])
         pixels, tabular = batch["pixels"].to(device), batch["tabular"].to(device)
         with autocast_context(precision, device):
             image = model.encode_image(pixels)
-            text = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            text, text_record, _ = model.encode_text_for_search(batch["input_ids"].to(device),
+                                                                batch["attention_mask"].to(device))
             if zero_shot:
                 record = image
                 icdr = model.zero_shot_logits(image.float(), icdr_classes)
@@ -125,6 +131,7 @@ def embed_split(run: LoadedRun, data: SplitData, texts: Sequence[str], batch_siz
         out["image"].append(image.float().cpu().numpy())
         out["record"].append(record.float().cpu().numpy())
         out["text"].append(text.float().cpu().numpy())
+        out["text_record"].append(text_record.float().cpu().numpy())
         out["icdr"].append(icdr.float().softmax(-1).cpu().numpy())
         out["sdrg"].append(sdrg.float().softmax(-1).cpu().numpy())
         out["icdr_logits"].append(icdr.float().cpu().numpy())
@@ -137,6 +144,7 @@ def embed_split(run: LoadedRun, data: SplitData, texts: Sequence[str], batch_siz
         sdrg_probabilities=np.concatenate(out["sdrg"]),
         icdr_logits=np.concatenate(out["icdr_logits"]),
         sdrg_logits=np.concatenate(out["sdrg_logits"]),
+        text_record=np.concatenate(out["text_record"]) if model.config.record_text_head else None,
     )
 
 
@@ -175,12 +183,12 @@ def compute_metrics(records: Sequence[FundusRecord], embeddings: Embeddings, fac
     bound = ceiling(records, facts)
     metrics: dict = {"instance": {}, "category": {}}
     for gallery_name in ("image", "record"):
-        gallery = getattr(embeddings, gallery_name)
-        result = bidirectional_instance_recall(embeddings.text, gallery, ks=KS, names=("text", gallery_name))
+        gallery, text = getattr(embeddings, gallery_name), embeddings.text_against(gallery_name)
+        result = bidirectional_instance_recall(text, gallery, ks=KS, names=("text", gallery_name))
         result["a_to_b"].update(bound)
         metrics["instance"][f"text-{gallery_name}"] = result
         metrics["category"][f"text-{gallery_name}"] = category_retrieval(
-            embeddings.text, gallery, icdr, icdr, ks=KS, names=[f"ICDR {g}" for g in range(5)]
+            text, gallery, icdr, icdr, ks=KS, names=[f"ICDR {g}" for g in range(5)]
         )
     metrics["image_image"] = self_retrieval(embeddings.image, icdr, ks=KS, names=[f"ICDR {g}" for g in range(5)])
     metrics["consensus"] = consensus_metrics(embeddings.image, icdr, embeddings.icdr_probabilities.argmax(axis=1),

@@ -2,7 +2,8 @@
 
 Three graphs, each exported on its own (open_clip's advice for ONNX), and each tower run once per query
 (bundle schema v2): the image encoder (pixels -> image embedding and the image tokens the joint transformer
-reads), the text encoder (ids, mask -> text embedding and text tokens) and the grader (the joint
+reads), the text encoder (ids, mask -> text embedding, text tokens and the text embedding that searches
+records) and the grader (the joint
 transformer over those tokens + the structured data, with presence flags, so one graph serves every
 modality subset and also yields the record embedding; it never runs a tower). The exporter is pinned:
 `torch.onnx.export(dynamo=True)` at opset 18 (the TorchScript exporter mis-traced transformers 5's BERT
@@ -125,14 +126,16 @@ class ImageGraph(nn.Module):
 
 
 class TextGraph(nn.Module):
-    """The bundle's text encoder: (input_ids, attention_mask) -> (text embedding, text tokens)."""
+    """The bundle's text encoder: (input_ids, attention_mask) -> (text embedding against photographs, text
+    tokens, text embedding against records: the record head's, or the first output again without one)."""
 
     def __init__(self, model: RetinaAlignModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.encode_text_for_fusion(input_ids, attention_mask)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        image_side, record_side, tokens = self.model.encode_text_for_search(input_ids, attention_mask)
+        return image_side, tokens, record_side
 
 
 class Grader(nn.Module):
@@ -276,7 +279,7 @@ INPUT_NAMES = {
 }
 OUTPUT_NAMES = {
     IMAGE_ENCODER: ["image_embedding", "image_tokens"],
-    TEXT_ENCODER: ["text_embedding", "text_tokens"],
+    TEXT_ENCODER: ["text_embedding", "text_tokens", "text_record_embedding"],
     GRADER: ["icdr_logits", "sdrg_logits", "record_embedding"],
 }
 DYNAMIC_AXES = {
@@ -291,6 +294,7 @@ DYNAMIC_AXES = {
     "tabular_present": {0: "batch"},
     "image_embedding": {0: "batch"},
     "text_embedding": {0: "batch"},
+    "text_record_embedding": {0: "batch"},
     "icdr_logits": {0: "batch"},
     "sdrg_logits": {0: "batch"},
     "record_embedding": {0: "batch"},
@@ -366,11 +370,12 @@ def _parity(run: LoadedRun, folder: Path, batches: list[dict[str, Tensor]], prec
         mask = batch["attention_mask"]
         with torch.no_grad():
             image_ref = model.encode_image_for_fusion(pixels)
-            text_ref = model.encode_text_for_fusion(input_ids, mask)
+            text_ref = TextGraph(model)(input_ids, mask)
         image_got = sessions[IMAGE_ENCODER].run(None, {"pixels": pixels.numpy()})
         text_got = sessions[TEXT_ENCODER].run(None, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
         keep(["image_embedding"], image_ref[:1], image_got[:1])
         keep(["text_embedding"], text_ref[:1], text_got[:1])
+        keep(["text_record_embedding"], text_ref[2:], text_got[2:])
         for suffix in ("", SUBSET_SUFFIX):
             flags = _presence(pixels.shape[0], mixed=bool(suffix))
             with torch.no_grad():
@@ -392,7 +397,8 @@ def _parity(run: LoadedRun, folder: Path, batches: list[dict[str, Tensor]], prec
 
 
 def _check(report: ParityReport) -> None:
-    embeddings = ("image_embedding", "text_embedding", "record_embedding", "record_embedding" + SUBSET_SUFFIX)
+    embeddings = ("image_embedding", "text_embedding", "text_record_embedding", "record_embedding",
+                  "record_embedding" + SUBSET_SUFFIX)
     if report.precision == "fp32":
         worst = max(report.max_abs_diff[e] for e in embeddings)
         if worst > FP32_TOLERANCE:
@@ -437,7 +443,7 @@ def _openvino_parity(run: LoadedRun, folder: Path, batches: list[dict[str, Tenso
         flags = _presence(pixels.shape[0], mixed=False)
         with torch.no_grad():
             image_ref = model.encode_image_for_fusion(pixels)[0]
-            text_ref = model.encode_text_for_fusion(input_ids, mask)[0]
+            text_ref, _, text_record_ref = TextGraph(model)(input_ids, mask)
             record_ref = FullGrader(model)(pixels, input_ids, mask, tabular, *flags)[2]
         image_got = image.run({"pixels": pixels.numpy()})
         text_got = text.run({"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
@@ -446,6 +452,7 @@ def _openvino_parity(run: LoadedRun, folder: Path, batches: list[dict[str, Tenso
         record_got = grader.run(feeds)["record_embedding"]
         for name, ref, got in (("image_embedding", image_ref, image_got["image_embedding"]),
                                ("text_embedding", text_ref, text_got["text_embedding"]),
+                               ("text_record_embedding", text_record_ref, text_got["text_record_embedding"]),
                                ("record_embedding", record_ref, record_got)):
             reference.setdefault(name, []).append(ref.float().numpy())
             exported.setdefault(name, []).append(got)

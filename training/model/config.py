@@ -159,6 +159,9 @@ class LossConfig(_Strict):
     so that searching by a photograph finds the same disease, not just a look-alike.
     `counterfactual_records` adds, to each text's text -> record InfoNCE row, a hard negative: its own
     record with one fact the text states made false in the structured data (`training.text.counterfactual`).
+    `image_uniformity` spreads the image embeddings over the sphere (`losses.uniformity_loss`): without it the
+    photographs of one grade collapse to one point, and image -> image similarities read 0.999 for every
+    neighbour.
     """
 
     contrastive_image_text: float = Field(default=1.0, ge=0)
@@ -173,6 +176,7 @@ class LossConfig(_Strict):
     sdrg_image_only: float = Field(default=0.0, ge=0)
     image_grade_contrastive: float = Field(default=0.0, ge=0)
     counterfactual_records: bool = False
+    image_uniformity: float = Field(default=0.0, ge=0)
     image_mask_ratio: float = Field(default=0.75, gt=0, lt=1)
     text_mask_prob: float = Field(default=0.15, gt=0, lt=1)
     init_logit_scale: float = math.log(1 / 0.07)
@@ -208,6 +212,11 @@ class ModelConfig(_Strict):
     `grading` says where grades come from at evaluation: `"heads"` (the ICDR/SDRG heads on the fused
     CLS) or `"zero_shot"` (CLIP-style: the image embedding against the text embeddings of the grade
     names), which is what the image-text-only baseline, whose heads are never trained, must use.
+
+    `record_text_head` gives the text a projection of its own for the facts side (the text -> record and
+    text -> tabular losses, and record search), beside the one that meets photographs: with a single shared
+    text embedding, training drops the facts a photograph cannot show (sex, age, camera), since for the image
+    loss they are only noise. Off (the default) keeps one text embedding for both, as older checkpoints have.
     """
 
     name: str
@@ -220,6 +229,7 @@ class ModelConfig(_Strict):
     losses: LossConfig = Field(default_factory=LossConfig)
     modality_dropout: ModalityDropoutConfig = Field(default_factory=ModalityDropoutConfig)
     grading: Literal["heads", "zero_shot"] = "heads"
+    record_text_head: bool = False
     num_icdr: int = 5
     num_sdrg: int = 5
 

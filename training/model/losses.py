@@ -107,6 +107,24 @@ def supervised_contrastive_loss(embeddings: Tensor, labels: Tensor, logit_scale:
     return (per_row * scored).sum() / scored.sum().clamp(min=1)
 
 
+def uniformity_loss(embeddings: Tensor, t: float = 2.0) -> Tensor:
+    """Uniformity of L2-normalised embeddings on the sphere (Wang & Isola 2020): the log of the mean Gaussian
+    potential exp(-t ||x - y||^2) over all pairs of distinct rows of the global batch. Lower is more spread;
+    a batch that collapsed to one point scores 0. With fewer than two rows it is a graph-keeping 0."""
+    embeddings = embeddings.float()
+    rank, _ = world()
+    all_embeddings = gather_with_grad(embeddings)
+    if all_embeddings.shape[0] < 2:
+        return embeddings.sum() * 0.0
+    rows = torch.arange(embeddings.shape[0], device=embeddings.device)
+    is_self = torch.zeros(embeddings.shape[0], all_embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
+    is_self[rows, rows + rank * embeddings.shape[0]] = True
+    squared = (2 - 2 * embeddings @ all_embeddings.T).clamp(min=0)  # unit rows: ||x - y||^2 = 2 - 2 x.y
+    potential = (-t * squared).exp().masked_fill(is_self, 0.0)
+    pairs = embeddings.shape[0] * (all_embeddings.shape[0] - 1)
+    return (potential.sum() / pairs).log()
+
+
 def weighted_cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | None = None) -> Tensor:
     """Cross-entropy averaged with class weights (like `F.cross_entropy(weight=...)`), ignoring -100.
 

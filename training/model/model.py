@@ -47,6 +47,7 @@ from training.model.losses import (
     patchify,
     random_patch_mask,
     supervised_contrastive_loss,
+    uniformity_loss,
     weighted_cross_entropy,
 )
 from training.model.tabular import TabularEncoder
@@ -59,6 +60,8 @@ CONTRASTIVE_PAIRS: tuple[tuple[str, str], ...] = (
     ("text", "record"),
 )
 """Embedding pairs aligned by InfoNCE; the loss of (a, b) is `contrastive_{a}_{b}`."""
+FACT_SIDES = ("record", "tabular")
+"""The partners of the text whose pair uses the text's facts embedding (its record head, `record_text_head`)."""
 IMAGE_GRADE_SCALE = "image_grade"
 """The logit scale of the supervised contrastive loss between image embeddings of one ICDR grade."""
 
@@ -129,6 +132,8 @@ class RetinaAlignModel(nn.Module):
         self.text_proj = nn.Linear(self.text.width, dim, bias=False)
         self.tabular_proj = nn.Linear(self.tabular.width, dim, bias=False)
         self.record_proj = nn.Linear(width, dim, bias=False)
+        # the text's facts side (text -> record / tabular), when it has a projection of its own
+        self.text_record_proj = nn.Linear(self.text.width, dim, bias=False) if config.record_text_head else None
         self.image_to_fusion = nn.Linear(self.image.width, width)
         self.text_to_fusion = nn.Linear(self.text.width, width)
         self.tabular_to_fusion = nn.Linear(self.tabular.width, width)
@@ -167,6 +172,18 @@ class RetinaAlignModel(nn.Module):
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token ids and mask (B, L) -> L2-normalised text embeddings (B, embed_dim), from [CLS]."""
         return self._embed_text(self.text(input_ids, attention_mask))
+
+    def encode_text_for_records(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Token ids and mask (B, L) -> L2-normalised text embeddings that search records (B, embed_dim): the
+        record head's where the model has one (`record_text_head`), else the same as `encode_text`."""
+        return self._embed_text_for_records(self.text(input_ids, attention_mask))
+
+    def encode_text_for_search(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """One pass of the text tower -> (text embedding against photographs (B, D), against records (B, D),
+        text tokens for the joint transformer (B, L, width)). The two embeddings are equal without a record
+        head."""
+        states = self.text(input_ids, attention_mask)
+        return self._embed_text(states), self._embed_text_for_records(states), self.text_to_fusion(states)
 
     def encode_image_for_fusion(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """One pass of the image tower -> (L2-normalised image embedding (B, D), the image tokens the joint
@@ -270,6 +287,11 @@ class RetinaAlignModel(nn.Module):
             embeddings["image"] = self._embed_image(image_states)
         if text_states is not None:
             embeddings["text"] = self._embed_text(text_states)
+            # the facts side of the text: its own head's, or the one text embedding
+            embeddings["text_facts"] = (
+                self._embed_text_for_records(text_states) if self.text_record_proj is not None
+                else embeddings["text"]
+            )
         if tabular_hidden is not None:
             embeddings["tabular"] = F.normalize(self.tabular_proj(tabular_hidden), dim=-1)
         if weights.contrastive_text_record > 0 and text_states is not None and image_states is not None:
@@ -284,18 +306,21 @@ class RetinaAlignModel(nn.Module):
             if b == "record" and counterfactuals:
                 continue  # with its hard negatives below
             if getattr(weights, name) > 0 and a in embeddings and b in embeddings:
-                losses[name] = contrastive_loss(embeddings[a], embeddings[b], self.logit_scale(f"{a}_{b}"))
+                query = embeddings["text_facts"] if a == "text" and b in FACT_SIDES else embeddings[a]
+                losses[name] = contrastive_loss(query, embeddings[b], self.logit_scale(f"{a}_{b}"))
         if counterfactuals:
             counter = self._fuse_states(image_states, None, None, self.tabular(batch["counterfactual_tabular"]),
                                         present={})
             losses["contrastive_text_record"] = contrastive_loss_with_hard_negatives(
-                embeddings["text"], embeddings["record"], self.logit_scale("text_record"),
+                embeddings["text_facts"], embeddings["record"], self.logit_scale("text_record"),
                 self.embed_record(counter), batch["counterfactual_present"],
             )
         if weights.image_grade_contrastive > 0 and "image" in embeddings and "icdr" in batch:
             losses["image_grade_contrastive"] = supervised_contrastive_loss(
                 embeddings["image"], batch["icdr"], self.logit_scale(IMAGE_GRADE_SCALE)
             )
+        if weights.image_uniformity > 0 and "image" in embeddings:
+            losses["image_uniformity"] = uniformity_loss(embeddings["image"])
         if self.image_decoder is not None and pixels is not None:
             losses["image_reconstruction"] = self._reconstruction_loss(pixels)
         if self.mlm_head is not None and input_ids is not None:
@@ -343,6 +368,9 @@ class RetinaAlignModel(nn.Module):
             unused += [self.fusion, self.image_to_fusion, self.text_to_fusion, self.tabular_to_fusion]
         if losses.contrastive_text_record == 0:
             unused.append(self.record_proj)
+        facts_unused = losses.contrastive_text_record == 0 and losses.contrastive_text_tabular == 0
+        if self.text_record_proj is not None and facts_unused:
+            unused.append(self.text_record_proj)
         if losses.contrastive_image_tabular == 0 and losses.contrastive_text_tabular == 0:
             unused.append(self.tabular_proj)
             if not losses.needs_fusion:
@@ -355,6 +383,11 @@ class RetinaAlignModel(nn.Module):
 
     def _embed_text(self, states: Tensor) -> Tensor:
         return F.normalize(self.text_proj(states[:, 0]), dim=-1)
+
+    def _embed_text_for_records(self, states: Tensor) -> Tensor:
+        if self.text_record_proj is None:
+            return self._embed_text(states)
+        return F.normalize(self.text_record_proj(states[:, 0]), dim=-1)
 
     def embed_record(self, fused: FusionOutput) -> Tensor:
         """The record embedding of a fusion output: its CLS projected and L2-normalised."""

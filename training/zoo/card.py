@@ -132,10 +132,14 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         f"(hidden {bert.get('hidden_size')}, {bert.get('num_hidden_layers')} layers, WordPiece of "
         f"{text['vocab_size']} tokens trained on the narratives); tabular MLP; joint transformer "
         f"(width {config['fusion']['width']}, depth {config['fusion']['depth']}); shared embedding "
-        f"{config['embed_dim']}-d.",
+        f"{config['embed_dim']}-d"
+        + ("; the text has a record head of its own (`record_text_head`: one projection against photographs, "
+           "one against records)." if config.get("record_text_head") else "."),
         "- Losses (weights): " + ", ".join(f"{k} {v:g}" for k, v in config["losses"].items()
-                                           if isinstance(v, int | float) and not k.endswith(("ratio", "prob", "scale"))
-                                           and v > 0) + ".",
+                                           if isinstance(v, int | float) and not isinstance(v, bool)
+                                           and not k.endswith(("ratio", "prob", "scale")) and v > 0)
+        + (" (text -> record with counterfactual hard negatives)" if config["losses"].get("counterfactual_records")
+           else "") + ".",
         "",
         "## Training data",
         "",
