@@ -258,6 +258,26 @@ def test_a_record_head_gives_the_text_its_own_embedding_for_records(tokenizer) -
     assert grads("contrastive_image_text") == (False, True)
 
 
+def test_a_mean_pooled_record_head_reads_every_token_and_ignores_padding(tokenizer) -> None:
+    config = load_config("tiny").model_copy(update={"record_text_head": True, "record_text_pooling": "mean"})
+    torch.manual_seed(0)
+    model = create_model(config, tabular_width=TABULAR_WIDTH, tokenizer=tokenizer).eval()
+    padded = tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
+    alone = tokenizer(TEXTS[1:2], return_tensors="pt")
+    assert padded["attention_mask"][1].sum() < padded["attention_mask"].shape[1]  # the second text is padded
+    with torch.no_grad():
+        states = model.text(padded["input_ids"], padded["attention_mask"])
+        mask = padded["attention_mask"].unsqueeze(-1).float()
+        expected = torch.nn.functional.normalize(
+            model.text_record_proj((states * mask).sum(1) / mask.sum(1)), dim=-1)
+        got = model.encode_text_for_records(padded["input_ids"], padded["attention_mask"])
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(got[1:], model.encode_text_for_records(alone["input_ids"], alone["attention_mask"]),
+                                   atol=1e-5, rtol=1e-4)
+        cls = torch.nn.functional.normalize(model.text_record_proj(states[:, 0]), dim=-1)
+    assert not torch.allclose(got, cls, atol=1e-3)
+
+
 def test_image_uniformity_is_a_loss_that_trains_the_image_tower(tokenizer) -> None:
     config = load_config("tiny").model_dump()
     config["losses"]["image_uniformity"] = 1.0

@@ -217,6 +217,8 @@ class ModelConfig(_Strict):
     text -> tabular losses, and record search), beside the one that meets photographs: with a single shared
     text embedding, training drops the facts a photograph cannot show (sex, age, camera), since for the image
     loss they are only noise. Off (the default) keeps one text embedding for both, as older checkpoints have.
+    `record_text_pooling` says what that head projects: the [CLS] state, or the mean of every token's state
+    (padding left out), which keeps each stated word in reach of a shallow text tower trained from scratch.
     """
 
     name: str
@@ -230,6 +232,7 @@ class ModelConfig(_Strict):
     modality_dropout: ModalityDropoutConfig = Field(default_factory=ModalityDropoutConfig)
     grading: Literal["heads", "zero_shot"] = "heads"
     record_text_head: bool = False
+    record_text_pooling: Literal["cls", "mean"] = "cls"
     num_icdr: int = 5
     num_sdrg: int = 5
 

@@ -176,14 +176,15 @@ class RetinaAlignModel(nn.Module):
     def encode_text_for_records(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token ids and mask (B, L) -> L2-normalised text embeddings that search records (B, embed_dim): the
         record head's where the model has one (`record_text_head`), else the same as `encode_text`."""
-        return self._embed_text_for_records(self.text(input_ids, attention_mask))
+        return self._embed_text_for_records(self.text(input_ids, attention_mask), attention_mask)
 
     def encode_text_for_search(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass of the text tower -> (text embedding against photographs (B, D), against records (B, D),
         text tokens for the joint transformer (B, L, width)). The two embeddings are equal without a record
         head."""
         states = self.text(input_ids, attention_mask)
-        return self._embed_text(states), self._embed_text_for_records(states), self.text_to_fusion(states)
+        return (self._embed_text(states), self._embed_text_for_records(states, attention_mask),
+                self.text_to_fusion(states))
 
     def encode_image_for_fusion(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """One pass of the image tower -> (L2-normalised image embedding (B, D), the image tokens the joint
@@ -289,7 +290,7 @@ class RetinaAlignModel(nn.Module):
             embeddings["text"] = self._embed_text(text_states)
             # the facts side of the text: its own head's, or the one text embedding
             embeddings["text_facts"] = (
-                self._embed_text_for_records(text_states) if self.text_record_proj is not None
+                self._embed_text_for_records(text_states, attention_mask) if self.text_record_proj is not None
                 else embeddings["text"]
             )
         if tabular_hidden is not None:
@@ -384,10 +385,15 @@ class RetinaAlignModel(nn.Module):
     def _embed_text(self, states: Tensor) -> Tensor:
         return F.normalize(self.text_proj(states[:, 0]), dim=-1)
 
-    def _embed_text_for_records(self, states: Tensor) -> Tensor:
+    def _embed_text_for_records(self, states: Tensor, attention_mask: Tensor) -> Tensor:
         if self.text_record_proj is None:
             return self._embed_text(states)
-        return F.normalize(self.text_record_proj(states[:, 0]), dim=-1)
+        if self.config.record_text_pooling == "mean":  # every token's state, padding left out
+            weights = attention_mask.to(states.dtype).unsqueeze(-1)
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        else:
+            pooled = states[:, 0]
+        return F.normalize(self.text_record_proj(pooled), dim=-1)
 
     def embed_record(self, fused: FusionOutput) -> Tensor:
         """The record embedding of a fusion output: its CLS projected and L2-normalised."""
