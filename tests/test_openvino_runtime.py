@@ -178,7 +178,7 @@ def test_export_writes_the_checked_int8_ir(ir_bundle: Path) -> None:
             assert (ir_bundle / name).is_file(), name
             assert manifest.files[name] == sha256_of(ir_bundle / name), name
     cosines = manifest.openvino_int8.min_cosine
-    assert set(cosines) == {"image_embedding", "text_embedding", "record_embedding"}
+    assert set(cosines) == {"image_embedding", "text_embedding", "text_record_embedding", "record_embedding"}
     assert all(MIN_COSINE <= cosine <= 1.0 + 1e-6 for cosine in cosines.values()), cosines
     assert manifest.openvino_int8.samples > 0 and manifest.openvino_int8.calibration_items > 0
     assert "NNCF" in manifest.openvino_int8.quantizer
