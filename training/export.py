@@ -3,9 +3,9 @@
 Three graphs, each exported on its own (open_clip's advice for ONNX), and each tower run once per query
 (bundle schema v2): the image encoder (pixels -> image embedding and the image tokens the joint transformer
 reads), the text encoder (ids, mask -> text embedding, text tokens and the text embedding that searches
-records) and the grader (the joint
-transformer over those tokens + the structured data, with presence flags, so one graph serves every
-modality subset and also yields the record embedding; it never runs a tower). The exporter is pinned:
+records) and the grader (the joint transformer over those tokens + the structured data, with presence
+flags, so one graph serves every modality subset and also yields the record embedding; it never runs a
+tower). The exporter is pinned:
 `torch.onnx.export(dynamo=True)` at opset 18 (the TorchScript exporter mis-traced transformers 5's BERT
 here: 0.08 max error), fixed image size, dynamic batch and sequence axes.
 
