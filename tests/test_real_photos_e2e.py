@@ -34,8 +34,8 @@ def test_every_real_photograph_is_answered_and_finds_itself(
     save_splits(make_splits(records, seed=0), tmp_path / "splits.json")
 
     tiny = tiny_bundle(tmp_path_factory)
-    fit(FitOptions(config="tiny", archive=archive, splits=tmp_path / "splits.json", out=tmp_path / "run",
-                   epochs=1, batch_size=8, max_steps=3, precision="fp32", seed=0, init=tiny.run))
+    fit(FitOptions(config=str(tiny.run / "config.json"), archive=archive, splits=tmp_path / "splits.json",
+                   out=tmp_path / "run", epochs=1, batch_size=8, max_steps=3, precision="fp32", seed=0, init=tiny.run))
     export_bundle(tmp_path / "run", archive, tmp_path / "splits.json", tmp_path / "bundle")
     info = build_index(BuildOptions(bundle=tmp_path / "bundle", archive=archive, out=tmp_path / "index",
                                     batch_size=16, device="cpu", progress=False))
