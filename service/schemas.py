@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from index.metadata import Filters, Labels
+from index.records import Against
 
 NOT_BLANK = r"\S"
 """A text must hold at least one character that is not white space."""
-Against = Literal["image", "record"]
 Modality = Literal["image", "text", "structured"]
 GateMode = Literal["refuse", "report"]
 

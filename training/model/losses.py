@@ -84,6 +84,15 @@ def gather_labels(labels: Tensor) -> Tensor:
     return torch.cat(parts, dim=0)
 
 
+def _self_mask(local: int, total: int, device: torch.device) -> Tensor:
+    """(local, total) bool: True where a row of this rank's batch meets itself in the all-gathered batch."""
+    rank, _ = world()
+    rows = torch.arange(local, device=device)
+    mask = torch.zeros(local, total, dtype=torch.bool, device=device)
+    mask[rows, rows + rank * local] = True
+    return mask
+
+
 def supervised_contrastive_loss(embeddings: Tensor, labels: Tensor, logit_scale: Tensor | float) -> Tensor:
     """Supervised contrastive loss (Khosla et al. 2020, "SupCon" L_out) over the global batch.
 
@@ -92,11 +101,8 @@ def supervised_contrastive_loss(embeddings: Tensor, labels: Tensor, logit_scale:
     the global batch do not count; with none at all the loss is a graph-keeping 0.
     """
     embeddings = embeddings.float()
-    rank, _ = world()
     all_embeddings, all_labels = gather_with_grad(embeddings), gather_labels(labels)
-    own = torch.arange(embeddings.shape[0], device=embeddings.device) + rank * embeddings.shape[0]
-    is_self = torch.zeros(embeddings.shape[0], all_embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
-    is_self[torch.arange(embeddings.shape[0]), own] = True
+    is_self = _self_mask(embeddings.shape[0], all_embeddings.shape[0], embeddings.device)
     logits = (logit_scale * embeddings @ all_embeddings.T).masked_fill(is_self, float("-inf"))
     log_prob = logits.log_softmax(dim=-1)
     known = labels != IGNORE_INDEX
@@ -112,13 +118,10 @@ def uniformity_loss(embeddings: Tensor, t: float = 2.0) -> Tensor:
     potential exp(-t ||x - y||^2) over all pairs of distinct rows of the global batch. Lower is more spread;
     a batch that collapsed to one point scores 0. With fewer than two rows it is a graph-keeping 0."""
     embeddings = embeddings.float()
-    rank, _ = world()
     all_embeddings = gather_with_grad(embeddings)
     if all_embeddings.shape[0] < 2:
         return embeddings.sum() * 0.0
-    rows = torch.arange(embeddings.shape[0], device=embeddings.device)
-    is_self = torch.zeros(embeddings.shape[0], all_embeddings.shape[0], dtype=torch.bool, device=embeddings.device)
-    is_self[rows, rows + rank * embeddings.shape[0]] = True
+    is_self = _self_mask(embeddings.shape[0], all_embeddings.shape[0], embeddings.device)
     squared = (2 - 2 * embeddings @ all_embeddings.T).clamp(min=0)  # unit rows: ||x - y||^2 = 2 - 2 x.y
     potential = (-t * squared).exp().masked_fill(is_self, 0.0)
     pairs = embeddings.shape[0] * (all_embeddings.shape[0] - 1)
