@@ -111,6 +111,11 @@ class FeatureSpec(BaseModel):
         return names
 
     @property
+    def numeric_value_columns(self) -> list[int]:
+        """The columns that hold the standardised numeric values (each followed by its missing flag)."""
+        return [2 * i for i in range(len(self.numeric))]
+
+    @property
     def width(self) -> int:
         """Number of output columns."""
         return len(self.columns)

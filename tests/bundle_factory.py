@@ -1,5 +1,6 @@
 """A tiny exported bundle for tests: a 64-photograph synthetic archive, a 2-step `tiny` run (with the text's
-record head, `record_text_head`, so that text -> record search has its own vector), an fp32 export.
+record head, `record_text_head`, so that text -> record search has its own vector, and the periodic numeric
+encoding of the tabular tower, as the shipped model has), an fp32 export.
 
 Built once per test session (about 30 s on 2 cores) and shared by every module that asks for it, so
 that test_export.py and test_embedder.py do not pay for it twice. Not a test module (no `test_` prefix).
@@ -41,7 +42,9 @@ def tiny_bundle(factory: pytest.TempPathFactory) -> TinyBundle:
         root = factory.mktemp("tiny-bundle")
         write_archive(sample_records(64, seed=1), root / "archive", size=224, seed=1)
         save_splits(make_splits(read_archive(root / "archive").records, seed=0), root / "splits.json")
-        config = load_config("tiny").model_copy(update={"record_text_head": True})
+        tiny = load_config("tiny")
+        tabular = tiny.tabular.model_copy(update={"numeric_encoding": "periodic"})
+        config = tiny.model_copy(update={"record_text_head": True, "tabular": tabular})
         (root / "tiny.json").write_text(config.model_dump_json(indent=1))
         fit(FitOptions(config=str(root / "tiny.json"), archive=root / "archive", splits=root / "splits.json",
                        out=root / "run", epochs=1, batch_size=8, max_steps=2, precision="fp32", seed=3))

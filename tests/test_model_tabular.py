@@ -9,6 +9,7 @@ import torch
 from index.records import PATHOLOGY_FIELDS, FundusRecord, Sex
 from index.tabular import FeatureSpec, fit_feature_spec
 from training.model.config import TabularConfig
+from training.model.factory import load_config, resolve_config
 from training.model.tabular import TabularEncoder
 
 
@@ -114,3 +115,66 @@ def test_tabular_encoder_maps_features_to_one_hidden_vector() -> None:
     assert out.shape == (4, 32)
     out.sum().backward()
     assert all(p.grad is not None for p in encoder.parameters())
+
+
+def test_numeric_value_columns_are_the_standardised_numbers() -> None:
+    spec = _spec()
+    assert [spec.columns[c] for c in spec.numeric_value_columns] == [n.field for n in spec.numeric]
+
+
+def test_periodic_encoder_embeds_each_numeric_value_and_every_parameter_learns() -> None:
+    spec = _spec()
+    config = TabularConfig(hidden=32, dropout=0.0, numeric_encoding="periodic", frequencies=8,
+                           numeric_columns=tuple(spec.numeric_value_columns))
+    torch.manual_seed(0)
+    encoder = TabularEncoder(spec.width, config)
+    x = torch.from_numpy(spec.transform(RECORDS))
+    out = encoder(x)
+    assert out.shape == (4, 32)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in encoder.parameters())
+    assert encoder.periodic is not None and encoder.periodic.frequencies.grad.abs().sum() > 0
+    older = x.clone()
+    older[:, spec.columns.index("patient_age")] += 0.05  # about one year of age
+    assert not torch.allclose(encoder(older), out)
+
+
+def test_periodic_encoder_needs_its_columns_inside_the_features() -> None:
+    with pytest.raises(ValueError, match="needs numeric_columns"):
+        TabularEncoder(10, TabularConfig(numeric_encoding="periodic"))
+    with pytest.raises(ValueError, match="outside input_width"):
+        TabularConfig(input_width=10, numeric_encoding="periodic", numeric_columns=(0, 12))
+
+
+def test_resolve_config_sets_numeric_columns_only_for_the_periodic_encoding() -> None:
+    tiny = load_config("tiny")
+    assert resolve_config(tiny, tabular_width=39, numeric_columns=[0, 2]).tabular.numeric_columns is None
+    periodic = tiny.model_copy(update={"tabular": tiny.tabular.model_copy(update={"numeric_encoding": "periodic"})})
+    assert resolve_config(periodic, tabular_width=39, numeric_columns=[0, 2]).tabular.numeric_columns == (0, 2)
+
+
+def _exact_age_accuracy(encoding: str, steps: int = 50) -> float:
+    """Train the encoder and a linear head for a few steps to name the exact age (60 ages, a year apart,
+    standardised as the spec does) and return the training accuracy: how quickly the tower learns to tell
+    neighbouring ages apart."""
+    torch.manual_seed(0)
+    ages = torch.arange(20, 80, dtype=torch.float32)
+    features = torch.zeros(len(ages), 4)
+    features[:, 0] = (ages - 58.0) / 18.0
+    config = TabularConfig(hidden=64, dropout=0.0, numeric_encoding=encoding, numeric_columns=(0,))
+    encoder = TabularEncoder(4, config)
+    head = torch.nn.Linear(64, len(ages))
+    optimiser = torch.optim.Adam([*encoder.parameters(), *head.parameters()], lr=3e-3)
+    target = torch.arange(len(ages))
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(head(encoder(features)), target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return float((head(encoder(features)).argmax(1) == target).float().mean())
+
+
+def test_periodic_encoding_tells_exact_ages_apart_where_the_plain_mlp_blurs_them() -> None:
+    periodic, linear = _exact_age_accuracy("periodic"), _exact_age_accuracy("linear")
+    assert periodic >= 0.95  # measured 1.00
+    assert linear <= 0.6  # measured 0.33

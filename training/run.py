@@ -182,8 +182,8 @@ def load_run(run: Path, device: str = "cpu") -> LoadedRun:
     level = towers_log.level
     towers_log.setLevel(logging.ERROR)  # the towers' "random init" notice is moot: weights follow
     try:
-        model = create_model(files.config, tabular_width=spec.width, tokenizer=tokenizer,
-                             checkpoint=files.checkpoint / MODEL_FILE)
+        model = create_model(files.config, tabular_width=spec.width, numeric_columns=spec.numeric_value_columns,
+                             tokenizer=tokenizer, checkpoint=files.checkpoint / MODEL_FILE)
     finally:
         towers_log.setLevel(level)
     model.to(device).eval()

@@ -306,7 +306,8 @@ def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None) -> _
     if rank == 0 and not resume:
         write_json(files.run_json, info)
 
-    model = create_model(_resolved_config(options, files, resume), tabular_width=spec.width, tokenizer=tokenizer)
+    model = create_model(_resolved_config(options, files, resume), tabular_width=spec.width,
+                         numeric_columns=spec.numeric_value_columns, tokenizer=tokenizer)
     if options.init is not None and not resume:
         try:
             init_weights(model, Path(options.init))

@@ -14,6 +14,7 @@ from training.model.factory import create_model
 
 TEXT_LENGTH = 64
 TABULAR_WIDTH = 39
+NUMERIC_COLUMNS = (0, 2)  # the BRSET feature spec's age and diabetes-duration values
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def _batch(batch_size: int, image_size: int, vocab_size: int) -> dict[str, torch
 def time_training_step(config: str, precision: str, batch_size: int, steps: int = 6, warmup: int = 2) -> StepTiming:
     """Median samples/s over `steps` full training steps of a randomly initialised model on random data."""
     torch.manual_seed(0)
-    model = create_model(config, tabular_width=TABULAR_WIDTH, pretrained=False)
+    model = create_model(config, tabular_width=TABULAR_WIDTH, numeric_columns=NUMERIC_COLUMNS, pretrained=False)
     model.train()
     batch = _batch(batch_size, model.config.vision.image.size, model.text.vocab_size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -22,14 +22,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from index.bench.embed import throughput
 from index.bundle import IMAGE_ENCODER, TEXT_ENCODER
+from training.bench.step import NUMERIC_COLUMNS, TABULAR_WIDTH  # any width: the towers do not read it
 from training.export import ImageEncoder, TextEncoder, _export_graph
 from training.hardware import choose_precision
 from training.model.factory import create_model
 from training.model.model import RetinaAlignModel
 from training.openvino_int8 import missing_packages, quantize_to_ir
 
-TABULAR_WIDTH = 39
-"""Any width works: the tabular encoder is not part of the image or text tower."""
 SEQ_LEN = 128
 INPUTS_FILE = "inputs.npz"
 MATMUL_SIZE = 2048
@@ -165,7 +164,8 @@ def run_embed_bench(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = create_model(config, tabular_width=TABULAR_WIDTH, pretrained=False).float().eval()
+    model = create_model(config, tabular_width=TABULAR_WIDTH, numeric_columns=NUMERIC_COLUMNS,
+                         pretrained=False).float().eval()
     inputs = bench_inputs(model, batch_size)
     image_inputs = (inputs["pixels"],)
     text_inputs = (inputs["input_ids"], inputs["attention_mask"])

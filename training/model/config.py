@@ -113,12 +113,35 @@ class TextConfig(_Strict):
 
 
 class TabularConfig(_Strict):
-    """The MLP over the tabular features; `input_width` is `FeatureSpec.width` (set by `create_model`)."""
+    """The MLP over the tabular features; `input_width` is `FeatureSpec.width` and `numeric_columns` its
+    `numeric_value_columns` (both set by `create_model`).
+
+    `numeric_encoding` says how the MLP sees a numeric value (age, diabetes duration): "linear" feeds the
+    standardised number as it is; "periodic" first expands it into `frequencies` sines and cosines of
+    learned frequencies (initialised from N(0, `frequency_scale`) per standardised unit), then a linear
+    layer and ReLU (the PLR embedding of Gorishniy et al. 2022, "On Embeddings for Numerical Features in
+    Tabular Deep Learning"). A plain MLP maps neighbouring ages to neighbouring vectors, so "63 years old"
+    barely tells 63 from 64; the periodic embedding lets the tower tell exact values apart, which
+    text -> record retrieval needs.
+    """
 
     input_width: int | None = Field(default=None, gt=0)
     hidden: int = Field(default=128, gt=0)
     layers: int = Field(default=2, ge=1)
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    numeric_encoding: Literal["linear", "periodic"] = "linear"
+    numeric_columns: tuple[int, ...] | None = None
+    frequencies: int = Field(default=16, ge=1)
+    frequency_scale: float = Field(default=3.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> TabularConfig:
+        columns = self.numeric_columns or ()
+        if self.input_width is not None and any(not 0 <= c < self.input_width for c in columns):
+            raise ValueError(f"tabular.numeric_columns {list(columns)} fall outside input_width {self.input_width}")
+        if len(set(columns)) != len(columns):
+            raise ValueError(f"tabular.numeric_columns {list(columns)} repeat a column")
+        return self
 
 
 class FusionConfig(_Strict):

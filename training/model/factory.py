@@ -9,6 +9,7 @@ Data-dependent widths are resolved here and written into the model's config: the
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -51,12 +52,18 @@ def load_config(name_or_path: str | Path | ModelConfig) -> ModelConfig:
 
 
 def resolve_config(
-    config: ModelConfig, tabular_width: int | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+    config: ModelConfig,
+    tabular_width: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    numeric_columns: Sequence[int] | None = None,
 ) -> ModelConfig:
-    """The config with the tabular input width and the tokenizer's vocabulary and special ids filled in."""
+    """The config with the tabular input width and numeric value columns and the tokenizer's vocabulary and
+    special ids filled in."""
     data = config.model_dump()
     if tabular_width is not None:
         data["tabular"]["input_width"] = tabular_width
+    if numeric_columns is not None and data["tabular"]["numeric_encoding"] == "periodic":
+        data["tabular"]["numeric_columns"] = tuple(numeric_columns)
     if data["tabular"]["input_width"] is None:
         raise ValueError(f"model config {config.name!r} has no tabular input width: pass tabular_width")
     if tokenizer is not None:
@@ -77,15 +84,17 @@ def create_model(
     tokenizer: PreTrainedTokenizerBase | None = None,
     pretrained: bool | None = None,
     checkpoint: str | Path | None = None,
+    numeric_columns: Sequence[int] | None = None,
 ) -> RetinaAlignModel:
     """Build the model of a config name, JSON path or `ModelConfig`.
 
-    `tabular_width`: `FeatureSpec.width` (unless the config already holds it). `tokenizer`: its vocabulary
+    `tabular_width` and `numeric_columns`: `FeatureSpec.width` and `FeatureSpec.numeric_value_columns`
+    (unless the config already holds them). `tokenizer`: its vocabulary
     size and special ids go into the config. `pretrained`: overrides both towers' `pretrained` flags
     (False: random init, nothing is fetched). `checkpoint`: a safetensors state dict of this exact
     architecture, loaded strictly (the towers are then built without their pretrained weights).
     """
-    config = resolve_config(load_config(name_or_path), tabular_width, tokenizer)
+    config = resolve_config(load_config(name_or_path), tabular_width, tokenizer, numeric_columns)
     model = RetinaAlignModel(config, pretrained=False if checkpoint is not None else pretrained)
     if tokenizer is not None and len(tokenizer) > model.text.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the text tower embeds {model.text.vocab_size}")
