@@ -95,6 +95,15 @@ def comparison_rows(ours: dict, baseline: dict) -> list[str]:
     return lines
 
 
+def _record_head(config: dict) -> str:
+    """The card's words for the text's record head (`record_text_head`), or nothing without one."""
+    if not config.get("record_text_head"):
+        return ""
+    pooled = "the mean of its token states" if config.get("record_text_pooling") == "mean" else "its [CLS] state"
+    return ("; the text has a record head of its own (`record_text_head`: one projection against photographs, "
+            f"one of {pooled} against records)")
+
+
 def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: dict | None) -> Path:
     """Write ROOT/MODEL_CARD.md for the recipe's run and return its path."""
     info = json.loads((paths.run / "run.json").read_text())
@@ -130,11 +139,13 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         "",
         f"- Config `{config['name']}` (shipped as `config.json`): image tower {image_tower}; text tower BERT "
         f"(hidden {bert.get('hidden_size')}, {bert.get('num_hidden_layers')} layers, WordPiece of "
-        f"{text['vocab_size']} tokens trained on the narratives); tabular MLP; joint transformer "
+        f"{text['vocab_size']} tokens trained on the narratives); tabular MLP"
+        + (" with periodic numeric embeddings (`numeric_encoding: periodic`)"
+           if config["tabular"].get("numeric_encoding") == "periodic" else "")
+        + "; joint transformer "
         f"(width {config['fusion']['width']}, depth {config['fusion']['depth']}); shared embedding "
         f"{config['embed_dim']}-d"
-        + ("; the text has a record head of its own (`record_text_head`: one projection against photographs, "
-           "one against records)." if config.get("record_text_head") else "."),
+        + _record_head(config) + ".",
         "- Losses (weights): " + ", ".join(f"{k} {v:g}" for k, v in config["losses"].items()
                                            if isinstance(v, int | float) and not isinstance(v, bool)
                                            and not k.endswith(("ratio", "prob", "scale")) and v > 0)
