@@ -219,6 +219,28 @@ def test_checkpoint_round_trip_rebuilds_the_same_model(tiny, tokenizer, tmp_path
         )
 
 
+def test_image_states_in_place_of_pixels_give_the_same_losses_but_reconstruction(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = create_model(every_loss_config(), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer).eval()
+    batch = _batch(tokenizer)
+    with torch.no_grad():
+        from_pixels = model(batch)
+        states = model.image(batch["pixels"])
+        from_states = model({k: v for k, v in batch.items() if k != "pixels"} | {"image_states": states})
+    assert "image_reconstruction" in from_pixels and "image_reconstruction" not in from_states
+    for name in set(from_states) - {"total", "text_mlm"}:  # the MLM masks are random draws
+        torch.testing.assert_close(from_states[name], from_pixels[name], msg=name)
+
+
+def test_lock_image_freezes_the_image_tower_and_its_projection_only(tokenizer) -> None:
+    model = create_model("tiny", tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+    model.lock_image()
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("image.", "image_proj.")) for n in frozen)
+    assert all(not p.requires_grad for p in [*model.image.parameters(), *model.image_proj.parameters()])
+    assert all(p.requires_grad for p in [*model.text.parameters(), *model.tabular.parameters()])
+
+
 def test_without_a_record_head_one_text_embedding_searches_both(tiny, tokenizer) -> None:
     tiny.eval()
     b = _batch(tokenizer, size=3)

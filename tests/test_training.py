@@ -150,6 +150,86 @@ def test_counterfactual_records_train_text_to_record_against_hard_negatives(
     assert json.loads((tmp_path / "run" / "config.json").read_text())["losses"]["counterfactual_records"] is True
 
 
+def test_locked_image_tuning_trains_everything_but_the_image_tower(
+    data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.model.model import RetinaAlignModel
+
+    fit(_options(data, tmp_path / "base", max_steps=1))
+    seen: list[dict[str, torch.Tensor]] = []
+    forward = RetinaAlignModel.forward
+
+    def spy(self: RetinaAlignModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen.append(batch)
+        return forward(self, batch)
+
+    monkeypatch.setattr(RetinaAlignModel, "forward", spy)
+    result = runner.invoke(app, [
+        "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "locked"),
+        "--init", str(tmp_path / "base"), "--lock-image", "--epochs", "1", "--batch-size", "8",
+        "--max-steps", "2", "--precision", "fp32", "--lr", "1e-2",
+    ])
+    assert result.exit_code == 0, result.output
+    assert len(seen) == 2
+    assert all("pixels" not in b and b["image_states"].ndim == 3 for b in seen)
+    base, locked = _weights(tmp_path / "base"), _weights(tmp_path / "locked")
+    image_keys = [k for k in base if k.startswith(("image.", "image_proj."))]
+    assert image_keys and all(torch.equal(base[k], locked[k]) for k in image_keys)
+    moved = [k for k in base if k.startswith(("text.", "tabular.", "fusion.")) and not torch.equal(base[k], locked[k])]
+    assert len(moved) > 10
+    assert json.loads((tmp_path / "locked" / "run.json").read_text())["options"]["lock_image"] is True
+
+
+def test_locked_image_states_are_the_towers_output_in_eval_mode(data: tuple[Path, Path], tmp_path: Path) -> None:
+    from training.hardware import choose_precision
+    from training.run import load_run, split_for_evaluation
+    from training.train import locked_image_states
+
+    fit(_options(data, tmp_path / "base", max_steps=1))
+    run = load_run(tmp_path / "base")
+    split = split_for_evaluation(read_archive(data[0]), json.loads(data[1].read_text())["train"][:10], run)
+    seen: list[tuple[int, int]] = []
+    states = locked_image_states(run.model, split, choose_precision("fp32", torch.device("cpu")), torch.device("cpu"),
+                                 lambda done, total: seen.append((done, total)), chunk=4)
+    from training.data import normalise
+
+    spec = run.model.config.vision.image
+    with torch.no_grad():
+        expected = run.model.image(normalise(torch.from_numpy(split.images), spec.mean, spec.std))
+    assert states.shape == expected.shape and torch.allclose(states, expected, atol=1e-5)
+    assert seen == [(4, 10), (8, 10), (10, 10)]
+
+
+def test_lock_image_and_reinit_need_init(data: tuple[Path, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--lock-image needs --init"):
+        _options(data, tmp_path / "run", lock_image=True)
+    result = runner.invoke(app, [
+        "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "run"),
+        "--reinit", "tabular", "--max-steps", "1",
+    ])
+    assert result.exit_code == 2 and "need --init" in " ".join(result.output.split())
+
+
+def test_reinit_lets_a_tuned_config_change_one_module(data: tuple[Path, Path], tmp_path: Path) -> None:
+    from training.model import load_config
+
+    fit(_options(data, tmp_path / "base", max_steps=1))
+    tiny = load_config("tiny")
+    periodic = tiny.model_copy(update={"tabular": tiny.tabular.model_copy(update={"numeric_encoding": "periodic"})})
+    (tmp_path / "periodic.json").write_text(periodic.model_dump_json())
+    config = str(tmp_path / "periodic.json")
+    with pytest.raises(ValueError, match="or --reinit the changed modules"):
+        fit(_options(data, tmp_path / "strict", config=config, max_steps=1, init=tmp_path / "base"))
+    with pytest.raises(ValueError, match="--reinit tabulr: config .* has no module of that name"):
+        fit(_options(data, tmp_path / "typo", config=config, max_steps=1, init=tmp_path / "base", reinit=["tabulr"]))
+    fit(_options(data, tmp_path / "tuned", config=config, max_steps=1, init=tmp_path / "base", reinit=["tabular"],
+                 lr=1e-12))
+    base, tuned = _weights(tmp_path / "base"), _weights(tmp_path / "tuned")
+    kept = [k for k in base if not k.startswith("tabular.")]
+    assert all(torch.allclose(base[k].float(), tuned[k].float(), atol=1e-6) for k in kept)
+    assert "tabular.periodic.frequencies" in tuned and "tabular.periodic.frequencies" not in base
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -180,6 +180,16 @@ def fit(
         str | None,
         typer.Option(help="Photograph illumination normalisation: none or local-contrast (default: the config's)."),
     ] = None,
+    lock_image: Annotated[
+        bool,
+        typer.Option(help="Locked-image tuning (needs --init): freeze the image tower and its projection, cache "
+                     "their output once, and train the text, tabular and joint-transformer sides against it."),
+    ] = False,
+    reinit: Annotated[
+        list[str] | None,
+        typer.Option(help="A module (e.g. tabular) that starts from random init instead of --init's weights, so "
+                     "that --config may change it; repeatable."),
+    ] = None,
 ) -> None:
     """Train the multimodal model (or the CLIP baseline) on an archive's training split."""
     from training.run import RunFiles
@@ -204,20 +214,30 @@ def fit(
         raise _fail(f"--resume: {out} has no checkpoint to resume from")
     if not resume and files.run_json.exists():
         raise _fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if (lock_image or reinit) and init_path is None:
+        raise _fail("--lock-image and --reinit need --init (the weights to start from)")
     options = FitOptions(
         config=config, archive=archive, splits=splits, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
         precision=precision, seed=seed, init=init_path, max_minutes=max_minutes, max_steps=max_steps,
-        checkpoint_every=checkpoint_every, balance=balance, illumination=illumination,
+        checkpoint_every=checkpoint_every, balance=balance, illumination=illumination, lock_image=lock_image,
+        reinit=reinit or [],
     )
     with _progress() as progress:
         loading = progress.add_task("decoding photographs", total=None, rate="")
         training = progress.add_task("training", total=None, rate="", visible=False)
 
+        caching = progress.add_task("caching the locked image tower's states", total=None, rate="", visible=False)
+
         def on_load(done: int, total: int) -> None:
             progress.update(loading, completed=done, total=total)
 
+        def on_cache(done: int, total: int) -> None:
+            progress.update(loading, visible=False)
+            progress.update(caching, visible=True, completed=done, total=total)
+
         def on_step(metrics: dict) -> None:
             progress.update(loading, visible=False)
+            progress.update(caching, visible=False)
             losses = " ".join(
                 f"{k.replace('contrastive_', 'c_')}={v:.3f}" for k, v in metrics.items()
                 if k not in {"step", "epoch", "lr", "grad_norm", "samples_per_s", "total_steps"}
@@ -228,7 +248,7 @@ def fit(
             )
 
         try:
-            info = run_fit(options, on_step=on_step, on_load=on_load)
+            info = run_fit(options, on_step=on_step, on_load=on_load, on_cache=on_cache)
         except (ArchiveError, ValueError, FileExistsError, FileNotFoundError) as error:
             raise _fail(str(error)) from None
     state = "finished" if info["finished"] else "stopped early (resume with --resume)"

@@ -183,6 +183,9 @@ class BatchBuilder:
         self.mean, self.std = image.mean, image.std
         self.max_length = max_length
         self.text_tokenizer = batch_tokenizer(tokenizer, max_length)
+        # A locked image tower's output per row (`training.train.locked_image_states`): batches then carry
+        # "image_states" in place of "pixels".
+        self.image_states: torch.Tensor | None = None
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Tokenise texts as the bundle will (`training.tokenizer.batch_tokenizer`)."""
@@ -197,17 +200,21 @@ class BatchBuilder:
     ) -> dict[str, torch.Tensor]:
         """A batch of the given rows, with `texts` as their narratives; images jittered if params given;
         with `counterfactuals`, their tabular features and mask as "counterfactual_tabular" /
-        "counterfactual_present"."""
-        images = torch.from_numpy(self.data.images[rows])
-        if jitter_params is not None:
-            images = jitter(images, jitter_params)
-        extra = {}
+        "counterfactual_present". With `image_states` set, the rows' states replace the pixels (and the
+        jitter)."""
+        extra: dict[str, torch.Tensor] = {}
+        if self.image_states is not None:
+            extra["image_states"] = self.image_states[torch.from_numpy(np.asarray(rows))]
+        else:
+            images = torch.from_numpy(self.data.images[rows])
+            if jitter_params is not None:
+                images = jitter(images, jitter_params)
+            extra["pixels"] = normalise(images, self.mean, self.std)
         if counterfactuals is not None:
-            extra = {"counterfactual_tabular": torch.from_numpy(counterfactuals.tabular),
-                     "counterfactual_present": torch.from_numpy(counterfactuals.present)}
+            extra["counterfactual_tabular"] = torch.from_numpy(counterfactuals.tabular)
+            extra["counterfactual_present"] = torch.from_numpy(counterfactuals.present)
         return {
             **extra,
-            "pixels": normalise(images, self.mean, self.std),
             **self.tokenize(texts),
             "tabular": torch.from_numpy(self.data.tabular[rows]),
             "icdr": torch.from_numpy(self.data.icdr[rows]),

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,13 +97,22 @@ class TrainerState:
     jitter_rng: torch.Tensor
 
 
-def init_weights(model: RetinaAlignModel, init: Path) -> None:
-    """Load earlier weights (`--init`) (a run folder or a safetensors file) strictly into the model."""
+def init_weights(model: RetinaAlignModel, init: Path, reinit: Sequence[str] = ()) -> None:
+    """Load earlier weights (`--init`) (a run folder or a safetensors file) strictly into the model, except
+    the parameters under the module names in `reinit` (`--reinit tabular`), which keep their fresh random
+    init whatever the file holds (so a tuned config may change those modules)."""
     path = init / CHECKPOINT_DIR / MODEL_FILE if init.is_dir() else init
     if not path.is_file():
         raise FileNotFoundError(f"--init {init}: no {MODEL_FILE} found (expected a run folder or a file)")
-    state = load_file(str(path))
-    own = model.state_dict()
+
+    def fresh(key: str) -> bool:
+        return any(key == name or key.startswith(name + ".") for name in reinit)
+
+    own = {k: v for k, v in model.state_dict().items() if not fresh(k)}
+    unmatched = [name for name in reinit if not any(k == name or k.startswith(name + ".") for k in model.state_dict())]
+    if unmatched:
+        raise ValueError(f"--reinit {unmatched[0]}: config {model.config.name!r} has no module of that name")
+    state = {k: v for k, v in load_file(str(path)).items() if not fresh(k)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     reshaped = [k for k in state if k in own and state[k].shape != own[k].shape]
@@ -113,9 +123,9 @@ def init_weights(model: RetinaAlignModel, init: Path) -> None:
         raise ValueError(
             f"--init {init}: its weights do not fit config {model.config.name!r} ({len(reshaped)} of another "
             f"shape, {len(missing)} missing, {len(unexpected)} unexpected; e.g. {'; '.join(examples)}). "
-            f"Fine-tune with the config those weights were trained with{hint}."
+            f"Fine-tune with the config those weights were trained with{hint}, or --reinit the changed modules."
         )
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=not reinit)
 
 
 def save_checkpoint(

@@ -4,6 +4,12 @@
 when resuming), `_train_step` (one optimiser step on this rank's share of a global batch) and `_finish`
 (the final checkpoint and the run summary). The run folder it writes is `training.run`'s.
 
+Locked-image tuning (`--lock-image`, after `--init`): the image tower and its projection are frozen, and
+their output for every training photograph is computed once before the first step (no brightness jitter
+then); each step reads those states instead of running the tower. A step then costs the text tower and the
+joint transformer only, so batches can be much larger at the same budget: what the contrastive losses on
+the facts side (text -> record, text -> tabular) need most.
+
 Determinism: the batch order is a function of (seed, epoch), the texts of (seed, epoch, image id), and the
 RNG states are checkpointed, so on CPU a run is reproducible for a seed and `--resume` continues exactly.
 Several processes (`torchrun`): each rank takes its slice of every global batch, and the contrastive
@@ -28,7 +34,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from index.archive.brset import Archive, read_archive
 from index.preprocess import Illumination
@@ -42,6 +48,7 @@ from training.data import (
     fingerprint,
     global_batches,
     load_split,
+    normalise,
     sampling_weights,
     stored_narrative,
     training_narrative,
@@ -90,6 +97,16 @@ class FitOptions(BaseModel):
     max_steps: int | None = Field(default=None, ge=1)
     balance: float = Field(default=0.0, ge=0, le=1)
     illumination: Illumination | None = None
+    lock_image: bool = False
+    reinit: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> FitOptions:
+        if self.lock_image and self.init is None:
+            raise ValueError("--lock-image needs --init: a locked image tower keeps the weights it starts from")
+        if self.reinit and self.init is None:
+            raise ValueError("--reinit needs --init: without it every module starts from random init anyway")
+        return self
 
 
 def _distributed() -> tuple[int, int, torch.device]:
@@ -285,7 +302,8 @@ def _resolved_config(options: FitOptions, files: RunFiles, resume: bool) -> Mode
     return recorded
 
 
-def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None) -> _Session:
+def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None,
+           on_cache: Callable[[int, int], None] | None = None) -> _Session:
     """Read the data, build (or restore) the model and optimiser: everything before the first step."""
     rank, world_size, device = _distributed()
     precision = choose_precision(options.precision, device)
@@ -310,7 +328,7 @@ def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None) -> _
                          numeric_columns=spec.numeric_value_columns, tokenizer=tokenizer)
     if options.init is not None and not resume:
         try:
-            init_weights(model, Path(options.init))
+            init_weights(model, Path(options.init), options.reinit)
         except (ValueError, FileNotFoundError):
             if rank == 0 and created_here:
                 shutil.rmtree(files.root, ignore_errors=True)  # nothing trained: leave no run to resume
@@ -334,6 +352,11 @@ def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None) -> _
         class_weights(np.bincount(train.sdrg[train.sdrg >= 0], minlength=config.num_sdrg), scheme),
     )
     model.to(device)
+    builder = BatchBuilder(train, tokenizer, config.vision.image, config.text.max_length)
+    if options.lock_image:
+        model.lock_image()
+        builder.image_states = locked_image_states(model, train, precision, device, on_cache if rank == 0 else None)
+        train.images = train.images[:0]  # the states replace the decoded photographs (several GB at 224 px)
 
     global_batch = options.batch_size
     if global_batch % world_size:
@@ -367,12 +390,36 @@ def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None) -> _
     return _Session(
         options=options, rank=rank, world_size=world_size, device=device, precision=precision, files=files,
         info=info, train=train, model=model, trained=trained, optimizer=optimizer,
-        builder=BatchBuilder(train, tokenizer, config.vision.image, config.text.max_length),
+        builder=builder,
         jitter_generator=jitter_generator, position=position,
         weights=sampling_weights(train.icdr, options.balance), steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, warmup=int(options.warmup_fraction * total_steps),
         counterfactual_source=_counterfactual_source(config, train, spec, Path(options.archive)),
     )
+
+
+def locked_image_states(model: RetinaAlignModel, train: SplitData, precision: PrecisionChoice, device: torch.device,
+                        on_progress: Callable[[int, int], None] | None = None, chunk: int = 64) -> torch.Tensor:
+    """The image tower's output (N, tokens, width) for every photograph of the split, in eval mode, kept in
+    float32 on the CPU: what a locked tower would compute at every step. `on_progress(done, total)`."""
+    image = model.image
+    image.eval()
+    spec = model.config.vision.image
+    states: torch.Tensor | None = None
+    with torch.no_grad(), autocast_context(precision.precision, device):
+        for start in range(0, len(train), chunk):
+            pixels = normalise(torch.from_numpy(train.images[start : start + chunk]), spec.mean, spec.std)
+            out = image(pixels.to(device)).float().cpu()
+            if states is None:
+                states = torch.empty((len(train), *out.shape[1:]), dtype=torch.float32)
+            states[start : start + len(out)] = out
+            if on_progress:
+                on_progress(start + len(out), len(train))
+    if states is None:
+        raise ValueError("the training split has no photographs to lock the image tower on")
+    log.info("locked image tower: %d photographs' states cached (%.1f GB)", len(train),
+             states.numel() * 4 / 1e9)
+    return states
 
 
 def _train_step(session: _Session, rows: np.ndarray, epoch: int) -> dict:
@@ -439,13 +486,14 @@ def _finish(session: _Session, stopped_early: bool) -> dict:
 
 
 def fit(options: FitOptions, on_step: ProgressCallback | None = None,
-        on_load: Callable[[int, int], None] | None = None) -> dict:
+        on_load: Callable[[int, int], None] | None = None,
+        on_cache: Callable[[int, int], None] | None = None) -> dict:
     """Train (or resume) a run; returns the run summary written to run.json.
 
     `on_step(metrics)` is called after every optimiser step on rank 0; `on_load(done, total)` while the
-    photographs are decoded.
+    photographs are decoded; `on_cache(done, total)` while a locked image tower's states are computed.
     """
-    session = _setup(options, on_load)
+    session = _setup(options, on_load, on_cache)
     position = session.position
     started = time.perf_counter()
     budget = options.max_minutes * 60 if options.max_minutes else None

@@ -261,6 +261,15 @@ class RetinaAlignModel(nn.Module):
 
     # --- training ---------------------------------------------------------------------------------
 
+    def lock_image(self) -> None:
+        """Freeze the image tower and its projection (locked-image tuning, as in LiT: Zhai et al. 2022): the
+        photographs' embeddings, and so an index built from them, stay exactly as they are, while the text,
+        tabular and joint-transformer sides keep learning against them."""
+        for module in (self.image, self.image_proj):
+            module.requires_grad_(False)
+        if self.image_decoder is not None:
+            self.image_decoder.requires_grad_(False)
+
     def set_class_weights(self, icdr: Tensor, sdrg: Tensor) -> None:
         """Set the ICDR and SDRG cross-entropy class weights (see `losses.class_weights`)."""
         self.icdr_class_weights.copy_(icdr)
@@ -270,9 +279,11 @@ class RetinaAlignModel(nn.Module):
         """Every configured loss for a batch, unweighted, plus their weighted sum under "total".
 
         Batch keys (each optional, the losses that need a missing one are skipped): "pixels" (B, 3, H,
-        W), "input_ids" and "attention_mask" (B, L), "tabular" (B, F), "icdr" and "sdrg" (B,) long with
-        -100 for a missing grade; "counterfactual_tabular" (B, F) and "counterfactual_present" (B,) bool,
-        the text -> record hard negatives used under `losses.counterfactual_records`.
+        W), or "image_states" (B, N, width), what the image tower made of them earlier (a locked tower,
+        `lock_image`: the masked-patch reconstruction then has no pixels and is skipped); "input_ids" and
+        "attention_mask" (B, L), "tabular" (B, F), "icdr" and "sdrg" (B,) long with -100 for a missing
+        grade; "counterfactual_tabular" (B, F) and "counterfactual_present" (B,) bool, the text -> record
+        hard negatives used under `losses.counterfactual_records`.
         """
         weights = self.config.losses
         pixels, input_ids, tabular = batch.get("pixels"), batch.get("input_ids"), batch.get("tabular")
@@ -280,7 +291,9 @@ class RetinaAlignModel(nn.Module):
         if input_ids is not None and attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
 
-        image_states = self.image(pixels) if pixels is not None else None
+        image_states = batch.get("image_states")
+        if image_states is None and pixels is not None:
+            image_states = self.image(pixels)
         text_states = self.text(input_ids, attention_mask) if input_ids is not None else None
         tabular_hidden = self.tabular(tabular) if tabular is not None else None
         embeddings: dict[str, Tensor] = {}
