@@ -131,9 +131,11 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     from training.zoo import recipe
 
     ran: list[str] = []
+    commands: list[list[str]] = []
 
     def fake_stage(console: object, title: str, command: list[str]) -> None:
         ran.append(title)
+        commands.append(command)
         if command[1] == "fit":  # what a finished run leaves behind
             out = Path(command[command.index("--out") + 1])
             (out / "checkpoint").mkdir(parents=True)
@@ -155,3 +157,51 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     ]
     with pytest.raises(StageError, match="seed of its own"):
         recipe.run_recipe(recipe.ZooOptions(out=tmp_path / "other", seed=5, heldout_seed=5))
+
+    # with a tuning stage: the run is tuned with its image locked, and the tuned run is evaluated and exported;
+    # the baseline gets the same stage with its own config
+    ran.clear()
+    commands.clear()
+    root = tmp_path / "tuned-zoo"
+    tuned = recipe.ZooOptions(out=root, n=100, heldout_n=20, baseline=True, tune_config="my.json",
+                              tune_epochs=5, tune_batch_size=128, tune_reinit=("tabular",))
+    assert recipe.run_recipe(tuned).final(tuned) == root / "tuned"
+    assert ran[4:] == [
+        "training tiny-synth", "locked-image tuning my.json", "evaluating my.json on the held-out archive",
+        "export with parity check", "training clip-baseline-synth", "locked-image tuning clip-baseline-synth",
+        "evaluating the baseline on the held-out archive",
+    ]
+    by_title = dict(zip(ran, commands, strict=True))
+    tune = by_title["locked-image tuning my.json"]
+    assert tune[tune.index("--init") + 1] == str(root / "run") and "--lock-image" in tune
+    assert "--reinit=tabular" in tune and tune[tune.index("--batch-size") + 1] == "128"
+    assert tune[tune.index("--epochs") + 1] == "5"
+    assert by_title["evaluating my.json on the held-out archive"][3] == str(root / "tuned")
+    export = by_title["export with parity check"]
+    assert export[export.index("--run") + 1] == str(root / "tuned")
+    baseline_tune = by_title["locked-image tuning clip-baseline-synth"]
+    assert baseline_tune[baseline_tune.index("--init") + 1] == str(root / "baseline")
+    assert not any(arg.startswith("--reinit") for arg in baseline_tune)
+
+
+def test_the_card_of_a_tuned_recipe_describes_both_stages_and_the_tuned_model(tmp_path: Path) -> None:
+    from training.zoo.card import write_card
+    from training.zoo.recipe import ZooOptions, ZooPaths
+
+    shipped = zoo.ZOO_DIR / "tiny-synth"
+    options = ZooOptions(out=tmp_path, tune_config="tuned.json", tune_epochs=6, tune_batch_size=256,
+                         tune_reinit=("tabular",))
+    paths = ZooPaths(tmp_path)
+    for run, config_name, steps in ((paths.run, "stage-one", 1686), (paths.tuned, "stage-two", 630)):
+        run.mkdir()
+        config = json.loads((shipped / "config.json").read_text()) | {"name": config_name}
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "run.json").write_text(json.dumps({"steps": steps, "training_seconds": 900, "finished": True,
+                                                  "samples_per_second": 150.0, "precision": "bf16"}))
+    card = write_card(options, paths, {"icdr": {"quadratic_kappa": 0.95}}, None).read_text()
+    assert "--tune-config tuned.json --tune-epochs 6 --tune-batch-size 256" in card
+    assert "--tune-reinit tabular" in card
+    assert "Config `stage-two`" in card  # the architecture is the tuned model's
+    assert "1686 optimiser steps" in card
+    assert "locked-image tuning" in card and "630 steps (6 epochs, batch 256" in card
+    assert "`tabular` from random init" in card

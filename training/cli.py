@@ -647,10 +647,21 @@ def zoo(
     release: Annotated[
         str | None, typer.Option(help="Ship the result as zoo:NAME (training/zoo/models/NAME, with checksums).")
     ] = None,
+    tune_config: Annotated[
+        str | None,
+        typer.Option(help="After training, locked-image tuning (`fit --lock-image`) with this config; the tuned run "
+                     "is the one evaluated, exported and released."),
+    ] = None,
+    tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the tuning stage.")] = 8,
+    tune_batch_size: Annotated[int, typer.Option(min=2, help="Global batch size of the tuning stage.")] = 256,
+    tune_lr: Annotated[float, typer.Option(help="Peak learning rate of the tuning stage.")] = 5e-4,
+    tune_reinit: Annotated[
+        list[str] | None, typer.Option(help="A module the tuning stage starts from random init (as `fit --reinit`).")
+    ] = None,
 ) -> None:
-    """The recipe of a shipped model: synthetic training and held-out archives, training, held-out
-    evaluation, export, model card (and with --release, the shipped copy). Runs on a GPU when there is one;
-    a stopped or interrupted recipe continues where it stopped when run again."""
+    """The recipe of a shipped model: synthetic training and held-out archives, training (and optionally
+    locked-image tuning), held-out evaluation, export, model card (and with --release, the shipped copy). Runs on
+    a GPU when there is one; a stopped or interrupted recipe continues where it stopped when run again."""
     from training.stages import StageError
     from training.zoo import ZooError
     from training.zoo.recipe import ZooOptions, run_recipe
@@ -660,7 +671,8 @@ def zoo(
     options = ZooOptions(
         out=out, config=config, n=n, seed=seed, heldout_n=heldout_n, heldout_seed=heldout_seed, size=size,
         epochs=epochs, batch_size=batch_size, lr=lr, balance=balance, precision=precision, max_minutes=max_minutes,
-        baseline=baseline, release=release,
+        baseline=baseline, release=release, tune_config=tune_config, tune_epochs=tune_epochs,
+        tune_batch_size=tune_batch_size, tune_lr=tune_lr, tune_reinit=tuple(tune_reinit or ()),
     )
     started = time.perf_counter()
     try:

@@ -104,10 +104,32 @@ def _record_head(config: dict) -> str:
             f"one of {pooled} against records)")
 
 
+def _tuning_flags(options: ZooOptions) -> str:
+    """The recipe command's locked-image tuning flags."""
+    return (f" --tune-config {options.tune_config} --tune-epochs {options.tune_epochs} "
+            f"--tune-batch-size {options.tune_batch_size} --tune-lr {options.tune_lr:g}"
+            + "".join(f" --tune-reinit {name}" for name in options.tune_reinit))
+
+
+def _tuning_lines(options: ZooOptions, tuned: dict) -> list[str]:
+    """The card's lines on the locked-image tuning stage, from the tuned run's run.json."""
+    reinit = ", ".join(f"`{name}`" for name in options.tune_reinit)
+    return [
+        f"- Then locked-image tuning (`retina-train fit --lock-image`, config `{options.tune_config}`"
+        + (f", {reinit} from random init" if reinit else "") + "): the image tower and its projection frozen as "
+        f"trained above, the text, tabular and joint-transformer sides trained on for {tuned.get('steps')} steps "
+        f"({options.tune_epochs} epochs, batch {options.tune_batch_size}, lr {options.tune_lr:g}) in "
+        f"{tuned.get('training_seconds', 0) / 60:.0f} min ({tuned.get('samples_per_second')} samples/s, "
+        f"{tuned.get('precision')}).",
+    ]
+
+
 def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: dict | None) -> Path:
     """Write ROOT/MODEL_CARD.md for the recipe's run and return its path."""
-    info = json.loads((paths.run / "run.json").read_text())
-    config = json.loads((paths.run / "config.json").read_text())
+    final = paths.final(options)
+    info = json.loads((paths.run / "run.json").read_text())  # the main training (before any tuning)
+    tuned = json.loads((final / "run.json").read_text()) if final != paths.run else None
+    config = json.loads((final / "config.json").read_text())
     name = options.release or config["name"]
     vision, text = config["vision"], config["text"]
     stem = vision.get("stem")
@@ -120,6 +142,7 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
     command = (f"retina-train zoo --out {paths.root} --n {options.n} --seed {options.seed} "
                f"--heldout-n {options.heldout_n} --heldout-seed {options.heldout_seed} --epochs {options.epochs} "
                f"--batch-size {options.batch_size} --lr {options.lr:g}"
+               + (_tuning_flags(options) if options.tune_config else "")
                + (" --baseline" if options.baseline else "")
                + (f" --release {options.release}" if options.release else ""))
     lines = [
@@ -174,6 +197,7 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         f"- Precision {info.get('precision')} ({info.get('precision_reason', 'n/a')}).",
         f"- Hardware: {info.get('machine', info.get('device'))}; training time {hours:.2f} h "
         f"({info.get('samples_per_second')} samples/s).",
+        *(_tuning_lines(options, tuned) if tuned is not None else []),
         "",
         "## Results on the held-out archive",
         "",

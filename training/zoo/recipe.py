@@ -6,10 +6,14 @@ an interrupted recipe continues where it stopped):
 1. a large synthetic training archive (its own seed) and its patient-level split;
 2. a held-out synthetic archive (another seed, used nowhere in training) whose every record is the test set;
 3. training (resumed when a run was stopped by `--max-minutes`);
-4. evaluation on the held-out archive (written to RUN/eval-test, which the export and the release carry);
-5. export to a bundle, checked against PyTorch on the training archive's validation split;
-6. optionally the CLIP-style baseline trained and evaluated the same way, and the comparison table;
-7. the model card (MODEL_CARD.md), and with `--release NAME` the shipped copy in `training/zoo/models/NAME`.
+4. with `--tune-config`, locked-image tuning of that run (`fit --lock-image`, in ROOT/tuned): the image
+   tower stays as trained, the text, tabular and joint-transformer sides train on with large batches;
+5. evaluation on the held-out archive of the final run (written to RUN/eval-test, which the export and the
+   release carry);
+6. export to a bundle, checked against PyTorch on the training archive's validation split;
+7. optionally the CLIP-style baseline trained (and tuned, with its own config) and evaluated the same way,
+   and the comparison table;
+8. the model card (MODEL_CARD.md), and with `--release NAME` the shipped copy in `training/zoo/models/NAME`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ class ZooOptions:
     max_minutes: float | None = None
     baseline: bool = False
     release: str | None = None
+    tune_config: str | None = None
+    tune_epochs: int = 8
+    tune_batch_size: int = 256
+    tune_lr: float = 5e-4
+    tune_reinit: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,9 +89,23 @@ class ZooPaths:
         return self.root / "run"
 
     @property
+    def tuned(self) -> Path:
+        """The locked-image tuning of the run (`--tune-config`)."""
+        return self.root / "tuned"
+
+    @property
     def baseline(self) -> Path:
         """The training run of the CLIP-style baseline."""
         return self.root / "baseline"
+
+    @property
+    def baseline_tuned(self) -> Path:
+        """The baseline's locked-image tuning (with `--tune-config`)."""
+        return self.root / "baseline-tuned"
+
+    def final(self, options: ZooOptions) -> Path:
+        """The run the recipe evaluates, exports and releases: the tuned one when there is a tuning stage."""
+        return self.tuned if options.tune_config else self.run
 
     @property
     def bundle(self) -> Path:
@@ -111,21 +134,31 @@ def _split(console: Console, title: str, archive: Path, out: Path, val: float, t
                                "--val", str(val), "--test", str(test)])
 
 
-def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, config: str, run: Path) -> None:
+def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, config: str, run: Path,
+           tune_from: Path | None = None, reinit: tuple[str, ...] = ()) -> None:
+    """Train `run` with the recipe's schedule, or with `tune_from`, tune that run with the tuning schedule
+    (`--lock-image`, `--reinit` each of `reinit`)."""
     info_path = run / "run.json"
     if info_path.is_file() and json.loads(info_path.read_text()).get("finished"):
         reuse_stage(console, title, f"{run} finished its schedule")
         return
+    if tune_from is None:
+        schedule = [options.epochs, options.batch_size, options.lr]
+        tuning: list[str] = []
+    else:
+        schedule = [options.tune_epochs, options.tune_batch_size, options.tune_lr]
+        tuning = ["--init", str(tune_from), "--lock-image"] + [f"--reinit={name}" for name in reinit]
+    epochs, batch_size, lr = schedule
     command = [
         tool("retina-train"), "fit", "--config", config, "--archive", str(paths.archive), "--splits",
-        str(paths.splits), "--out", str(run), "--epochs", str(options.epochs), "--batch-size", str(options.batch_size),
-        "--lr", str(options.lr), "--balance", str(options.balance), "--precision", options.precision,
-        "--checkpoint-every", "100",
+        str(paths.splits), "--out", str(run), "--epochs", str(epochs), "--batch-size", str(batch_size),
+        "--lr", str(lr), "--balance", str(options.balance), "--precision", options.precision,
+        "--checkpoint-every", "100", *tuning,
     ]
     if options.max_minutes is not None:
         command += ["--max-minutes", str(options.max_minutes)]
     if (run / "checkpoint" / "trainer_state.pt").is_file():
-        command.append("--resume")
+        command.append("--resume")  # a resumed run reads its checkpoint; --init then only keeps the image locked
     run_stage(console, title, command)
     if not json.loads(info_path.read_text()).get("finished"):
         raise StageError(f"{run} stopped at the --max-minutes budget before its schedule ended; "
@@ -156,24 +189,34 @@ def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
     _archive(console, "held-out archive", paths.heldout, options.heldout_n, options.heldout_seed, options.size)
     _split(console, "held-out split (every record in test)", paths.heldout, paths.heldout_splits, 0.0, 1.0)
     _train(console, f"training {options.config}", options, paths, options.config, paths.run)
-    metrics = _evaluate(console, f"evaluating {options.config} on the held-out archive", paths, paths.run)
+    if options.tune_config:
+        _train(console, f"locked-image tuning {options.tune_config}", options, paths, options.tune_config, paths.tuned,
+               tune_from=paths.run, reinit=options.tune_reinit)
+    final = paths.final(options)
+    metrics = _evaluate(console, f"evaluating {options.tune_config or options.config} on the held-out archive",
+                        paths, final)
     bundle_manifest = paths.bundle / "manifest.json"
-    checkpoint = paths.run / "checkpoint" / "model.safetensors"
+    checkpoint = final / "checkpoint" / "model.safetensors"
     if bundle_manifest.is_file() and bundle_manifest.stat().st_mtime >= checkpoint.stat().st_mtime:
         reuse_stage(console, "export", str(paths.bundle))
     else:
         run_stage(console, "export with parity check", [
-            tool("retina-train"), "export", "--run", str(paths.run), "--archive", str(paths.archive),
+            tool("retina-train"), "export", "--run", str(final), "--archive", str(paths.archive),
             "--splits", str(paths.splits), "--out", str(paths.bundle),
         ])
     baseline_metrics = None
     if options.baseline:
         _train(console, f"training {options.baseline_config}", options, paths, options.baseline_config, paths.baseline)
-        baseline_metrics = _evaluate(console, "evaluating the baseline on the held-out archive", paths, paths.baseline)
+        baseline_final = paths.baseline
+        if options.tune_config:  # the same budget: the baseline is tuned too, with its own losses
+            _train(console, f"locked-image tuning {options.baseline_config}", options, paths,
+                   options.baseline_config, paths.baseline_tuned, tune_from=paths.baseline)
+            baseline_final = paths.baseline_tuned
+        baseline_metrics = _evaluate(console, "evaluating the baseline on the held-out archive", paths, baseline_final)
     card = write_card(options, paths, metrics, baseline_metrics)
     console.print(f"model card: {card}")
     if options.release:
-        shipped = release(paths.run, options.release, card.read_text())
+        shipped = release(final, options.release, card.read_text())
         console.print(f"released as zoo:{options.release} in {shipped}")
     return paths
 
