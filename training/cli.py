@@ -652,9 +652,9 @@ def zoo(
         typer.Option(help="After training, locked-image tuning (`fit --lock-image`) with this config; the tuned run "
                      "is the one evaluated, exported and released."),
     ] = None,
-    tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the tuning stage.")] = 8,
+    tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the tuning stage.")] = 10,
     tune_batch_size: Annotated[int, typer.Option(min=2, help="Global batch size of the tuning stage.")] = 256,
-    tune_lr: Annotated[float, typer.Option(help="Peak learning rate of the tuning stage.")] = 5e-4,
+    tune_lr: Annotated[float, typer.Option(help="Peak learning rate of the tuning stage.")] = 1e-3,
     tune_reinit: Annotated[
         list[str] | None, typer.Option(help="A module the tuning stage starts from random init (as `fit --reinit`).")
     ] = None,

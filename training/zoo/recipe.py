@@ -51,9 +51,9 @@ class ZooOptions:
     baseline: bool = False
     release: str | None = None
     tune_config: str | None = None
-    tune_epochs: int = 8
+    tune_epochs: int = 10
     tune_batch_size: int = 256
-    tune_lr: float = 5e-4
+    tune_lr: float = 1e-3
     tune_reinit: tuple[str, ...] = ()
 
 
