@@ -225,7 +225,6 @@ def fit(
     with _progress() as progress:
         loading = progress.add_task("decoding photographs", total=None, rate="")
         training = progress.add_task("training", total=None, rate="", visible=False)
-
         caching = progress.add_task("caching the locked image tower's states", total=None, rate="", visible=False)
 
         def on_load(done: int, total: int) -> None:

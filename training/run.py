@@ -105,11 +105,14 @@ def init_weights(model: RetinaAlignModel, init: Path, reinit: Sequence[str] = ()
     if not path.is_file():
         raise FileNotFoundError(f"--init {init}: no {MODEL_FILE} found (expected a run folder or a file)")
 
+    def under(key: str, name: str) -> bool:
+        return key == name or key.startswith(name + ".")
+
     def fresh(key: str) -> bool:
-        return any(key == name or key.startswith(name + ".") for name in reinit)
+        return any(under(key, name) for name in reinit)
 
     own = {k: v for k, v in model.state_dict().items() if not fresh(k)}
-    unmatched = [name for name in reinit if not any(k == name or k.startswith(name + ".") for k in model.state_dict())]
+    unmatched = [name for name in reinit if not any(under(k, name) for k in model.state_dict())]
     if unmatched:
         raise ValueError(f"--reinit {unmatched[0]}: config {model.config.name!r} has no module of that name")
     state = {k: v for k, v in load_file(str(path)).items() if not fresh(k)}
