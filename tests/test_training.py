@@ -51,6 +51,21 @@ def _log(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _spy_on_forward(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
+    """Record every batch the model's forward receives (the list fills as training runs)."""
+    from training.model.model import RetinaAlignModel
+
+    seen: list[dict[str, torch.Tensor]] = []
+    forward = RetinaAlignModel.forward
+
+    def spy(self: RetinaAlignModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        seen.append(batch)
+        return forward(self, batch)
+
+    monkeypatch.setattr(RetinaAlignModel, "forward", spy)
+    return seen
+
+
 def test_fit_writes_a_complete_run(data: tuple[Path, Path], tmp_path: Path) -> None:
     result = runner.invoke(app, [
         "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "run"),
@@ -124,19 +139,11 @@ def test_counterfactual_records_train_text_to_record_against_hard_negatives(
     data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from training.model import load_config
-    from training.model.model import RetinaAlignModel
 
     config = load_config("tiny").model_dump()
     config["losses"]["counterfactual_records"] = True
     (tmp_path / "config.json").write_text(json.dumps(config))
-    seen: list[dict[str, torch.Tensor]] = []
-    forward = RetinaAlignModel.forward
-
-    def spy(self: RetinaAlignModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        seen.append(batch)
-        return forward(self, batch)
-
-    monkeypatch.setattr(RetinaAlignModel, "forward", spy)
+    seen = _spy_on_forward(monkeypatch)
     fit(_options(data, tmp_path / "run", config=str(tmp_path / "config.json"), max_steps=2))
     assert len(seen) == 2
     for batch in seen:
@@ -153,17 +160,8 @@ def test_counterfactual_records_train_text_to_record_against_hard_negatives(
 def test_locked_image_tuning_trains_everything_but_the_image_tower(
     data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from training.model.model import RetinaAlignModel
-
     fit(_options(data, tmp_path / "base", max_steps=1))
-    seen: list[dict[str, torch.Tensor]] = []
-    forward = RetinaAlignModel.forward
-
-    def spy(self: RetinaAlignModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        seen.append(batch)
-        return forward(self, batch)
-
-    monkeypatch.setattr(RetinaAlignModel, "forward", spy)
+    seen = _spy_on_forward(monkeypatch)
     result = runner.invoke(app, [
         "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "locked"),
         "--init", str(tmp_path / "base"), "--lock-image", "--epochs", "1", "--batch-size", "8",
