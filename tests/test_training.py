@@ -178,6 +178,23 @@ def test_locked_image_tuning_trains_everything_but_the_image_tower(
     assert json.loads((tmp_path / "locked" / "run.json").read_text())["options"]["lock_image"] is True
 
 
+def test_frozen_modules_keep_their_initial_weights(data: tuple[Path, Path], tmp_path: Path) -> None:
+    fit(_options(data, tmp_path / "base", max_steps=1))
+    result = runner.invoke(app, [
+        "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "frozen"),
+        "--init", str(tmp_path / "base"), "--lock-image", "--freeze", "fusion", "--freeze", "image_to_fusion",
+        "--epochs", "1", "--batch-size", "8", "--max-steps", "2", "--precision", "fp32", "--lr", "1e-2",
+    ])
+    assert result.exit_code == 0, result.output
+    base, frozen = _weights(tmp_path / "base"), _weights(tmp_path / "frozen")
+    kept = [k for k in base if k.startswith(("fusion.", "image_to_fusion.", "image."))]
+    assert len(kept) > 20 and all(torch.equal(base[k], frozen[k]) for k in kept)
+    moved = [k for k in base if k.startswith(("text.", "tabular_to_fusion.")) and not torch.equal(base[k], frozen[k])]
+    assert len(moved) > 10
+    with pytest.raises(ValueError, match="--freeze fusoin: config .* has no module of that name"):
+        fit(_options(data, tmp_path / "typo", max_steps=1, init=tmp_path / "base", freeze=["fusoin"]))
+
+
 def test_locked_image_states_are_the_towers_output_in_eval_mode(data: tuple[Path, Path], tmp_path: Path) -> None:
     from training.hardware import choose_precision
     from training.run import load_run, split_for_evaluation
@@ -201,6 +218,8 @@ def test_locked_image_states_are_the_towers_output_in_eval_mode(data: tuple[Path
 def test_lock_image_and_reinit_need_init(data: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--lock-image needs --init"):
         _options(data, tmp_path / "run", lock_image=True)
+    with pytest.raises(ValueError, match="--freeze needs --init"):
+        _options(data, tmp_path / "run", freeze=["fusion"])
     result = runner.invoke(app, [
         "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "run"),
         "--reinit", "tabular", "--max-steps", "1",

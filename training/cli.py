@@ -190,6 +190,10 @@ def fit(
         typer.Option(help="A module (e.g. tabular) that starts from random init instead of --init's weights, so "
                      "that --config may change it; repeatable."),
     ] = None,
+    freeze: Annotated[
+        list[str] | None,
+        typer.Option(help="A module (e.g. fusion) that keeps --init's weights and does not train; repeatable."),
+    ] = None,
 ) -> None:
     """Train the multimodal model (or the CLIP baseline) on an archive's training split."""
     from training.run import RunFiles
@@ -214,13 +218,13 @@ def fit(
         raise _fail(f"--resume: {out} has no checkpoint to resume from")
     if not resume and files.run_json.exists():
         raise _fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if (lock_image or reinit) and init_path is None:
-        raise _fail("--lock-image and --reinit need --init (the weights to start from)")
+    if (lock_image or reinit or freeze) and init_path is None:
+        raise _fail("--lock-image, --reinit and --freeze need --init (the weights to start from)")
     options = FitOptions(
         config=config, archive=archive, splits=splits, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
         precision=precision, seed=seed, init=init_path, max_minutes=max_minutes, max_steps=max_steps,
         checkpoint_every=checkpoint_every, balance=balance, illumination=illumination, lock_image=lock_image,
-        reinit=reinit or [],
+        reinit=reinit or [], freeze=freeze or [],
     )
     with _progress() as progress:
         loading = progress.add_task("decoding photographs", total=None, rate="")

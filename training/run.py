@@ -105,16 +105,11 @@ def init_weights(model: RetinaAlignModel, init: Path, reinit: Sequence[str] = ()
     if not path.is_file():
         raise FileNotFoundError(f"--init {init}: no {MODEL_FILE} found (expected a run folder or a file)")
 
-    def under(key: str, name: str) -> bool:
-        return key == name or key.startswith(name + ".")
-
     def fresh(key: str) -> bool:
-        return any(under(key, name) for name in reinit)
+        return any(_under(key, name) for name in reinit)
 
+    _check_module_names(model, reinit, "--reinit")
     own = {k: v for k, v in model.state_dict().items() if not fresh(k)}
-    unmatched = [name for name in reinit if not any(under(k, name) for k in model.state_dict())]
-    if unmatched:
-        raise ValueError(f"--reinit {unmatched[0]}: config {model.config.name!r} has no module of that name")
     state = {k: v for k, v in load_file(str(path)).items() if not fresh(k)}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -129,6 +124,26 @@ def init_weights(model: RetinaAlignModel, init: Path, reinit: Sequence[str] = ()
             f"Fine-tune with the config those weights were trained with{hint}, or --reinit the changed modules."
         )
     model.load_state_dict(state, strict=not reinit)
+
+
+def freeze_modules(model: RetinaAlignModel, names: Sequence[str]) -> None:
+    """Stop gradients to every parameter under the module names in `names` (`--freeze fusion`): they keep the
+    weights `--init` gave them while the rest of the model trains."""
+    _check_module_names(model, names, "--freeze")
+    for key, param in model.named_parameters():
+        if any(_under(key, name) for name in names):
+            param.requires_grad_(False)
+
+
+def _under(key: str, name: str) -> bool:
+    """Whether the parameter or buffer `key` belongs to the module `name` (or is it)."""
+    return key == name or key.startswith(name + ".")
+
+
+def _check_module_names(model: RetinaAlignModel, names: Sequence[str], option: str) -> None:
+    unmatched = [name for name in names if not any(_under(k, name) for k in model.state_dict())]
+    if unmatched:
+        raise ValueError(f"{option} {unmatched[0]}: config {model.config.name!r} has no module of that name")
 
 
 def save_checkpoint(

@@ -8,7 +8,9 @@ Locked-image tuning (`--lock-image`, after `--init`): the image tower and its pr
 their output for every training photograph is computed once before the first step (no brightness jitter
 then); each step reads those states instead of running the tower. A step then costs the text tower and the
 joint transformer only, so batches can be much larger at the same budget: what the contrastive losses on
-the facts side (text -> record, text -> tabular) need most.
+the facts side (text -> record, text -> tabular) need most. `--freeze MODULE` keeps more of `--init`'s
+weights as they are (e.g. `--freeze fusion --freeze image_to_fusion`: the grading from a photograph, which
+runs through those and the image tower only, then stays exactly as the initial run graded).
 
 Determinism: the batch order is a function of (seed, epoch), the texts of (seed, epoch, image id), and the
 RNG states are checkpointed, so on CPU a run is reproducible for a seed and `--resume` continues exactly.
@@ -61,6 +63,7 @@ from training.model.losses import class_weights
 from training.model.model import RetinaAlignModel
 from training.run import (
     RunFiles,
+    freeze_modules,
     init_weights,
     load_checkpoint,
     save_checkpoint,
@@ -99,6 +102,7 @@ class FitOptions(BaseModel):
     illumination: Illumination | None = None
     lock_image: bool = False
     reinit: list[str] = Field(default_factory=list)
+    freeze: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> FitOptions:
@@ -106,6 +110,8 @@ class FitOptions(BaseModel):
             raise ValueError("--lock-image needs --init: a locked image tower keeps the weights it starts from")
         if self.reinit and self.init is None:
             raise ValueError("--reinit needs --init: without it every module starts from random init anyway")
+        if self.freeze and self.init is None:
+            raise ValueError("--freeze needs --init: a frozen module keeps the weights it starts from")
         return self
 
 
@@ -357,6 +363,7 @@ def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None,
         model.lock_image()
         builder.image_states = locked_image_states(model, train, precision, device, on_cache if rank == 0 else None)
         train.images = train.images[:0]  # the states replace the decoded photographs (several GB at 224 px)
+    freeze_modules(model, options.freeze)
 
     global_batch = options.batch_size
     if global_batch % world_size:
