@@ -164,7 +164,7 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     commands.clear()
     root = tmp_path / "tuned-zoo"
     tuned = recipe.ZooOptions(out=root, n=100, heldout_n=20, baseline=True, tune_config="my.json",
-                              tune_epochs=5, tune_batch_size=128, tune_reinit=("tabular",))
+                              tune_epochs=5, tune_batch_size=128, tune_reinit=("tabular",), tune_freeze=("fusion",))
     assert recipe.run_recipe(tuned).final(tuned) == root / "tuned"
     assert ran[4:] == [
         "training tiny-synth", "locked-image tuning my.json", "evaluating my.json on the held-out archive",
@@ -175,13 +175,14 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     tune = by_title["locked-image tuning my.json"]
     assert tune[tune.index("--init") + 1] == str(root / "run") and "--lock-image" in tune
     assert "--reinit=tabular" in tune and tune[tune.index("--batch-size") + 1] == "128"
+    assert "--freeze=fusion" in tune
     assert tune[tune.index("--epochs") + 1] == "5"
     assert by_title["evaluating my.json on the held-out archive"][3] == str(root / "tuned")
     export = by_title["export with parity check"]
     assert export[export.index("--run") + 1] == str(root / "tuned")
     baseline_tune = by_title["locked-image tuning clip-baseline-synth"]
     assert baseline_tune[baseline_tune.index("--init") + 1] == str(root / "baseline")
-    assert not any(arg.startswith("--reinit") for arg in baseline_tune)
+    assert not any(arg.startswith(("--reinit", "--freeze")) for arg in baseline_tune)
 
 
 def test_the_card_of_a_tuned_recipe_describes_both_stages_and_the_tuned_model(tmp_path: Path) -> None:
@@ -190,7 +191,7 @@ def test_the_card_of_a_tuned_recipe_describes_both_stages_and_the_tuned_model(tm
 
     shipped = zoo.ZOO_DIR / "tiny-synth"
     options = ZooOptions(out=tmp_path, tune_config="tuned.json", tune_epochs=6, tune_batch_size=256,
-                         tune_reinit=("tabular",))
+                         tune_reinit=("tabular",), tune_freeze=("fusion", "image_to_fusion"))
     paths = ZooPaths(tmp_path)
     for run, config_name, steps in ((paths.run, "stage-one", 1686), (paths.tuned, "stage-two", 630)):
         run.mkdir()
@@ -205,3 +206,5 @@ def test_the_card_of_a_tuned_recipe_describes_both_stages_and_the_tuned_model(tm
     assert "1686 optimiser steps" in card
     assert "locked-image tuning" in card and "630 steps (6 epochs, batch 256" in card
     assert "`tabular` from random init" in card
+    assert "--tune-freeze fusion --tune-freeze image_to_fusion" in card
+    assert "its projection, `fusion`, `image_to_fusion` frozen as trained above, the rest trained on" in card

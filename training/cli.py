@@ -661,6 +661,9 @@ def zoo(
     tune_reinit: Annotated[
         list[str] | None, typer.Option(help="A module the tuning stage starts from random init (as `fit --reinit`).")
     ] = None,
+    tune_freeze: Annotated[
+        list[str] | None, typer.Option(help="A module the tuning stage keeps as trained (as `fit --freeze`).")
+    ] = None,
 ) -> None:
     """The recipe of a shipped model: synthetic training and held-out archives, training (and optionally
     locked-image tuning), held-out evaluation, export, model card (and with --release, the shipped copy). Runs on
@@ -676,6 +679,7 @@ def zoo(
         epochs=epochs, batch_size=batch_size, lr=lr, balance=balance, precision=precision, max_minutes=max_minutes,
         baseline=baseline, release=release, tune_config=tune_config, tune_epochs=tune_epochs,
         tune_batch_size=tune_batch_size, tune_lr=tune_lr, tune_reinit=tuple(tune_reinit or ()),
+        tune_freeze=tuple(tune_freeze or ()),
     )
     started = time.perf_counter()
     try:

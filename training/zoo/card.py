@@ -108,16 +108,19 @@ def _tuning_flags(options: ZooOptions) -> str:
     """The recipe command's locked-image tuning flags."""
     return (f" --tune-config {options.tune_config} --tune-epochs {options.tune_epochs} "
             f"--tune-batch-size {options.tune_batch_size} --tune-lr {options.tune_lr:g}"
-            + "".join(f" --tune-reinit {name}" for name in options.tune_reinit))
+            + "".join(f" --tune-reinit {name}" for name in options.tune_reinit)
+            + "".join(f" --tune-freeze {name}" for name in options.tune_freeze))
 
 
 def _tuning_lines(options: ZooOptions, tuned: dict) -> list[str]:
     """The card's lines on the locked-image tuning stage, from the tuned run's run.json."""
     reinit = ", ".join(f"`{name}`" for name in options.tune_reinit)
+    frozen = "".join(f", `{name}`" for name in options.tune_freeze)
+    trained = "the rest" if frozen else "the text, tabular and joint-transformer sides"
     return [
         f"- Then locked-image tuning (`retina-train fit --lock-image`, config `{options.tune_config}`"
-        + (f", {reinit} from random init" if reinit else "") + "): the image tower and its projection frozen as "
-        f"trained above, the text, tabular and joint-transformer sides trained on for {tuned.get('steps')} steps "
+        + (f", {reinit} from random init" if reinit else "") + f"): the image tower and its projection{frozen} "
+        f"frozen as trained above, {trained} trained on for {tuned.get('steps')} steps "
         f"({options.tune_epochs} epochs, batch {options.tune_batch_size}, lr {options.tune_lr:g}) in "
         f"{tuned.get('training_seconds', 0) / 60:.0f} min ({tuned.get('samples_per_second')} samples/s, "
         f"{tuned.get('precision')}).",

@@ -55,6 +55,7 @@ class ZooOptions:
     tune_batch_size: int = 256
     tune_lr: float = 1e-3
     tune_reinit: tuple[str, ...] = ()
+    tune_freeze: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,9 @@ def _split(console: Console, title: str, archive: Path, out: Path, val: float, t
 
 
 def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, config: str, run: Path,
-           tune_from: Path | None = None, reinit: tuple[str, ...] = ()) -> None:
+           tune_from: Path | None = None, reinit: tuple[str, ...] = (), freeze: tuple[str, ...] = ()) -> None:
     """Train `run` with the recipe's schedule, or with `tune_from`, tune that run with the tuning schedule
-    (`--lock-image`, `--reinit` each of `reinit`)."""
+    (`--lock-image`, `--reinit` each of `reinit`, `--freeze` each of `freeze`)."""
     info_path = run / "run.json"
     if info_path.is_file() and json.loads(info_path.read_text()).get("finished"):
         reuse_stage(console, title, f"{run} finished its schedule")
@@ -148,6 +149,7 @@ def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, c
     else:
         schedule = [options.tune_epochs, options.tune_batch_size, options.tune_lr]
         tuning = ["--init", str(tune_from), "--lock-image"] + [f"--reinit={name}" for name in reinit]
+        tuning += [f"--freeze={name}" for name in freeze]
     epochs, batch_size, lr = schedule
     command = [
         tool("retina-train"), "fit", "--config", config, "--archive", str(paths.archive), "--splits",
@@ -191,7 +193,7 @@ def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
     _train(console, f"training {options.config}", options, paths, options.config, paths.run)
     if options.tune_config:
         _train(console, f"locked-image tuning {options.tune_config}", options, paths, options.tune_config, paths.tuned,
-               tune_from=paths.run, reinit=options.tune_reinit)
+               tune_from=paths.run, reinit=options.tune_reinit, freeze=options.tune_freeze)
     final = paths.final(options)
     metrics = _evaluate(console, f"evaluating {options.tune_config or options.config} on the held-out archive",
                         paths, final)
