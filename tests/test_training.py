@@ -193,6 +193,22 @@ def test_frozen_modules_keep_their_initial_weights(data: tuple[Path, Path], tmp_
     assert len(moved) > 10
     with pytest.raises(ValueError, match="--freeze fusoin: config .* has no module of that name"):
         fit(_options(data, tmp_path / "typo", max_steps=1, init=tmp_path / "base", freeze=["fusoin"]))
+    with pytest.raises(ValueError, match="a module from random init that never trains"):
+        _options(data, tmp_path / "both", init=tmp_path / "base", freeze=["tabular"], reinit=["tabular"])
+
+
+def test_freeze_modules_stops_gradients_and_keeps_eval_mode() -> None:
+    from training.model import create_model
+    from training.run import freeze_modules
+
+    model = create_model("tiny-synth", tabular_width=8)  # its image tower has a convolutional stem
+    model.train()
+    freeze_modules(model, ["image"])  # the stem's BatchNorm statistics must not move in a frozen tower
+    frozen = [m for n, m in model.named_modules() if n == "image" or n.startswith("image.")]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen)
+    assert not any(m.training for m in frozen) and model.text.training
+    assert not any(p.requires_grad for p in model.image.parameters())
+    assert all(p.requires_grad for p in model.text.parameters())
 
 
 def test_locked_image_states_are_the_towers_output_in_eval_mode(data: tuple[Path, Path], tmp_path: Path) -> None:

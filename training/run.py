@@ -127,12 +127,16 @@ def init_weights(model: RetinaAlignModel, init: Path, reinit: Sequence[str] = ()
 
 
 def freeze_modules(model: RetinaAlignModel, names: Sequence[str]) -> None:
-    """Stop gradients to every parameter under the module names in `names` (`--freeze fusion`): they keep the
-    weights `--init` gave them while the rest of the model trains."""
+    """Stop gradients to every parameter under the module names in `names` (`--freeze fusion`) and put those
+    modules in eval mode (no dropout; BatchNorm statistics left alone): they compute what `--init`'s weights
+    computed while the rest of the model trains. Call it after `model.train()`."""
     _check_module_names(model, names, "--freeze")
     for key, param in model.named_parameters():
         if any(_under(key, name) for name in names):
             param.requires_grad_(False)
+    for key, module in model.named_modules():
+        if any(_under(key, name) for name in names):
+            module.eval()
 
 
 def _under(key: str, name: str) -> bool:

@@ -112,6 +112,9 @@ class FitOptions(BaseModel):
             raise ValueError("--reinit needs --init: without it every module starts from random init anyway")
         if self.freeze and self.init is None:
             raise ValueError("--freeze needs --init: a frozen module keeps the weights it starts from")
+        both = sorted(set(self.freeze) & set(self.reinit))
+        if both:
+            raise ValueError(f"--freeze {both[0]} and --reinit {both[0]}: a module from random init that never trains")
         return self
 
 
@@ -358,12 +361,13 @@ def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None,
         class_weights(np.bincount(train.sdrg[train.sdrg >= 0], minlength=config.num_sdrg), scheme),
     )
     model.to(device)
+    model.train()
     builder = BatchBuilder(train, tokenizer, config.vision.image, config.text.max_length)
     if options.lock_image:
         model.lock_image()
         builder.image_states = locked_image_states(model, train, precision, device, on_cache if rank == 0 else None)
         train.images = train.images[:0]  # the states replace the decoded photographs (several GB at 224 px)
-    freeze_modules(model, options.freeze)
+    freeze_modules(model, options.freeze)  # after train(): frozen modules stay in eval mode
 
     global_batch = options.batch_size
     if global_batch % world_size:
@@ -393,7 +397,6 @@ def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None,
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
-    model.train()
     return _Session(
         options=options, rank=rank, world_size=world_size, device=device, precision=precision, files=files,
         info=info, train=train, model=model, trained=trained, optimizer=optimizer,
