@@ -117,7 +117,7 @@ def test_the_shipped_model_verifies_and_loads() -> None:
     folder = zoo.resolve_run("zoo:tiny-synth")
     assert folder == zoo.ZOO_DIR / "tiny-synth" and "tiny-synth" in zoo.list_models()
     run = load_run(folder)
-    assert run.model.config.name == "tiny-synth" and run.info["finished"]
+    assert run.model.config.name == "tiny-synth-lit" and run.info["finished"]  # the tuning stage's config
     metrics = json.loads((folder / "eval-test" / "metrics.json").read_text())
     assert metrics["run"]["gallery_size"] == 3000  # the held-out archive, not the training split
     assert (folder / "checkpoint" / "model.safetensors").stat().st_size < 30_000_000
