@@ -23,7 +23,8 @@ text-only grading never runs the image tower. Absent modalities are zeros hidden
 A v1 bundle (whose grader re-ran both towers) is refused with "export it again".
 
 `manifest.calibration` (optional, `retina-train calibrate` then `export`): one temperature per grade head; the
-probabilities are softmax(logits / T). A bundle without it gives softmax(logits), as before.
+probabilities are softmax(logits / T), or softmax(logits / T + b) where the calibration also has per-grade decision
+offsets b (`calibrate --offsets-split`). A bundle without it gives softmax(logits), as before.
 
 Loading verifies the schema version and every checksum and names exactly what is wrong.
 """
@@ -32,11 +33,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from index.gate import GateSpec
 from index.preprocess import ImageSpec
@@ -71,11 +73,46 @@ class TextSettings(BaseModel):
     pad_token_id: int = Field(ge=0)
 
 
+GRADE_COUNT = 5
+"""Grades per head (ICDR 0-4, SDRG 0-4): one decision offset each."""
+
+
+class DecisionOffsets(BaseModel):
+    """Per-grade offsets b added to the temperature-scaled logits, softmax(logits / T + b), fitted to maximise
+    the macro-F1 of the argmax grade (`retina-train calibrate --offsets-split`). The fit keeps grade 0's at 0 (the
+    softmax ignores a shift of all logits). They move the decision between grades (precision against recall
+    of the rare grades) without retraining."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    icdr: list[float] = Field(min_length=GRADE_COUNT, max_length=GRADE_COUNT)
+    sdrg: list[float] = Field(min_length=GRADE_COUNT, max_length=GRADE_COUNT)
+    split: str
+    """The split whose photographs they were fitted on (normally `train`: the validation split has too few
+    photographs of the rare grades)."""
+    items: dict[str, int]
+    """Head -> labelled photographs the fit used (a sample of at most `per_grade` per ICDR grade)."""
+    per_grade: int = Field(gt=0)
+    """The most photographs of one ICDR grade the fit sampled; larger grades are weighted back to their share."""
+    macro_f1_before: dict[str, float]
+    """Head -> macro-F1 on the fitted sample (weighted to the split) with b = 0."""
+    macro_f1_after: dict[str, float]
+    """Head -> the same with the fitted b."""
+
+    @field_validator("icdr", "sdrg")
+    @classmethod
+    def _finite(cls, offsets: list[float]) -> list[float]:
+        if not all(math.isfinite(value) for value in offsets):
+            raise ValueError("offsets must be finite numbers")
+        return offsets
+
+
 class Calibration(BaseModel):
     """Temperature scaling of the two grade heads (`retina-train calibrate`): the grader's logits are divided
-    by each head's temperature before the softmax, T > 1 softening over-confident probabilities. The same
-    model is `RUN/calibration.json`; it also says what it was fitted on and the expected calibration error
-    (ECE, equal-width bins of top-label confidence) and negative log-likelihood it measured there."""
+    by each head's temperature before the softmax, T > 1 softening over-confident probabilities; with
+    `offsets`, per-grade decision offsets are added after the division. The same model is
+    `RUN/calibration.json`; it also says what it was fitted on and the expected calibration error (ECE,
+    equal-width bins of top-label confidence) and negative log-likelihood it measured there."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -100,12 +137,21 @@ class Calibration(BaseModel):
     nll_before: dict[str, float]
     nll_after: dict[str, float]
     created: str | None = None
+    offsets: DecisionOffsets | None = None
+    """Per-grade decision offsets (None: softmax(logits / T) alone)."""
 
     def temperature(self, head: str) -> float:
         """The temperature of a head, "icdr" or "sdrg"."""
         if head not in ("icdr", "sdrg"):
             raise ValueError(f"no grade head {head!r} (icdr or sdrg)")
         return self.icdr_temperature if head == "icdr" else self.sdrg_temperature
+
+    def offsets_of(self, head: str) -> tuple[float, ...]:
+        """The decision offsets of a head, "icdr" or "sdrg" (zeros when the calibration has none)."""
+        self.temperature(head)  # ValueError for an unknown head
+        if self.offsets is None:
+            return (0.0,) * GRADE_COUNT
+        return tuple(self.offsets.icdr if head == "icdr" else self.offsets.sdrg)
 
 
 class OpenVinoInt8(BaseModel):

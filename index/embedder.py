@@ -17,8 +17,9 @@ graph on OpenVINO too. `Embedder.runtimes` says per graph what runs it (e.g.
 "OpenVINO CPU int8").
 
 Calibration: when the manifest has one (`Manifest.calibration`, `retina-train calibrate`), every grade's
-probabilities are softmax(logits / T) with the head's temperature, and `Embedder.calibrated` and
-`Grades.calibrated` say so; otherwise softmax(logits).
+probabilities are softmax(logits / T) with the head's temperature, plus the per-grade decision offsets b,
+softmax(logits / T + b), where the calibration has them; `Embedder.calibrated` and `Grades.calibrated` say so;
+otherwise softmax(logits).
 
 Thread-safety: after `__init__` an `Embedder` holds only read-only state (the graphs, whose `run` is
 thread-safe, see `index.runtimes`, and a configured tokenizer), so one instance may serve several threads
@@ -265,6 +266,11 @@ class Embedder:
             (calibration.icdr_temperature, calibration.sdrg_temperature) if calibration else (1.0, 1.0)
         )
         """(ICDR, SDRG) temperatures the grader's logits are divided by (1.0, 1.0 when uncalibrated)."""
+        self.offsets: dict[str, np.ndarray] | None = (
+            {head: np.asarray(calibration.offsets_of(head), np.float64) for head in ("icdr", "sdrg")}
+            if calibration is not None and calibration.offsets is not None else None
+        )
+        """Head -> the decision offsets added after the temperature (None: the calibration has none)."""
         self._tabular_width = self.manifest.feature_spec.width
         self._image_token_shape = self._token_shape("image_tokens")
         self._text_token_shape = self._token_shape("text_tokens")
@@ -650,9 +656,13 @@ class Embedder:
                 "tabular_present": tabular_present.astype(bool),
             },
         )
-        icdr_t, sdrg_t = self.temperatures  # calibration: softmax(logits / T); (1, 1) leaves them as they are
-        return (softmax(out["icdr_logits"] / icdr_t), softmax(out["sdrg_logits"] / sdrg_t),
+        return (softmax(self._scaled("icdr", out["icdr_logits"])), softmax(self._scaled("sdrg", out["sdrg_logits"])),
                 np.ascontiguousarray(out["record_embedding"], dtype=np.float32))
+
+    def _scaled(self, head: str, logits: np.ndarray) -> np.ndarray:
+        """logits / T (+ b with decision offsets): the calibration; (T = 1, no b) leaves them as they are."""
+        scaled = np.asarray(logits, np.float64) / self.temperatures[0 if head == "icdr" else 1]
+        return scaled + self.offsets[head] if self.offsets is not None else scaled
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -681,6 +681,8 @@ def _readiness(engine: Engine) -> Readiness:
         runtime=embedder.runtime,
         runtimes=embedder.runtimes,
         calibration=dict(zip(("icdr", "sdrg"), embedder.temperatures, strict=True)) if embedder.calibrated else None,
+        decision_offsets=({head: [float(v) for v in offsets] for head, offsets in embedder.offsets.items()}
+                          if embedder.offsets is not None else None),
         vector_store=store.info.store,
         faiss_device=store.image.device if store.info.store == "faiss" else None,
         embedding_dim=embedder.dim,

@@ -83,7 +83,8 @@ class Predicted(BaseModel):
     referable: bool
     referable_probability: float = Field(description="P(ICDR >= 2)")
     calibrated: bool = Field(default=False, description="The probabilities are temperature-scaled on a validation "
-                             "split (the bundle's calibration); false: the model's raw softmax.")
+                             "split, with per-grade decision offsets where the bundle's calibration has them (see "
+                             "/ready); false: the model's raw softmax.")
 
 
 class Gradable(BaseModel):
@@ -162,7 +163,8 @@ class GradeResponse(BaseModel):
         default=None, description="The photograph's gradability (None: no photograph, or a bundle without a gate)."
     )
     calibrated: bool = Field(default=False, description="The probabilities are temperature-scaled on a validation "
-                             "split (the bundle's calibration); false: the model's raw softmax.")
+                             "split, with per-grade decision offsets where the bundle's calibration has them (see "
+                             "/ready); false: the model's raw softmax.")
     modalities: list[Modality]
     consensus: NeighbourConsensus | None = Field(
         default=None, description="With a photograph: its nearest archived photographs' grades (consensus_k).",
@@ -227,7 +229,8 @@ class ExplainResponse(BaseModel):
         default=None, description="The photograph's gradability (None: a bundle without a gate)."
     )
     calibrated: bool = Field(default=False, description="The probabilities are temperature-scaled on a validation "
-                             "split (the bundle's calibration); false: the model's raw softmax.")
+                             "split, with per-grade decision offsets where the bundle's calibration has them (see "
+                             "/ready); false: the model's raw softmax.")
     target: ExplainTarget
     heatmap: Heatmap
     occlusions: int = Field(description="Occluded copies of the photograph graded.")
@@ -267,6 +270,10 @@ class Readiness(BaseModel):
     calibration: dict[str, float] | None = Field(
         default=None, description="The grade heads' temperatures ({'icdr': T, 'sdrg': T}) when the bundle's "
         "probabilities are calibrated, else null.",
+    )
+    decision_offsets: dict[str, list[float]] | None = Field(
+        default=None, description="Per-grade offsets b added to the scaled logits, softmax(logits / T + b), when "
+        "the bundle's calibration has them ({'icdr': [b0..b4], 'sdrg': [...]}), fitted for macro-F1; else null.",
     )
     vector_store: str | None = Field(default=None, description="Where the vectors are searched: faiss or milvus.")
     faiss_device: str | None = Field(default=None, description="FAISS store: where searches run (cpu or gpu).")

@@ -152,7 +152,8 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     recipe.run_recipe(options)
     assert ran == [
         "training archive", "patient-level split", "held-out archive", "held-out split (every record in test)",
-        "training tiny-synth", "evaluating tiny-synth on the held-out archive", "export with parity check",
+        "training tiny-synth", "calibration (decision offsets on train)",
+        "evaluating tiny-synth on the held-out archive", "export with parity check",
         "training clip-baseline-synth", "evaluating the baseline on the held-out archive",
     ]
     with pytest.raises(StageError, match="seed of its own"):
@@ -167,11 +168,14 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
                               tune_epochs=5, tune_batch_size=128, tune_reinit=("tabular",), tune_freeze=("fusion",))
     assert recipe.run_recipe(tuned).final(tuned) == root / "tuned"
     assert ran[4:] == [
-        "training tiny-synth", "locked-image tuning my.json", "evaluating my.json on the held-out archive",
-        "export with parity check", "training clip-baseline-synth", "locked-image tuning clip-baseline-synth",
-        "evaluating the baseline on the held-out archive",
+        "training tiny-synth", "locked-image tuning my.json", "calibration (decision offsets on train)",
+        "evaluating my.json on the held-out archive", "export with parity check", "training clip-baseline-synth",
+        "locked-image tuning clip-baseline-synth", "evaluating the baseline on the held-out archive",
     ]
     by_title = dict(zip(ran, commands, strict=True))
+    calibrate = by_title["calibration (decision offsets on train)"]  # the tuned run, before it is evaluated
+    assert calibrate[1] == "calibrate" and calibrate[calibrate.index("--run") + 1] == str(root / "tuned")
+    assert calibrate[calibrate.index("--offsets-split") + 1] == "train"
     tune = by_title["locked-image tuning my.json"]
     assert tune[tune.index("--init") + 1] == str(root / "run") and "--lock-image" in tune
     assert "--reinit=tabular" in tune and tune[tune.index("--batch-size") + 1] == "128"
@@ -183,6 +187,15 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     baseline_tune = by_title["locked-image tuning clip-baseline-synth"]
     assert baseline_tune[baseline_tune.index("--init") + 1] == str(root / "baseline")
     assert not any(arg.startswith(("--reinit", "--freeze")) for arg in baseline_tune)
+
+    # without calibration, or with temperatures only
+    ran.clear()
+    recipe.run_recipe(recipe.ZooOptions(out=tmp_path / "plain", n=100, heldout_n=20, calibrate=False))
+    assert not any(title.startswith("calibration") for title in ran)
+    ran.clear()
+    commands.clear()
+    recipe.run_recipe(recipe.ZooOptions(out=tmp_path / "temperatures", n=100, heldout_n=20, offsets_split=None))
+    assert "calibration" in ran and "--offsets-split" not in commands[ran.index("calibration")]
 
 
 def test_the_card_of_a_tuned_recipe_describes_both_stages_and_the_tuned_model(tmp_path: Path) -> None:
@@ -199,7 +212,19 @@ def test_the_card_of_a_tuned_recipe_describes_both_stages_and_the_tuned_model(tm
         (run / "config.json").write_text(json.dumps(config))
         (run / "run.json").write_text(json.dumps({"steps": steps, "training_seconds": 900, "finished": True,
                                                   "samples_per_second": 150.0, "precision": "bf16"}))
+    calibration = {"icdr_temperature": 1.25, "sdrg_temperature": 0.9, "archive": "a", "split": "val",
+                   "items": {"icdr": 1502, "sdrg": 1502}, "ece_before": {"icdr": 0.1, "sdrg": 0.1},
+                   "ece_after": {"icdr": 0.05, "sdrg": 0.05}, "nll_before": {"icdr": 1.0, "sdrg": 1.0},
+                   "nll_after": {"icdr": 0.9, "sdrg": 0.9},
+                   "offsets": {"icdr": [0, -2.7, -1.3, -0.3, 0], "sdrg": [0] * 5, "split": "train",
+                               "items": {"icdr": 5741, "sdrg": 5741}, "per_grade": 4000,
+                               "macro_f1_before": {"icdr": 0.846, "sdrg": 0.8}, "macro_f1_after": {"icdr": 0.891,
+                                                                                                 "sdrg": 0.8}}}
+    (paths.tuned / "calibration.json").write_text(json.dumps(calibration))
     card = write_card(options, paths, {"icdr": {"quadratic_kappa": 0.95}}, None).read_text()
+    assert "temperatures ICDR 1.250, SDRG 0.900 fitted on split val" in card
+    assert "fitted for macro-F1 on split train (5,741 photographs, at most 4,000 per grade" in card
+    assert "ICDR b = [+0.0, -2.7, -1.3, -0.3, +0.0], macro-F1 there 0.846 -> 0.891" in card
     assert "--tune-config tuned.json --tune-epochs 6 --tune-batch-size 256" in card
     assert "--tune-reinit tabular" in card
     assert "Config `stage-two`" in card  # the architecture is the tuned model's

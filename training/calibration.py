@@ -10,6 +10,13 @@ Calibration error is the expected calibration error (ECE) of the top label (Guo 
 photographs are put in `bins` equal-width bins of their top probability (the confidence), bin m holding
 confidences in ((m-1)/M, m/M], and ECE = sum over bins of (n_m / N) * |accuracy_m - confidence_m|.
 
+Decision offsets (`--offsets-split`, issue 11): per-grade offsets b added to the scaled logits,
+softmax(logits / T + b), chosen by coordinate ascent over a grid to maximise the macro-F1 of the argmax grade
+(`fit_offsets`). They move the boundary between grades (the rare grades' precision against their recall),
+which temperature scaling never does. They are fitted on a large split (normally `train`, sampled at most
+`per_grade` photographs per ICDR grade and weighted back to the split's shares): a validation split of 1,500
+photographs holds a few dozen of each rare grade, and offsets fitted there do not carry over.
+
 The result is an `index.bundle.Calibration` (the same model `retina-train export` puts in the bundle's
 manifest), saved as `RUN/calibration.json` or where `--out` says.
 """
@@ -17,7 +24,7 @@ manifest), saved as `RUN/calibration.json` or where `--out` says.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,8 +34,9 @@ from pydantic import ValidationError
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 from scipy.special import softmax as scipy_softmax
+from sklearn.metrics import f1_score
 
-from index.bundle import Calibration, now_iso
+from index.bundle import Calibration, DecisionOffsets, now_iso
 
 if TYPE_CHECKING:  # torch is imported only where logits are computed
     from training.data import SplitData
@@ -40,6 +48,12 @@ HEADS = ("icdr", "sdrg")
 DEFAULT_BINS = 15
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 """The temperatures the fit may choose (searched over log T)."""
+OFFSET_GRID = np.round(np.linspace(-3.0, 3.0, 61), 2)
+"""The offsets the decision fit tries for each grade (steps of 0.1)."""
+OFFSET_ROUNDS = 3
+"""Coordinate-ascent passes over the grades (it settles in one or two)."""
+DEFAULT_PER_GRADE = 2000
+"""The most photographs of one ICDR grade the offset fit grades (the rest of a large grade is weighted in)."""
 
 
 @dataclass(frozen=True)
@@ -82,18 +96,85 @@ def _check(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return scores, truth.astype(np.int64)
 
 
-def scaled_probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """softmax(logits / temperature), row-wise, float64."""
+def scaled_logits(logits: np.ndarray, temperature: float = 1.0, offsets: Sequence[float] | None = None) -> np.ndarray:
+    """logits / temperature (+ offsets, one per grade), row-wise, float64: what the softmax of a calibrated
+    head reads."""
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, not {temperature}")
-    return scipy_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=-1)
+    scores = np.asarray(logits, dtype=np.float64) / temperature
+    if offsets is None:
+        return scores
+    shift = np.asarray(offsets, dtype=np.float64)
+    if shift.shape != scores.shape[-1:]:
+        raise ValueError(f"one offset per grade: {scores.shape[-1]} grades, {shift.size} offsets")
+    return scores + shift
 
 
-def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean -log softmax(logits / T)[label] (natural log)."""
+def scaled_probabilities(logits: np.ndarray, temperature: float = 1.0,
+                         offsets: Sequence[float] | None = None) -> np.ndarray:
+    """softmax(logits / temperature + offsets), row-wise, float64 (no offsets: softmax(logits / temperature))."""
+    return scipy_softmax(scaled_logits(logits, temperature, offsets), axis=-1)
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0,
+                            offsets: Sequence[float] | None = None) -> float:
+    """Mean -log softmax(logits / T + offsets)[label] (natural log)."""
     scores, truth = _check(logits, labels)
-    log_probabilities = log_softmax(scores / temperature, axis=-1)
+    log_probabilities = log_softmax(scaled_logits(scores, temperature, offsets), axis=-1)
     return float(-log_probabilities[np.arange(len(truth)), truth].mean())
+
+
+def macro_f1(logits: np.ndarray, labels: np.ndarray, offsets: Sequence[float] | None = None,
+             weights: np.ndarray | None = None) -> float:
+    """Macro-F1 of the argmax grade of logits + offsets over the grades present in `labels`, each row
+    weighted by `weights` (None: equally)."""
+    scores, truth = _check(logits, labels)
+    predicted = scaled_logits(scores, 1.0, offsets).argmax(axis=1)
+    return float(f1_score(truth, predicted, labels=np.unique(truth), average="macro", sample_weight=weights,
+                          zero_division=0))
+
+
+def fit_offsets(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None,
+                grid: Sequence[float] = tuple(OFFSET_GRID), rounds: int = OFFSET_ROUNDS) -> np.ndarray:
+    """Per-grade offsets b (grade 0's stays 0) that maximise `macro_f1(logits, labels, b, weights)`: coordinate
+    ascent, each grade in turn trying every value of `grid` with the others held, `rounds` passes. Among equal
+    scores the offset nearest 0 wins, so a grade the fit cannot improve keeps 0."""
+    scores, truth = _check(logits, labels)
+    offsets = np.zeros(scores.shape[1])
+    candidates = sorted(float(value) for value in grid)
+    for _ in range(rounds):
+        changed = False
+        for grade in range(1, scores.shape[1]):
+            def score(value: float, grade: int = grade) -> tuple[float, float]:
+                trial = offsets.copy()
+                trial[grade] = value
+                return macro_f1(scores, truth, trial, weights), -abs(value)
+
+            best = max(candidates, key=score)
+            if score(best) > score(offsets[grade]):
+                offsets[grade], changed = best, True
+        if not changed:
+            break
+    return offsets
+
+
+def stratified_sample(labels: np.ndarray, per_grade: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """At most `per_grade` row indices of each label (sorted), and each chosen row's weight: how many rows of
+    its label it stands for (1 where a label has no more than `per_grade`)."""
+    if per_grade < 1:
+        raise ValueError(f"per_grade must be at least 1, not {per_grade}")
+    truth = np.asarray(labels)
+    if truth.size == 0:
+        raise ValueError("no labels to sample from")
+    rng = np.random.default_rng(seed)
+    chosen, weights = [], []
+    for label in np.unique(truth):
+        rows = np.flatnonzero(truth == label)
+        pick = np.sort(rng.choice(rows, per_grade, replace=False)) if len(rows) > per_grade else rows
+        chosen.append(pick)
+        weights.append(np.full(len(pick), len(rows) / len(pick)))
+    order = np.argsort(np.concatenate(chosen)) if chosen else np.array([], np.int64)
+    return np.concatenate(chosen)[order], np.concatenate(weights)[order]
 
 
 def fit_temperature(
@@ -156,13 +237,56 @@ def fit_head(logits: np.ndarray, labels: np.ndarray, bins: int = DEFAULT_BINS) -
     )
 
 
+@dataclass(frozen=True)
+class OffsetSample:
+    """The photographs the decision offsets are fitted on: per head their logits (N, 5) and labels (N,), -1
+    where missing; each row's weight (`stratified_sample`); the split and the sample's cap per ICDR grade."""
+
+    logits: Mapping[str, np.ndarray]
+    labels: Mapping[str, np.ndarray]
+    weights: np.ndarray
+    split: str
+    per_grade: int
+
+
+def _fit_offsets(sample: OffsetSample, temperatures: Mapping[str, float]) -> DecisionOffsets:
+    fitted, items, before, after = {}, {}, {}, {}
+    for head in HEADS:
+        truth = np.asarray(sample.labels[head])
+        keep = truth >= 0
+        if not keep.any():
+            raise ValueError(f"no labelled {head.upper()} grades in split {sample.split!r} to fit offsets on")
+        scores = scaled_logits(np.asarray(sample.logits[head])[keep], temperatures[head])
+        weights = np.asarray(sample.weights, dtype=np.float64)[keep]
+        fitted[head] = fit_offsets(scores, truth[keep], weights)
+        items[head] = int(keep.sum())
+        before[head] = macro_f1(scores, truth[keep], None, weights)
+        after[head] = macro_f1(scores, truth[keep], fitted[head], weights)
+    return DecisionOffsets(icdr=[float(v) for v in fitted["icdr"]], sdrg=[float(v) for v in fitted["sdrg"]],
+                           split=sample.split, items=items, per_grade=sample.per_grade,
+                           macro_f1_before=before, macro_f1_after=after)
+
+
 def fit_calibration(
     logits: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray], *, archive: str, split: str,
-    weights_sha256: str | None, bins: int = DEFAULT_BINS,
+    weights_sha256: str | None, bins: int = DEFAULT_BINS, offsets: OffsetSample | None = None,
 ) -> Calibration:
     """Fit both heads ("icdr", "sdrg": logits (N, 5) and labels (N,), -1 where missing) and return the
-    `Calibration` the bundle carries."""
+    `Calibration` the bundle carries. With `offsets`, decision offsets are fitted on that sample after the
+    temperatures, and the ECE and NLL "after" on (logits, labels) include them."""
     fits = {head: fit_head(logits[head], labels[head], bins) for head in HEADS}
+    temperatures = {head: fit.temperature for head, fit in fits.items()}
+    decision = _fit_offsets(offsets, temperatures) if offsets is not None else None
+    ece_after = {head: fit.ece_after for head, fit in fits.items()}
+    nll_after = {head: fit.nll_after for head, fit in fits.items()}
+    if decision is not None:
+        for head in HEADS:
+            truth = np.asarray(labels[head])
+            keep = truth >= 0
+            scores, shift = np.asarray(logits[head], dtype=np.float64)[keep], getattr(decision, head)
+            ece_after[head] = expected_calibration_error(
+                scaled_probabilities(scores, temperatures[head], shift), truth[keep], bins)
+            nll_after[head] = negative_log_likelihood(scores, truth[keep], temperatures[head], shift)
     return Calibration(
         icdr_temperature=fits["icdr"].temperature,
         sdrg_temperature=fits["sdrg"].temperature,
@@ -173,10 +297,11 @@ def fit_calibration(
         weights_sha256=weights_sha256,
         bins=bins,
         ece_before={head: fit.ece_before for head, fit in fits.items()},
-        ece_after={head: fit.ece_after for head, fit in fits.items()},
+        ece_after=ece_after,
         nll_before={head: fit.nll_before for head, fit in fits.items()},
-        nll_after={head: fit.nll_after for head, fit in fits.items()},
+        nll_after=nll_after,
         created=now_iso(),
+        offsets=decision,
     )
 
 
@@ -249,11 +374,13 @@ def calibration_metrics(
     bins: int = DEFAULT_BINS, source: str | None = None,
 ) -> tuple[dict, dict[str, dict[str, Reliability]]]:
     """The `calibration` section of `retina-train evaluate`'s metrics: per head ECE and NLL before
-    (T = 1) and, with a calibration, after (its temperatures); and the reliability data of each
+    (T = 1) and, with a calibration, after (its temperatures and decision offsets); and the reliability data of each
     ("before", "after") for the diagram."""
     section: dict = {
         "bins": bins,
         "temperatures": None if calibration is None else {h: calibration.temperature(h) for h in HEADS},
+        "offsets": None if calibration is None or calibration.offsets is None
+        else {h: list(calibration.offsets_of(h)) for h in HEADS},
         "source": source,
         "fitted_on": None if calibration is None else f"{calibration.archive} split {calibration.split}",
         "note": "ECE of top-label confidence, equal-width bins; grades from the photograph alone"
@@ -274,9 +401,9 @@ def calibration_metrics(
                        "nll_before": negative_log_likelihood(scores, truth), "ece_after": None, "nll_after": None}
         diagrams[head] = {"before": before}
         if calibration is not None:
-            temperature = calibration.temperature(head)
-            after = reliability(scaled_probabilities(scores, temperature), truth, bins)
-            entry.update(ece_after=after.ece, nll_after=negative_log_likelihood(scores, truth, temperature))
+            temperature, shift = calibration.temperature(head), calibration.offsets_of(head)
+            after = reliability(scaled_probabilities(scores, temperature, shift), truth, bins)
+            entry.update(ece_after=after.ece, nll_after=negative_log_likelihood(scores, truth, temperature, shift))
             diagrams[head]["after"] = after
         section[head] = entry
     return section, diagrams

@@ -9,14 +9,18 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from index.archive.brset import ArchiveError, read_archive, read_labels
+from index.archive.brset import Archive, ArchiveError, read_archive, read_labels
 from training.gate.cli import gate_app
+
+if TYPE_CHECKING:  # torch is imported only by the commands that need it
+    from training.calibration import OffsetSample
+    from training.run import LoadedRun
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 app.add_typer(gate_app, name="gate", help="The gradability gate: `gate fit` trains it, `gate evaluate` measures it.")
@@ -466,12 +470,29 @@ def calibrate(
     ] = None,
     bins: Annotated[int, typer.Option(min=1, help="Equal-width confidence bins of the ECE.")] = 15,
     batch_size: Annotated[int, typer.Option(min=1, help="Photographs per forward pass.")] = 64,
+    offsets_split: Annotated[
+        str | None,
+        typer.Option(help="Also fit per-grade decision offsets (softmax(logits / T + b), for macro-F1) on this "
+                     "split, normally train (default: none, temperatures only)."),
+    ] = None,
+    offsets_per_grade: Annotated[
+        int | None, typer.Option(min=1, help="The most photographs of one ICDR grade the offset fit grades; the "
+                                 "rest of a larger grade is weighted in (default 2000).")
+    ] = None,
 ) -> None:
     """Fit one temperature per grade head (ICDR, SDRG) on a split's photographs, graded from the photograph
-    alone, by minimising the NLL of softmax(logits / T); write calibration.json (temperatures, ECE and NLL
-    before and after) for `retina-train export` (into the bundle) and `retina-train evaluate`."""
+    alone, by minimising the NLL of softmax(logits / T), and with --offsets-split per-grade decision offsets
+    b that maximise the macro-F1 of softmax(logits / T + b); write calibration.json (temperatures, offsets, ECE
+    and NLL before and after) for `retina-train export` (into the bundle) and `retina-train evaluate`."""
     from index.bundle import sha256_of
-    from training.calibration import CALIBRATION_FILE, HEADS, fit_calibration, image_logits, save_calibration
+    from training.calibration import (
+        CALIBRATION_FILE,
+        DEFAULT_PER_GRADE,
+        HEADS,
+        fit_calibration,
+        image_logits,
+        save_calibration,
+    )
     from training.run import load_run, split_for_evaluation
     from training.splits import load_splits
     from training.zoo import ZooError, is_zoo_name, resolve_run
@@ -498,13 +519,21 @@ def calibrate(
         if not split_ids[split]:
             sizes = ", ".join(f"{name} {len(ids)}" for name, ids in split_ids.items())
             raise ValueError(f"split {split!r} of {splits} is empty ({sizes}): choose another --split")
+        if offsets_split is not None and not split_ids.get(offsets_split):
+            raise ValueError(f"--offsets-split {offsets_split!r}: {splits} has no such split or it is empty "
+                             f"(it has {sorted(split_ids)})")
+        photographs = read_archive(archive)
         with console.status(f"grading the {len(split_ids[split])} photographs of split {split} (image only)"):
             loaded = load_run(run_dir)
-            data = split_for_evaluation(read_archive(archive), split_ids[split], loaded)
+            data = split_for_evaluation(photographs, split_ids[split], loaded)
             logits = image_logits(loaded, data, batch_size)
+        sample = None
+        if offsets_split is not None:
+            sample = _offset_sample(photographs, split_ids[offsets_split], offsets_split,
+                                    offsets_per_grade or DEFAULT_PER_GRADE, loaded, batch_size)
         calibration = fit_calibration(
             logits, {"icdr": data.icdr, "sdrg": data.sdrg}, archive=str(archive), split=split,
-            weights_sha256=sha256_of(loaded.files.weights), bins=bins,
+            weights_sha256=sha256_of(loaded.files.weights), bins=bins, offsets=sample,
         )
     except (ArchiveError, ValueError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
@@ -517,7 +546,32 @@ def calibrate(
         print(f"{head:6s} {calibration.items[head]:6d} {calibration.temperature(head):8.4f} "
               f"{calibration.ece_before[head]:11.4f} {calibration.ece_after[head]:10.4f} "
               f"{calibration.nll_before[head]:11.4f} {calibration.nll_after[head]:10.4f}")
+    if calibration.offsets is not None:
+        fit = calibration.offsets
+        print(f"decision offsets on split {fit.split} (at most {fit.per_grade} photographs per ICDR grade, "
+              "weighted to the split); ECE and NLL after include them")
+        for head in HEADS:
+            shown = " ".join(f"{value:+.1f}" for value in calibration.offsets_of(head))
+            print(f"{head:6s} {fit.items[head]:6d} b = [{shown}]  macro-F1 {fit.macro_f1_before[head]:.4f} -> "
+                  f"{fit.macro_f1_after[head]:.4f}")
     console.print(f"wrote {target}")
+
+
+def _offset_sample(photographs: Archive, ids: list[str], split: str, per_grade: int, loaded: LoadedRun,
+                   batch_size: int) -> OffsetSample:
+    """The image-only logits, labels and weights of at most `per_grade` photographs per ICDR grade of the
+    split `ids` (`training.calibration.stratified_sample`)."""
+    from training.calibration import OffsetSample, image_logits, stratified_sample
+    from training.run import split_for_evaluation
+
+    by_id = {record.image_id: record for record in photographs.records}
+    kept = [image_id for image_id in ids if image_id in by_id]
+    grades = [-1 if by_id[image_id].dr_icdr is None else by_id[image_id].dr_icdr for image_id in kept]
+    rows, weights = stratified_sample(grades, per_grade)
+    with console.status(f"grading {len(rows)} of the {len(kept)} photographs of split {split} for the offsets"):
+        data = split_for_evaluation(photographs, [kept[row] for row in rows], loaded)
+        logits = image_logits(loaded, data, batch_size)
+    return OffsetSample(logits, {"icdr": data.icdr, "sdrg": data.sdrg}, weights, split, per_grade)
 
 
 @app.command()
@@ -664,6 +718,13 @@ def zoo(
     tune_freeze: Annotated[
         list[str] | None, typer.Option(help="A module the tuning stage keeps as trained (as `fit --freeze`).")
     ] = None,
+    calibrate: Annotated[
+        bool, typer.Option(help="Calibrate the final run before evaluating it (`retina-train calibrate`: "
+                           "temperatures on val, decision offsets on --offsets-split).")
+    ] = True,
+    offsets_split: Annotated[
+        str, typer.Option(help="The split the decision offsets are fitted on ('none': temperatures only).")
+    ] = "train",
 ) -> None:
     """The recipe of a shipped model: synthetic training and held-out archives, training (and optionally
     locked-image tuning), held-out evaluation, export, model card (and with --release, the shipped copy). Runs on
@@ -679,7 +740,8 @@ def zoo(
         epochs=epochs, batch_size=batch_size, lr=lr, balance=balance, precision=precision, max_minutes=max_minutes,
         baseline=baseline, release=release, tune_config=tune_config, tune_epochs=tune_epochs,
         tune_batch_size=tune_batch_size, tune_lr=tune_lr, tune_reinit=tuple(tune_reinit or ()),
-        tune_freeze=tuple(tune_freeze or ()),
+        tune_freeze=tuple(tune_freeze or ()), calibrate=calibrate,
+        offsets_split=None if offsets_split == "none" else offsets_split,
     )
     started = time.perf_counter()
     try:

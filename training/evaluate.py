@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ import torch
 
 from index.archive.brset import read_archive
 from index.archive.deepeyenet import read_deepeyenet
-from index.bundle import sha256_of
+from index.bundle import Calibration, sha256_of
 from index.knowledge import ICDR_DESCRIPTIONS, SDRG_DESCRIPTIONS
 from index.records import ICDR_NAMES, SDRG_NAMES, FundusRecord
 from training.calibration import (
@@ -29,6 +29,7 @@ from training.calibration import (
     check_weights,
     plot_reliability,
     run_calibration,
+    scaled_probabilities,
 )
 from training.data import BatchBuilder, SplitData, load_photo, normalise
 from training.evaluation.metrics import (
@@ -217,8 +218,13 @@ def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "
     narrative_seed = read_synth_manifest(archive_dir).get("seed", 0)
     texts, facts, same = query_texts(data.records, narrative_seed)
     embeddings = embed_split(run, data, texts, batch_size)
+    chosen, source = _chosen_calibration(run_dir, run, calibration)
+    if chosen is not None:
+        embeddings = calibrated(embeddings, chosen)
     metrics = compute_metrics(data.records, embeddings, facts, consensus_k)
-    metrics["calibration"], reliability_data = _calibration(run_dir, run, data, embeddings, calibration)
+    metrics["calibration"], reliability_data = calibration_metrics(
+        {"icdr": embeddings.icdr_logits, "sdrg": embeddings.sdrg_logits}, {"icdr": data.icdr, "sdrg": data.sdrg},
+        chosen, source=source)
     metrics["run"] = {"run": str(run_dir), "config": run.model.config.name, "split": split,
                       "gallery_size": len(data), **{k: run.info.get(k) for k in (
                           "steps", "training_seconds", "samples_per_second", "precision", "fingerprint")}}
@@ -243,7 +249,9 @@ def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "
         "argmax from the photograph alone.",
         "Grades are predicted from the photograph alone"
         + (" (zero-shot against grade prompts: the baseline has no grading heads)."
-           if run.model.config.grading == "zero_shot" else "."),
+           if run.model.config.grading == "zero_shot" else
+           ", with the calibration below (softmax(logits / T + b), as the service grades)." if chosen is not None
+           else "."),
     ]
     notes.append(_calibration_note(metrics["calibration"]))
     write_report(metrics, out, f"Evaluation of {run.model.config.name} on {split}", figures, notes)
@@ -251,16 +259,28 @@ def evaluate(run_dir: Path, archive_dir: Path, splits_path: Path, split: str = "
     return metrics
 
 
-def _calibration(run_dir: Path, run: LoadedRun, data: SplitData, embeddings: Embeddings,
-                 explicit: Path | None) -> tuple[dict, dict]:
-    """The metrics' calibration section and the reliability data, with the run's calibration (or
-    `explicit`); ValueError when it was fitted on other weights."""
+def _chosen_calibration(run_dir: Path, run: LoadedRun, explicit: Path | None) -> tuple[Calibration | None, str | None]:
+    """The run's calibration (or `explicit`) and where it came from; ValueError when it was fitted on other
+    weights."""
     chosen = run_calibration(run_dir, explicit)
     source = str(explicit) if explicit is not None else str(Path(run_dir) / CALIBRATION_FILE) if chosen else None
     if chosen is not None:
         check_weights(chosen, sha256_of(run.files.weights), source or "the calibration")
-    logits = {"icdr": embeddings.icdr_logits, "sdrg": embeddings.sdrg_logits}
-    return calibration_metrics(logits, {"icdr": data.icdr, "sdrg": data.sdrg}, chosen, source=source)
+    return chosen, source
+
+
+def calibrated(embeddings: Embeddings, calibration: Calibration) -> Embeddings:
+    """The embeddings with grade probabilities as the service gives them under `calibration`:
+    softmax(logits / T + b) (b: the decision offsets, zeros without)."""
+    if embeddings.icdr_logits is None or embeddings.sdrg_logits is None:
+        raise ValueError("calibration needs the grade logits")
+    return replace(
+        embeddings,
+        icdr_probabilities=scaled_probabilities(embeddings.icdr_logits, calibration.temperature("icdr"),
+                                                calibration.offsets_of("icdr")),
+        sdrg_probabilities=scaled_probabilities(embeddings.sdrg_logits, calibration.temperature("sdrg"),
+                                                calibration.offsets_of("sdrg")),
+    )
 
 
 def _calibration_note(section: dict) -> str:
@@ -270,7 +290,11 @@ def _calibration_note(section: dict) -> str:
     temperatures = section["temperatures"]
     return (f"Calibration: temperatures ICDR {temperatures['icdr']:.4f}, SDRG {temperatures['sdrg']:.4f} from "
             f"{section['source']} (fitted on {section['fitted_on']}); ECE of top-label confidence in "
-            f"{section['bins']} equal-width bins, from the photograph alone.")
+            f"{section['bins']} equal-width bins, from the photograph alone."
+            + ("" if not section.get("offsets") else
+               " Decision offsets (added to logits / T; every grade figure above uses them, as the service does): "
+               + "; ".join(f"{head.upper()} [{', '.join(f'{v:+.1f}' for v in values)}]"
+                           for head, values in section["offsets"].items()) + "."))
 
 
 def _figures(run: LoadedRun, archive, data: SplitData, embeddings: Embeddings, texts: list[str],

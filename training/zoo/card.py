@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from index.bundle import Calibration
 from training.evaluation.metrics import format_number
 from training.model.config import VisionConfig
 
@@ -127,6 +128,23 @@ def _tuning_lines(options: ZooOptions, tuned: dict) -> list[str]:
     ]
 
 
+def _calibration_lines(run: Path) -> list[str]:
+    """The card's line on the run's calibration.json (temperatures, decision offsets), or none without one."""
+    path = run / "calibration.json"
+    if not path.is_file():
+        return []
+    calibration = Calibration.model_validate_json(path.read_text())
+    line = (f"- Calibration (`retina-train calibrate`): temperatures ICDR {calibration.icdr_temperature:.3f}, SDRG "
+            f"{calibration.sdrg_temperature:.3f} fitted on split {calibration.split}")
+    fit = calibration.offsets
+    if fit is not None:
+        offsets = ", ".join(f"{value:+.1f}" for value in fit.icdr)
+        line += (f"; per-grade decision offsets (softmax(logits / T + b)) fitted for macro-F1 on split {fit.split} "
+                 f"({fit.items['icdr']:,} photographs, at most {fit.per_grade:,} per grade, weighted back): ICDR b = "
+                 f"[{offsets}], macro-F1 there {fit.macro_f1_before['icdr']:.3f} -> {fit.macro_f1_after['icdr']:.3f}")
+    return [line + "."]
+
+
 def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: dict | None) -> Path:
     """Write ROOT/MODEL_CARD.md for the recipe's run and return its path."""
     final = paths.final(options)
@@ -146,6 +164,9 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
                f"--heldout-n {options.heldout_n} --heldout-seed {options.heldout_seed} --epochs {options.epochs} "
                f"--batch-size {options.batch_size} --lr {options.lr:g}"
                + (_tuning_flags(options) if options.tune_config else "")
+               + ("" if options.calibrate else " --no-calibrate")
+               + (f" --offsets-split {options.offsets_split or 'none'}"
+                  if options.calibrate and options.offsets_split != "train" else "")
                + (" --baseline" if options.baseline else "")
                + (f" --release {options.release}" if options.release else ""))
     lines = [
@@ -201,12 +222,14 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         f"- Hardware: {info.get('machine', info.get('device'))}; training time {hours:.2f} h "
         f"({info.get('samples_per_second')} samples/s).",
         *(_tuning_lines(options, tuned) if tuned is not None else []),
+        *_calibration_lines(final),
         "",
         "## Results on the held-out archive",
         "",
         *headline_rows(metrics),
         "",
-        "Grades come from the photograph alone (what `/grade` sees for an upload). The text->record ceiling is "
+        "Grades come from the photograph alone (what `/grade` sees for an upload), with the shipped calibration "
+        "(`calibration.json`) where there is one, as the service applies it. The text->record ceiling is "
         "the share of queries a perfect model finds first: a narrative that fits n records can at best be "
         "found first with probability 1/n. The full report is `eval-test/report.md`.",
         "",
@@ -231,7 +254,8 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         "## Files",
         "",
         "`config.json`, `tokenizer/`, `feature_spec.json`, `checkpoint/model.safetensors` (fp32), `run.json`, "
-        "`eval-test/` and `zoo.json` (the sha256 of every file, checked whenever the model is loaded by name).",
+        "`calibration.json` where calibrated, `eval-test/` and `zoo.json` (the sha256 of every file, checked "
+        "whenever the model is loaded by name).",
         "",
     ]
     path = paths.root / "MODEL_CARD.md"

@@ -8,12 +8,15 @@ an interrupted recipe continues where it stopped):
 3. training (resumed when a run was stopped by `--max-minutes`);
 4. with `--tune-config`, locked-image tuning of that run (`fit --lock-image`, in ROOT/tuned): the image
    tower stays as trained, the text, tabular and joint-transformer sides train on with large batches;
-5. evaluation on the held-out archive of the final run (written to RUN/eval-test, which the export and the
+5. calibration of the final run (`retina-train calibrate`: temperatures on the validation split, and
+   with `offsets_split` per-grade decision offsets fitted for macro-F1 on that split; RUN/calibration.json,
+   which evaluation, export and release use);
+6. evaluation on the held-out archive of the final run (written to RUN/eval-test, which the export and the
    release carry);
-6. export to a bundle, checked against PyTorch on the training archive's validation split;
-7. optionally the CLIP-style baseline trained (and tuned, with its own config) and evaluated the same way,
+7. export to a bundle, checked against PyTorch on the training archive's validation split;
+8. optionally the CLIP-style baseline trained (and tuned, with its own config) and evaluated the same way,
    and the comparison table;
-8. the model card (MODEL_CARD.md), and with `--release NAME` the shipped copy in `training/zoo/models/NAME`.
+9. the model card (MODEL_CARD.md), and with `--release NAME` the shipped copy in `training/zoo/models/NAME`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class ZooOptions:
     tune_lr: float = 1e-3
     tune_reinit: tuple[str, ...] = ()
     tune_freeze: tuple[str, ...] = ()
+    calibrate: bool = True
+    offsets_split: str | None = "train"
 
 
 @dataclass(frozen=True)
@@ -167,10 +172,26 @@ def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, c
                          "run the same command again to resume it")
 
 
+def _calibrate(console: Console, options: ZooOptions, run: Path) -> None:
+    """Fit RUN/calibration.json (temperatures on val; decision offsets on `options.offsets_split`)."""
+    calibration = run / "calibration.json"
+    checkpoint = run / "checkpoint" / "model.safetensors"
+    if calibration.is_file() and calibration.stat().st_mtime >= checkpoint.stat().st_mtime:
+        reuse_stage(console, "calibration", str(calibration))
+        return
+    command = [tool("retina-train"), "calibrate", "--run", str(run)]
+    if options.offsets_split:
+        command += ["--offsets-split", options.offsets_split]
+    run_stage(console, "calibration" + (f" (decision offsets on {options.offsets_split})"
+                                        if options.offsets_split else ""), command)
+
+
 def _evaluate(console: Console, title: str, paths: ZooPaths, run: Path) -> dict:
     metrics = run / "eval-test" / "metrics.json"
     checkpoint = run / "checkpoint" / "model.safetensors"
-    if metrics.is_file() and metrics.stat().st_mtime >= checkpoint.stat().st_mtime:
+    calibration = run / "calibration.json"
+    newest = max(checkpoint.stat().st_mtime, calibration.stat().st_mtime if calibration.is_file() else 0.0)
+    if metrics.is_file() and metrics.stat().st_mtime >= newest:
         reuse_stage(console, title, str(metrics))
     else:
         run_stage(console, title, [tool("retina-train"), "evaluate", "--run", str(run), "--archive",
@@ -195,11 +216,15 @@ def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
         _train(console, f"locked-image tuning {options.tune_config}", options, paths, options.tune_config, paths.tuned,
                tune_from=paths.run, reinit=options.tune_reinit, freeze=options.tune_freeze)
     final = paths.final(options)
+    if options.calibrate:
+        _calibrate(console, options, final)
     metrics = _evaluate(console, f"evaluating {options.tune_config or options.config} on the held-out archive",
                         paths, final)
     bundle_manifest = paths.bundle / "manifest.json"
     checkpoint = final / "checkpoint" / "model.safetensors"
-    if bundle_manifest.is_file() and bundle_manifest.stat().st_mtime >= checkpoint.stat().st_mtime:
+    calibration = final / "calibration.json"
+    newest = max(checkpoint.stat().st_mtime, calibration.stat().st_mtime if calibration.is_file() else 0.0)
+    if bundle_manifest.is_file() and bundle_manifest.stat().st_mtime >= newest:
         reuse_stage(console, "export", str(paths.bundle))
     else:
         run_stage(console, "export with parity check", [
