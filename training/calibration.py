@@ -173,8 +173,9 @@ def stratified_sample(labels: np.ndarray, per_grade: int, seed: int = 0) -> tupl
         pick = np.sort(rng.choice(rows, per_grade, replace=False)) if len(rows) > per_grade else rows
         chosen.append(pick)
         weights.append(np.full(len(pick), len(rows) / len(pick)))
-    order = np.argsort(np.concatenate(chosen)) if chosen else np.array([], np.int64)
-    return np.concatenate(chosen)[order], np.concatenate(weights)[order]
+    rows, row_weights = np.concatenate(chosen), np.concatenate(weights)
+    order = np.argsort(rows)
+    return rows[order], row_weights[order]
 
 
 def fit_temperature(
