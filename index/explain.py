@@ -10,7 +10,7 @@ probability the grade rests on (hiding what made it "at least g" lowers it), and
 threshold between g-1 and g is exactly what would lower the grade. For a photograph graded 0 it is
 P(any DR): the map then shows what (little) pushes it towards DR, not what makes it healthy, since
 "no lesion anywhere" has no location. The probabilities are those `/grade` reports (`Embedder.grade_pixels`
-goes through the same grader, temperature-scaled when the bundle has a calibration).
+goes through the same grader, calibrated (temperatures, decision offsets) when the bundle has a calibration).
 
 Heatmap: the model input is cut into cells of `stride` pixels; each cell gets the mean probability drop of
 the windows that cover it (with the default stride of half a window, four windows), so the map is finer
