@@ -727,8 +727,9 @@ def zoo(
     ] = "train",
 ) -> None:
     """The recipe of a shipped model: synthetic training and held-out archives, training (and optionally
-    locked-image tuning), held-out evaluation, export, model card (and with --release, the shipped copy). Runs on
-    a GPU when there is one; a stopped or interrupted recipe continues where it stopped when run again."""
+    locked-image tuning), calibration, held-out evaluation, export, model card (and with --release, the shipped
+    copy). Runs on a GPU when there is one; a stopped or interrupted recipe continues where it stopped when run
+    again."""
     from training.stages import StageError
     from training.zoo import ZooError
     from training.zoo.recipe import ZooOptions, run_recipe
