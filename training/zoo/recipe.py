@@ -186,12 +186,16 @@ def _calibrate(console: Console, options: ZooOptions, run: Path) -> None:
                                         if options.offsets_split else ""), command)
 
 
+def _weights_changed(run: Path) -> float:
+    """When the run's checkpoint or its calibration (if any) last changed: what evaluation and export read."""
+    calibration = run / "calibration.json"
+    return max((run / "checkpoint" / "model.safetensors").stat().st_mtime,
+               calibration.stat().st_mtime if calibration.is_file() else 0.0)
+
+
 def _evaluate(console: Console, title: str, paths: ZooPaths, run: Path) -> dict:
     metrics = run / "eval-test" / "metrics.json"
-    checkpoint = run / "checkpoint" / "model.safetensors"
-    calibration = run / "calibration.json"
-    newest = max(checkpoint.stat().st_mtime, calibration.stat().st_mtime if calibration.is_file() else 0.0)
-    if metrics.is_file() and metrics.stat().st_mtime >= newest:
+    if metrics.is_file() and metrics.stat().st_mtime >= _weights_changed(run):
         reuse_stage(console, title, str(metrics))
     else:
         run_stage(console, title, [tool("retina-train"), "evaluate", "--run", str(run), "--archive",
@@ -221,10 +225,7 @@ def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
     metrics = _evaluate(console, f"evaluating {options.tune_config or options.config} on the held-out archive",
                         paths, final)
     bundle_manifest = paths.bundle / "manifest.json"
-    checkpoint = final / "checkpoint" / "model.safetensors"
-    calibration = final / "calibration.json"
-    newest = max(checkpoint.stat().st_mtime, calibration.stat().st_mtime if calibration.is_file() else 0.0)
-    if bundle_manifest.is_file() and bundle_manifest.stat().st_mtime >= newest:
+    if bundle_manifest.is_file() and bundle_manifest.stat().st_mtime >= _weights_changed(final):
         reuse_stage(console, "export", str(paths.bundle))
     else:
         run_stage(console, "export with parity check", [
