@@ -184,7 +184,8 @@ class LossConfig(_Strict):
     record with one fact the text states made false in the structured data (`training.text.counterfactual`).
     `image_uniformity` spreads the image embeddings over the sphere (`losses.uniformity_loss`): without it the
     photographs of one grade collapse to one point, and image -> image similarities read 0.999 for every
-    neighbour.
+    neighbour. `image_appearance_uniformity` spreads only the appearance part of the image embedding
+    (`ModelConfig.image_appearance_dims`), where the image-grade contrastive term does not reach.
     """
 
     contrastive_image_text: float = Field(default=1.0, ge=0)
@@ -200,6 +201,7 @@ class LossConfig(_Strict):
     image_grade_contrastive: float = Field(default=0.0, ge=0)
     counterfactual_records: bool = False
     image_uniformity: float = Field(default=0.0, ge=0)
+    image_appearance_uniformity: float = Field(default=0.0, ge=0)
     image_mask_ratio: float = Field(default=0.75, gt=0, lt=1)
     text_mask_prob: float = Field(default=0.15, gt=0, lt=1)
     init_logit_scale: float = math.log(1 / 0.07)
@@ -242,6 +244,14 @@ class ModelConfig(_Strict):
     loss they are only noise. Off (the default) keeps one text embedding for both, as older checkpoints have.
     `record_text_pooling` says what that head projects: the [CLS] state, or the mean of every token's state
     (padding left out), which keeps each stated word in reach of a shallow text tower trained from scratch.
+
+    `image_appearance_dims` (k > 0) splits the image embedding in two: its first embed_dim - k dimensions
+    come from `image_proj` (what the grade and the text say: the image-grade contrastive term pulls them
+    together within a grade), its last k from `image_appearance_proj` (what the photograph looks like:
+    `losses.image_appearance_uniformity` spreads them). Each part is L2-normalised and the appearance part
+    carries `image_appearance_share` of the embedding's norm, so the whole stays a unit vector and two
+    photographs of one grade with identical grade parts still read between 1 - 2 * share^2 and 1, by how
+    alike they look. 0 (the default) keeps one projection, as older checkpoints have.
     """
 
     name: str
@@ -256,6 +266,8 @@ class ModelConfig(_Strict):
     grading: Literal["heads", "zero_shot"] = "heads"
     record_text_head: bool = False
     record_text_pooling: Literal["cls", "mean"] = "cls"
+    image_appearance_dims: int = Field(default=0, ge=0)
+    image_appearance_share: float = Field(default=0.5, gt=0, lt=1)
     num_icdr: int = 5
     num_sdrg: int = 5
 
@@ -263,4 +275,9 @@ class ModelConfig(_Strict):
     def _check(self) -> ModelConfig:
         if self.grading == "heads" and not self.losses.grades_with_heads:
             raise ValueError("grading 'heads' needs a positive icdr or sdrg loss weight; use 'zero_shot'")
+        if self.image_appearance_dims >= self.embed_dim:
+            raise ValueError(f"image_appearance_dims {self.image_appearance_dims} leaves no grade part of the "
+                             f"{self.embed_dim}-dimensional image embedding; use fewer than embed_dim")
+        if self.losses.image_appearance_uniformity > 0 and self.image_appearance_dims == 0:
+            raise ValueError("losses.image_appearance_uniformity needs image_appearance_dims > 0")
         return self

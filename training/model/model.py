@@ -20,6 +20,9 @@ How the embeddings are trained (`forward`), each term weighted by `config.losses
 - ICDR and SDRG cross-entropy (class-weighted, missing grades = -100 ignored) on the fused CLS of a
   joint pass where, while training, each sample hides each modality with the configured probability,
   so that every subset (image alone, text alone, image + tabular, all) is trained.
+- With `image_appearance_dims`, the image embedding has a grade part (`image_proj`, the one the
+  image-grade contrastive term pulls together within a grade) and an appearance part
+  (`image_appearance_proj`, spread by `image_appearance_uniformity`), joined into one unit vector.
 
 The CLIP baseline (`clip-baseline`) sets every weight but `contrastive_image_text` to 0: only the
 towers and their projections are trained, the fusion, heads and record projection stay at random init
@@ -29,6 +32,7 @@ prompts (`config.grading == "zero_shot"`, `zero_shot_logits`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -128,7 +132,10 @@ class RetinaAlignModel(nn.Module):
         self.tabular = TabularEncoder(config.tabular.input_width, config.tabular)
 
         dim, width = config.embed_dim, config.fusion.width
-        self.image_proj = nn.Linear(self.image.width, dim, bias=False)
+        appearance = config.image_appearance_dims
+        self.image_proj = nn.Linear(self.image.width, dim - appearance, bias=False)
+        # the appearance part of the image embedding (`ModelConfig.image_appearance_dims`), when it has one
+        self.image_appearance_proj = nn.Linear(self.image.width, appearance, bias=False) if appearance else None
         self.text_proj = nn.Linear(self.text.width, dim, bias=False)
         self.tabular_proj = nn.Linear(self.tabular.width, dim, bias=False)
         self.record_proj = nn.Linear(width, dim, bias=False)
@@ -265,8 +272,9 @@ class RetinaAlignModel(nn.Module):
         """Freeze the image tower and its projection (locked-image tuning, as in LiT: Zhai et al. 2022): the
         photographs' embeddings, and so an index built from them, stay exactly as they are, while the text,
         tabular and joint-transformer sides keep learning against them."""
-        for module in (self.image, self.image_proj):
-            module.requires_grad_(False)
+        for module in (self.image, self.image_proj, self.image_appearance_proj):
+            if module is not None:
+                module.requires_grad_(False)
         if self.image_decoder is not None:
             self.image_decoder.requires_grad_(False)
 
@@ -297,8 +305,10 @@ class RetinaAlignModel(nn.Module):
         text_states = self.text(input_ids, attention_mask) if input_ids is not None else None
         tabular_hidden = self.tabular(tabular) if tabular is not None else None
         embeddings: dict[str, Tensor] = {}
+        image_parts: tuple[Tensor, Tensor | None] | None = None
         if image_states is not None:
-            embeddings["image"] = self._embed_image(image_states)
+            image_parts = self._image_parts(image_states)
+            embeddings["image"] = self._join_image_parts(*image_parts)
         if text_states is not None:
             embeddings["text"] = self._embed_text(text_states)
             # the facts side of the text: its own head's, or the one text embedding
@@ -329,12 +339,14 @@ class RetinaAlignModel(nn.Module):
                 embeddings["text_facts"], embeddings["record"], self.logit_scale("text_record"),
                 self.embed_record(counter), batch["counterfactual_present"],
             )
-        if weights.image_grade_contrastive > 0 and "image" in embeddings and "icdr" in batch:
-            losses["image_grade_contrastive"] = supervised_contrastive_loss(
-                embeddings["image"], batch["icdr"], self.logit_scale(IMAGE_GRADE_SCALE)
+        if weights.image_grade_contrastive > 0 and image_parts is not None and "icdr" in batch:
+            losses["image_grade_contrastive"] = supervised_contrastive_loss(  # the grade part only
+                image_parts[0], batch["icdr"], self.logit_scale(IMAGE_GRADE_SCALE)
             )
         if weights.image_uniformity > 0 and "image" in embeddings:
             losses["image_uniformity"] = uniformity_loss(embeddings["image"])
+        if weights.image_appearance_uniformity > 0 and image_parts is not None and image_parts[1] is not None:
+            losses["image_appearance_uniformity"] = uniformity_loss(image_parts[1])
         if self.image_decoder is not None and pixels is not None:
             losses["image_reconstruction"] = self._reconstruction_loss(pixels)
         if self.mlm_head is not None and input_ids is not None:
@@ -393,7 +405,22 @@ class RetinaAlignModel(nn.Module):
             item.requires_grad_(False)
 
     def _embed_image(self, states: Tensor) -> Tensor:
-        return F.normalize(self.image_proj(self.image.pool(states)), dim=-1)
+        return self._join_image_parts(*self._image_parts(states))
+
+    def _image_parts(self, states: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(grade part, appearance part or None), each L2-normalised on its own."""
+        pooled = self.image.pool(states)
+        grade = F.normalize(self.image_proj(pooled), dim=-1)
+        if self.image_appearance_proj is None:
+            return grade, None
+        return grade, F.normalize(self.image_appearance_proj(pooled), dim=-1)
+
+    def _join_image_parts(self, grade: Tensor, appearance: Tensor | None) -> Tensor:
+        """The unit image embedding: the grade part alone, or both parts weighted by their share of the norm."""
+        if appearance is None:
+            return grade
+        share = self.config.image_appearance_share
+        return torch.cat([grade * math.sqrt(1 - share**2), appearance * share], dim=-1)
 
     def _embed_text(self, states: Tensor) -> Tensor:
         return F.normalize(self.text_proj(states[:, 0]), dim=-1)
