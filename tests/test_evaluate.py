@@ -56,8 +56,12 @@ def test_evaluate_writes_metrics_report_and_figures(trained: dict[str, Path]) ->
     assert metrics["icdr"]["n"] == test_size
     assert len(metrics["icdr"]["confusion_matrix"]) == 5
     assert metrics["run"]["config"] == "tiny"
+    for attribute in ("eye", "camera"):  # what the look-alikes of one grade share
+        entry = metrics["lookalike"][attribute]
+        assert 0 <= entry["agree"] <= 1 and 0 <= entry["chance"] <= 1 and 0 < entry["queries"] <= test_size
     report = (out / "report.md").read_text()
     assert "ceiling" in report and "confusion_icdr.png" in report
+    assert "same-grade 10 nearest: same eye" in report
 
 
 def test_the_baseline_grades_zero_shot_and_compare_prints_both(trained: dict[str, Path]) -> None:

@@ -397,6 +397,46 @@ def test_self_retrieval_skips_queries_without_a_grade() -> None:
     assert result["queries"] == 3 and result["per_class_queries"] == {"0": 2, "1": 1}
 
 
+# --- what look-alikes of one grade share -------------------------------------------------------------
+
+
+def _graded_with_eye(rng: np.random.Generator, per_grade: int, eye_weight: float) -> tuple[np.ndarray, list, list]:
+    """Two grades far apart; inside each, an `eye_weight` offset by the eye plus noise."""
+    grades = [g for g in (0, 3) for _ in range(per_grade)]
+    eyes = ["left" if i % 2 else "right" for i in range(len(grades))]
+    rows = np.zeros((len(grades), 8))
+    rows[:, 0] = [10.0 if g == 0 else 0.0 for g in grades]
+    rows[:, 1] = [10.0 if g == 3 else 0.0 for g in grades]
+    rows[:, 2] = [eye_weight if e == "left" else -eye_weight for e in eyes]
+    rows[:, 3:] = rng.normal(size=(len(grades), 5))
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True), grades, eyes
+
+
+def test_within_grade_agreement_finds_what_the_nearest_of_one_grade_share() -> None:
+    from training.evaluation.metrics import within_grade_agreement
+
+    rng = np.random.default_rng(0)
+    rows, grades, eyes = _graded_with_eye(rng, 40, eye_weight=3.0)
+    result = within_grade_agreement(rows, grades, {"eye": eyes}, k=5)
+    assert result["eye"]["agree"] == pytest.approx(1.0)
+    assert result["eye"]["chance"] == pytest.approx(19 / 39)  # 19 of a query's 39 grade mates share its eye
+    assert result["eye"]["queries"] == 80
+    blind, _, _ = _graded_with_eye(rng, 40, eye_weight=0.0)
+    result = within_grade_agreement(blind, grades, {"eye": eyes}, k=5)
+    assert abs(result["eye"]["agree"] - result["eye"]["chance"]) < 0.15
+
+
+def test_within_grade_agreement_leaves_out_unknown_values_and_grades() -> None:
+    from training.evaluation.metrics import summarise, within_grade_agreement
+
+    rows = np.eye(6)
+    result = within_grade_agreement(rows, [0, 0, 0, 1, -1, 2], {"camera": ["a", "a", None, "b", "b", "c"]}, k=3)
+    assert result["camera"] == {"agree": 1.0, "chance": 1.0, "queries": 2}  # grade 1 and 2 have one row each
+    assert ("image->image same-grade 3 nearest: same camera", 1.0) in summarise({"lookalike": result})
+    with pytest.raises(ValueError, match="one value per row"):
+        within_grade_agreement(rows, [0] * 6, {"eye": ["left"]})
+
+
 # --- the neighbours' consensus ------------------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ from training.evaluation.metrics import (
     referable_metrics,
     self_retrieval,
     top_k,
+    within_grade_agreement,
 )
 from training.evaluation.report import plot_confusion, plot_loss_curves, plot_retrieval_grid, write_report
 from training.hardware import autocast_context
@@ -192,6 +193,9 @@ def compute_metrics(records: Sequence[FundusRecord], embeddings: Embeddings, fac
             text, gallery, icdr, icdr, ks=KS, names=[f"ICDR {g}" for g in range(5)]
         )
     metrics["image_image"] = self_retrieval(embeddings.image, icdr, ks=KS, names=[f"ICDR {g}" for g in range(5)])
+    metrics["lookalike"] = within_grade_agreement(
+        embeddings.image, icdr, {"eye": [r.exam_eye for r in records], "camera": [r.camera for r in records]}, k=10
+    )
     metrics["consensus"] = consensus_metrics(embeddings.image, icdr, embeddings.icdr_probabilities.argmax(axis=1),
                                              k=consensus_k, groups=[r.patient_id for r in records])
     metrics["icdr"] = grading_metrics(icdr, embeddings.icdr_probabilities, list(ICDR_NAMES))

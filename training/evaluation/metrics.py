@@ -16,6 +16,7 @@ The combined dict that `summarise`, `compare_table` and `report.write_report` re
       "instance":  {setting: bidirectional_instance_recall(...)},  # e.g. "text-image", "text-record"
       "category":  {setting: category_retrieval(...)},
       "consensus": consensus_metrics(...),   # the k nearest photographs' grade vs the model's (image->image)
+      "lookalike": within_grade_agreement(...),  # what the nearest of one grade share (the eye, the camera)
       "icdr":      grading_metrics(...),
       "sdrg":      grading_metrics(...),
       "referable": referable_metrics(...),
@@ -364,6 +365,56 @@ def self_retrieval(
     return result
 
 
+def within_grade_agreement(
+    embeddings: Any,
+    labels: Sequence[int] | np.ndarray,
+    attributes: dict[str, Sequence[Hashable | None]],
+    k: int = 10,
+) -> dict[str, Any]:
+    """What a photograph's look-alikes share beyond the grade: for each attribute (e.g. the eye, the camera),
+    the share of a query's `k` nearest photographs *of its own grade* that have the query's value, beside
+    `chance`, the share among all the other photographs of that grade.
+
+    Ranking within one grade is what the similarity scores order once the grade is found; this says whether
+    that order means something a person can see. Rows with an unknown label or attribute value take no part
+    in that attribute; grades with fewer than two such rows are skipped.
+    """
+    rows_all = _as_matrix("embeddings", embeddings)
+    all_labels = np.asarray(labels, dtype=np.int64)
+    if all_labels.shape != (rows_all.shape[0],):
+        raise ValueError("one label per row")
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    result: dict[str, Any] = {"k": k}
+    for name, values in attributes.items():
+        if len(values) != rows_all.shape[0]:
+            raise ValueError(f"attribute {name!r}: one value per row")
+        known = np.array([v is not None for v in values]) & (all_labels >= 0)
+        codes = np.unique(np.array([str(v) for v in values]), return_inverse=True)[1]
+        agree, chance, queries = [], [], 0
+        for grade in np.unique(all_labels[known]):
+            members = np.flatnonzero(known & (all_labels == grade))
+            if len(members) < 2:
+                continue
+            top = min(k, len(members) - 1)
+            member_codes = codes[members]
+            same_total = (member_codes[:, None] == member_codes[None, :]).sum(axis=1) - 1
+            for start in range(0, len(members), DEFAULT_CHUNK):
+                rows = members[start : start + DEFAULT_CHUNK]
+                sims = rows_all[rows] @ rows_all[members].T
+                sims[np.arange(len(rows)), np.arange(start, start + len(rows))] = -np.inf
+                nearest = np.argsort(-sims, axis=1)[:, :top]
+                agree.append((member_codes[nearest] == member_codes[start : start + len(rows), None]).mean(axis=1))
+                chance.append(same_total[start : start + len(rows)] / (len(members) - 1))
+            queries += len(members)
+        result[name] = {
+            "agree": float(np.concatenate(agree).mean()) if agree else None,
+            "chance": float(np.concatenate(chance).mean()) if chance else None,
+            "queries": queries,
+        }
+    return result
+
+
 def consensus_metrics(
     embeddings: Any,
     labels: Sequence[int] | np.ndarray,
@@ -692,6 +743,12 @@ def summarise(metrics: dict[str, Any]) -> list[tuple[str, float | None]]:
         for k in _ks_of(result, "positive_P"):
             rows.append((f"image->image referable P@{k} (referable queries)", result[f"positive_P@{k}"]))
         rows.append(("image->image similarity gap 1st-10th", result["similarity"]["gap"]))
+    if "lookalike" in metrics:
+        result = metrics["lookalike"]
+        for name, entry in result.items():
+            if isinstance(entry, dict):
+                rows.append((f"image->image same-grade {result['k']} nearest: same {name}", entry["agree"]))
+                rows.append((f"image->image same-grade {result['k']} nearest: same {name} by chance", entry["chance"]))
     if "consensus" in metrics:
         result = metrics["consensus"]
         knn = f"consensus kNN@{result['k']}"
