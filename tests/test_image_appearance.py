@@ -85,6 +85,32 @@ def test_the_appearance_loss_trains_the_appearance_part_and_the_grade_loss_the_g
     assert model.image_appearance_proj.weight.grad is None or not model.image_appearance_proj.weight.grad.any()
 
 
+def _with(**update: object) -> ModelConfig:
+    return ModelConfig.model_validate(_config().model_dump() | update)
+
+
+def test_the_appearance_part_can_read_the_patch_tokens_beside_the_pooled_feature(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = create_model(_with(image_appearance_input="pooled_and_patches"), tabular_width=TABULAR_WIDTH,
+                         tokenizer=tokenizer).eval()
+    assert model.image_appearance_proj.in_features == 2 * model.image.width
+    pixels = _batch(tokenizer)["pixels"]
+    with torch.no_grad():
+        states = model.image(pixels)
+        features = torch.cat([model.image.pool(states), states[:, model.image.num_prefix_tokens :].mean(dim=1)], -1)
+        appearance = model.encode_image(pixels)[:, -APPEARANCE:]
+    expected = torch.nn.functional.normalize(model.image_appearance_proj(features), dim=-1) * SHARE
+    torch.testing.assert_close(appearance, expected)
+
+
+def test_a_detached_appearance_part_teaches_the_image_tower_nothing(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = create_model(_with(image_appearance_detach=True), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+    model(_batch(tokenizer))["image_appearance_uniformity"].backward()
+    assert model.image_appearance_proj.weight.grad.any()
+    assert all(p.grad is None or not p.grad.any() for p in model.image.parameters())
+
+
 def test_lock_image_freezes_the_appearance_projection_too(tokenizer) -> None:
     model = create_model(_config(), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
     model.lock_image()

@@ -252,6 +252,11 @@ class ModelConfig(_Strict):
     carries `image_appearance_share` of the embedding's norm, so the whole stays a unit vector and two
     photographs of one grade with identical grade parts still read between 1 - 2 * share^2 and 1, by how
     alike they look. 0 (the default) keeps one projection, as older checkpoints have.
+    `image_appearance_input` says what the appearance projection reads: the pooled feature (`"pooled"`, what
+    `image_proj` reads too) or the pooled feature beside the mean of the patch tokens (`"pooled_and_patches"`),
+    which keep more of what a photograph looks like than a pooled feature trained to find the grade.
+    `image_appearance_detach` stops the appearance loss at the projection: the image tower, and so the
+    grading that reads its tokens, learns nothing from it.
     """
 
     name: str
@@ -268,6 +273,8 @@ class ModelConfig(_Strict):
     record_text_pooling: Literal["cls", "mean"] = "cls"
     image_appearance_dims: int = Field(default=0, ge=0)
     image_appearance_share: float = Field(default=0.5, gt=0, lt=1)
+    image_appearance_input: Literal["pooled", "pooled_and_patches"] = "pooled"
+    image_appearance_detach: bool = False
     num_icdr: int = 5
     num_sdrg: int = 5
 

@@ -135,7 +135,8 @@ class RetinaAlignModel(nn.Module):
         appearance = config.image_appearance_dims
         self.image_proj = nn.Linear(self.image.width, dim - appearance, bias=False)
         # the appearance part of the image embedding (`ModelConfig.image_appearance_dims`), when it has one
-        self.image_appearance_proj = nn.Linear(self.image.width, appearance, bias=False) if appearance else None
+        appearance_width = self.image.width * (2 if config.image_appearance_input == "pooled_and_patches" else 1)
+        self.image_appearance_proj = nn.Linear(appearance_width, appearance, bias=False) if appearance else None
         self.text_proj = nn.Linear(self.text.width, dim, bias=False)
         self.tabular_proj = nn.Linear(self.tabular.width, dim, bias=False)
         self.record_proj = nn.Linear(width, dim, bias=False)
@@ -413,7 +414,12 @@ class RetinaAlignModel(nn.Module):
         grade = F.normalize(self.image_proj(pooled), dim=-1)
         if self.image_appearance_proj is None:
             return grade, None
-        return grade, F.normalize(self.image_appearance_proj(pooled), dim=-1)
+        features = pooled
+        if self.config.image_appearance_input == "pooled_and_patches":
+            features = torch.cat([pooled, states[:, self.image.num_prefix_tokens :].mean(dim=1)], dim=-1)
+        if self.config.image_appearance_detach:
+            features = features.detach()
+        return grade, F.normalize(self.image_appearance_proj(features), dim=-1)
 
     def _join_image_parts(self, grade: Tensor, appearance: Tensor | None) -> Tensor:
         """The unit image embedding: the grade part alone, or both parts weighted by their share of the norm."""
