@@ -111,6 +111,19 @@ def test_a_detached_appearance_part_teaches_the_image_tower_nothing(tokenizer) -
     assert all(p.grad is None or not p.grad.any() for p in model.image.parameters())
 
 
+def test_the_appearance_projection_can_be_a_two_layer_mlp(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = create_model(_with(image_appearance_hidden=32), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+    first, _, last = model.image_appearance_proj
+    assert (first.in_features, first.out_features, last.out_features) == (model.image.width, 32, APPEARANCE)
+    pixels = _batch(tokenizer)["pixels"]
+    with torch.no_grad():
+        appearance = model.encode_image(pixels)[:, -APPEARANCE:]
+        pooled = model.image.pool(model.image(pixels))
+    expected = torch.nn.functional.normalize(last(torch.nn.functional.gelu(first(pooled))), dim=-1) * SHARE
+    torch.testing.assert_close(appearance, expected)
+
+
 def test_lock_image_freezes_the_appearance_projection_too(tokenizer) -> None:
     model = create_model(_config(), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
     model.lock_image()

@@ -256,7 +256,9 @@ class ModelConfig(_Strict):
     `image_proj` reads too) or the pooled feature beside the mean of the patch tokens (`"pooled_and_patches"`),
     which keep more of what a photograph looks like than a pooled feature trained to find the grade.
     `image_appearance_detach` stops the appearance loss at the projection: the image tower, and so the
-    grading that reads its tokens, learns nothing from it.
+    grading that reads its tokens, learns nothing from it. `image_appearance_hidden` (> 0) makes the
+    projection a two-layer MLP with that hidden width (GELU), which can draw more out of a tower trained
+    for the grade than a linear map.
     """
 
     name: str
@@ -275,6 +277,7 @@ class ModelConfig(_Strict):
     image_appearance_share: float = Field(default=0.5, gt=0, lt=1)
     image_appearance_input: Literal["pooled", "pooled_and_patches"] = "pooled"
     image_appearance_detach: bool = False
+    image_appearance_hidden: int = Field(default=0, ge=0)
     num_icdr: int = 5
     num_sdrg: int = 5
 

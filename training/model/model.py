@@ -115,6 +115,13 @@ class MlmHead(nn.Module):
         return F.linear(self.transform(states), word_embeddings, self.bias)
 
 
+def _appearance_projection(width: int, dims: int, hidden: int) -> nn.Module:
+    """The appearance part's projection: linear, or with `hidden` > 0 a two-layer GELU MLP."""
+    if hidden == 0:
+        return nn.Linear(width, dims, bias=False)
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, dims, bias=False))
+
+
 class RetinaAlignModel(nn.Module):
     """Image, text and tabular towers aligned in one space, with a joint transformer for grading."""
 
@@ -136,7 +143,9 @@ class RetinaAlignModel(nn.Module):
         self.image_proj = nn.Linear(self.image.width, dim - appearance, bias=False)
         # the appearance part of the image embedding (`ModelConfig.image_appearance_dims`), when it has one
         appearance_width = self.image.width * (2 if config.image_appearance_input == "pooled_and_patches" else 1)
-        self.image_appearance_proj = nn.Linear(appearance_width, appearance, bias=False) if appearance else None
+        self.image_appearance_proj = (
+            _appearance_projection(appearance_width, appearance, config.image_appearance_hidden) if appearance else None
+        )
         self.text_proj = nn.Linear(self.text.width, dim, bias=False)
         self.tabular_proj = nn.Linear(self.tabular.width, dim, bias=False)
         self.record_proj = nn.Linear(width, dim, bias=False)
