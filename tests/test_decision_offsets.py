@@ -145,8 +145,9 @@ def with_offsets(tiny: TinyBundle, tmp_path_factory: pytest.TempPathFactory) -> 
     for head in ("icdr", "sdrg"):
         assert getattr(fitted.offsets, head)[0] == 0.0
         assert fitted.offsets.macro_f1_after[head] >= fitted.offsets.macro_f1_before[head]
-    # Offsets that make ICDR 3 win everywhere: what evaluate and the service report must follow them.
-    forced = fitted.model_copy(update={"offsets": fitted.offsets.model_copy(update={"icdr": [0, 0, 0, 40.0, 0]})})
+    # Offsets that make ICDR 3 win everywhere, whatever temperature the 2-step model was fitted (a tiny
+    # temperature multiplies its logit gaps): what evaluate and the service report must follow them.
+    forced = fitted.model_copy(update={"offsets": fitted.offsets.model_copy(update={"icdr": [0, 0, 0, 1000.0, 0]})})
     (run / CALIBRATION_FILE).write_text(forced.model_dump_json(indent=1))
     result = runner.invoke(app, ["export", "--run", str(run), "--archive", str(tiny.archive), "--splits",
                                  str(tiny.splits), "--out", str(root / "bundle")])
@@ -183,7 +184,7 @@ def test_evaluate_grades_with_the_offsets(with_offsets: tuple[Path, Path], tiny:
                                  str(tiny.splits), "--split", "val", "--out", str(tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["calibration"]["offsets"]["icdr"] == [0, 0, 0, 40.0, 0]
+    assert metrics["calibration"]["offsets"]["icdr"] == [0, 0, 0, 1000.0, 0]
     confusion = np.array(metrics["icdr"]["confusion_matrix"])
     assert confusion[:, 3].sum() == confusion.sum()  # every photograph graded ICDR 3, as the service would
     assert "Decision offsets" in (tmp_path / "eval" / "report.md").read_text()
@@ -199,7 +200,7 @@ def test_the_service_reports_its_decision_offsets(with_offsets: tuple[Path, Path
     _, index = tiny_index(tmp_path_factory)
     with serve(ServiceSettings(bundle=bundle, index=index, device="cpu", store="faiss")) as server:
         ready = httpx.get(server.url + "/readyz").json()
-        assert ready["decision_offsets"]["icdr"] == [0, 0, 0, 40.0, 0]
+        assert ready["decision_offsets"]["icdr"] == [0, 0, 0, 1000.0, 0]
         assert ready["decision_offsets"]["sdrg"] == list(load_calibration(run / CALIBRATION_FILE).offsets_of("sdrg"))
         photo = sorted((tiny.archive / "fundus_photos").glob("*.jpg"))[0].read_bytes()
         graded = httpx.post(server.url + "/grade", files={"file": ("p.jpg", photo, "image/jpeg")}, timeout=60).json()
