@@ -398,7 +398,7 @@ def within_grade_agreement(
                 continue
             top = min(k, len(members) - 1)
             member_codes = codes[members]
-            same_total = (member_codes[:, None] == member_codes[None, :]).sum(axis=1) - 1
+            same_total = np.bincount(member_codes)[member_codes] - 1  # the other members sharing the value
             for start in range(0, len(members), DEFAULT_CHUNK):
                 rows = members[start : start + DEFAULT_CHUNK]
                 sims = rows_all[rows] @ rows_all[members].T

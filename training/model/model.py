@@ -279,9 +279,9 @@ class RetinaAlignModel(nn.Module):
     # --- training ---------------------------------------------------------------------------------
 
     def lock_image(self) -> None:
-        """Freeze the image tower and its projection (locked-image tuning, as in LiT: Zhai et al. 2022): the
-        photographs' embeddings, and so an index built from them, stay exactly as they are, while the text,
-        tabular and joint-transformer sides keep learning against them."""
+        """Freeze the image tower and its projections, grade and appearance parts (locked-image tuning, as in
+        LiT: Zhai et al. 2022): the photographs' embeddings, and so an index built from them, stay exactly as they
+        are, while the text, tabular and joint-transformer sides keep learning against them."""
         for module in (self.image, self.image_proj, self.image_appearance_proj):
             if module is not None:
                 module.requires_grad_(False)
