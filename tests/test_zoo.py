@@ -188,6 +188,32 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     assert baseline_tune[baseline_tune.index("--init") + 1] == str(root / "baseline")
     assert not any(arg.startswith(("--reinit", "--freeze")) for arg in baseline_tune)
 
+    # with an appearance stage: it starts from the run with the image tower and the grading path frozen, and the
+    # tuning starts from it
+    ran.clear()
+    commands.clear()
+    root = tmp_path / "appearance-zoo"
+    spread = recipe.ZooOptions(out=root, n=100, heldout_n=20, appearance_config="look.json", appearance_epochs=2,
+                               appearance_lr=3e-3, tune_config="my.json")
+    assert recipe.run_recipe(spread).final(spread) == root / "tuned"
+    assert ran[4:7] == ["training tiny-synth", "appearance stage look.json", "locked-image tuning my.json"]
+    by_title = dict(zip(ran, commands, strict=True))
+    look = by_title["appearance stage look.json"]
+    assert look[look.index("--init") + 1] == str(root / "run") and "--lock-image" not in look
+    assert look[look.index("--out") + 1] == str(root / "appearance")
+    assert {"--reinit=image_proj", "--reinit=image_appearance_proj", "--freeze=image", "--freeze=fusion",
+            "--freeze=image_to_fusion"} <= set(look)
+    assert look[look.index("--epochs") + 1] == "2" and look[look.index("--lr") + 1] == "0.003"
+    tune = by_title["locked-image tuning my.json"]
+    assert tune[tune.index("--init") + 1] == str(root / "appearance")
+    # without a tuning stage the appearance stage's run is the one evaluated
+    ran.clear()
+    commands.clear()
+    alone = recipe.ZooOptions(out=tmp_path / "appearance-only", n=100, heldout_n=20, appearance_config="look.json")
+    assert recipe.run_recipe(alone).final(alone) == tmp_path / "appearance-only" / "appearance"
+    evaluated = dict(zip(ran, commands, strict=True))["evaluating tiny-synth on the held-out archive"]
+    assert evaluated[evaluated.index("--run") + 1] == str(tmp_path / "appearance-only" / "appearance")
+
     # without calibration, or with temperatures only
     ran.clear()
     recipe.run_recipe(recipe.ZooOptions(out=tmp_path / "plain", n=100, heldout_n=20, calibrate=False))
@@ -208,7 +234,7 @@ def test_the_card_of_a_tuned_recipe_describes_both_stages_and_the_tuned_model(tm
     paths = ZooPaths(tmp_path)
     for run, config_name, steps in ((paths.run, "stage-one", 1686), (paths.tuned, "stage-two", 630)):
         run.mkdir()
-        config = json.loads((shipped / "config.json").read_text()) | {"name": config_name}
+        config = json.loads((shipped / "config.json").read_text()) | {"name": config_name, "image_appearance_dims": 0}
         (run / "config.json").write_text(json.dumps(config))
         (run / "run.json").write_text(json.dumps({"steps": steps, "training_seconds": 900, "finished": True,
                                                   "samples_per_second": 150.0, "precision": "bf16"}))
@@ -233,3 +259,31 @@ def test_the_card_of_a_tuned_recipe_describes_both_stages_and_the_tuned_model(tm
     assert "`tabular` from random init" in card
     assert "--tune-freeze fusion --tune-freeze image_to_fusion" in card
     assert "its projection, `fusion`, `image_to_fusion` frozen as trained above, the rest trained on" in card
+
+
+def test_the_card_of_a_recipe_with_an_appearance_stage_describes_it(tmp_path: Path) -> None:
+    from training.zoo.card import write_card
+    from training.zoo.recipe import ZooOptions, ZooPaths
+
+    shipped = zoo.ZOO_DIR / "tiny-synth"
+    options = ZooOptions(out=tmp_path, appearance_config="look.json", appearance_epochs=3, appearance_lr=2e-3,
+                         tune_config="tuned.json", tune_epochs=30)
+    paths = ZooPaths(tmp_path)
+    appearance = {"image_appearance_dims": 32, "image_appearance_share": 0.85,
+                  "image_appearance_input": "pooled_and_patches", "image_appearance_hidden": 256}
+    for run, steps in ((paths.run, 1686), (paths.appearance, 1685), (paths.tuned, 3150)):
+        run.mkdir()
+        config = json.loads((shipped / "config.json").read_text()) | appearance
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "run.json").write_text(json.dumps({"steps": steps, "training_seconds": 1020, "finished": True,
+                                                  "samples_per_second": 80.5, "precision": "bf16"}))
+    card = write_card(options, paths, {"icdr": {"quadratic_kappa": 0.95}}, None).read_text()
+    assert ("--appearance-config look.json --appearance-epochs 3 --appearance-batch-size 48 --appearance-lr 0.002 "
+            "--tune-config tuned.json") in card
+    assert "the appearance stage (config `look.json`)" in card
+    assert "grade part (`image_proj`, 96-d) re-learnt" in card
+    assert "(`image_appearance_proj`, 32-d, a 2-layer MLP reading the pooled feature and the mean of the patch " \
+           "tokens, share 0.85 of the unit vector)" in card
+    assert "1685 steps (3 epochs, batch 48, lr 0.002) in 17 min (80.5 samples/s, bf16)" in card
+    assert "the image tower and its projections frozen as trained above" in card
+    assert card.index("the appearance stage") < card.index("locked-image tuning (")

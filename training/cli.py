@@ -704,10 +704,19 @@ def zoo(
     release: Annotated[
         str | None, typer.Option(help="Ship the result as zoo:NAME (training/zoo/models/NAME, with checksums).")
     ] = None,
+    appearance_config: Annotated[
+        str | None,
+        typer.Option(help="After training, the appearance stage with this config (one with image_appearance_dims): "
+                     "the image tower and the grading path frozen, the image embedding's grade projection re-learnt "
+                     "and its appearance projection trained, so image->image scores spread and no grade changes."),
+    ] = None,
+    appearance_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the appearance stage.")] = 3,
+    appearance_batch_size: Annotated[int, typer.Option(min=2, help="Global batch size of the appearance stage.")] = 48,
+    appearance_lr: Annotated[float, typer.Option(help="Peak learning rate of the appearance stage.")] = 2e-3,
     tune_config: Annotated[
         str | None,
-        typer.Option(help="After training, locked-image tuning (`fit --lock-image`) with this config; the tuned run "
-                     "is the one evaluated, exported and released."),
+        typer.Option(help="After training (and the appearance stage), locked-image tuning (`fit --lock-image`) "
+                     "with this config; the tuned run is the one evaluated, exported and released."),
     ] = None,
     tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the tuning stage.")] = 10,
     tune_batch_size: Annotated[int, typer.Option(min=2, help="Global batch size of the tuning stage.")] = 256,
@@ -726,10 +735,10 @@ def zoo(
         str, typer.Option(help="The split the decision offsets are fitted on ('none': temperatures only).")
     ] = "train",
 ) -> None:
-    """The recipe of a shipped model: synthetic training and held-out archives, training (and optionally
-    locked-image tuning), calibration, held-out evaluation, export, model card (and with --release, the shipped
-    copy). Runs on a GPU when there is one; a stopped or interrupted recipe continues where it stopped when run
-    again."""
+    """The recipe of a shipped model: synthetic training and held-out archives, training (and optionally an
+    appearance stage and locked-image tuning), calibration, held-out evaluation, export, model card (and with
+    --release, the shipped copy). Runs on a GPU when there is one; a stopped or interrupted recipe continues where
+    it stopped when run again."""
     from training.stages import StageError
     from training.zoo import ZooError
     from training.zoo.recipe import ZooOptions, run_recipe
@@ -739,7 +748,9 @@ def zoo(
     options = ZooOptions(
         out=out, config=config, n=n, seed=seed, heldout_n=heldout_n, heldout_seed=heldout_seed, size=size,
         epochs=epochs, batch_size=batch_size, lr=lr, balance=balance, precision=precision, max_minutes=max_minutes,
-        baseline=baseline, release=release, tune_config=tune_config, tune_epochs=tune_epochs,
+        baseline=baseline, release=release, appearance_config=appearance_config,
+        appearance_epochs=appearance_epochs, appearance_batch_size=appearance_batch_size, appearance_lr=appearance_lr,
+        tune_config=tune_config, tune_epochs=tune_epochs,
         tune_batch_size=tune_batch_size, tune_lr=tune_lr, tune_reinit=tuple(tune_reinit or ()),
         tune_freeze=tuple(tune_freeze or ()), calibrate=calibrate,
         offsets_split=None if offsets_split == "none" else offsets_split,

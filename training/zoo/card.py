@@ -113,14 +113,39 @@ def _tuning_flags(options: ZooOptions) -> str:
             + "".join(f" --tune-freeze {name}" for name in options.tune_freeze))
 
 
-def _tuning_lines(options: ZooOptions, tuned: dict) -> list[str]:
-    """The card's lines on the locked-image tuning stage, from the tuned run's run.json."""
+def _appearance_flags(options: ZooOptions) -> str:
+    """The recipe command's appearance-stage flags."""
+    return (f" --appearance-config {options.appearance_config} --appearance-epochs {options.appearance_epochs} "
+            f"--appearance-batch-size {options.appearance_batch_size} --appearance-lr {options.appearance_lr:g}")
+
+
+def _appearance_lines(options: ZooOptions, stage: dict, config: dict) -> list[str]:
+    """The card's line on the appearance stage, from its run.json and the final config."""
+    dims, share = config.get("image_appearance_dims", 0), config.get("image_appearance_share", 0.0)
+    head = "a 2-layer MLP" if config.get("image_appearance_hidden") else "a linear projection"
+    reads = ("the pooled feature and the mean of the patch tokens"
+             if config.get("image_appearance_input") == "pooled_and_patches" else "the pooled feature")
+    return [
+        f"- Then the appearance stage (config `{options.appearance_config}`): the image tower, `fusion` and "
+        "`image_to_fusion` frozen as trained above, so every grade stays what it was; the image embedding's grade "
+        f"part (`image_proj`, {config['embed_dim'] - dims}-d) re-learnt and its appearance part "
+        f"(`image_appearance_proj`, {dims}-d, {head} reading {reads}, share {share:g} of the unit vector) trained "
+        "with a uniformity loss, which spreads the image->image scores; "
+        f"{stage.get('steps')} steps ({options.appearance_epochs} epochs, batch {options.appearance_batch_size}, "
+        f"lr {options.appearance_lr:g}) in {stage.get('training_seconds', 0) / 60:.0f} min "
+        f"({stage.get('samples_per_second')} samples/s, {stage.get('precision')}).",
+    ]
+
+
+def _tuning_lines(options: ZooOptions, tuned: dict, config: dict) -> list[str]:
+    """The card's lines on the locked-image tuning stage, from the tuned run's run.json and config."""
+    projections = "its projections" if config.get("image_appearance_dims") else "its projection"
     reinit = ", ".join(f"`{name}`" for name in options.tune_reinit)
     frozen = "".join(f", `{name}`" for name in options.tune_freeze)
     trained = "the rest" if frozen else "the text, tabular and joint-transformer sides"
     return [
         f"- Then locked-image tuning (`retina-train fit --lock-image`, config `{options.tune_config}`"
-        + (f", {reinit} from random init" if reinit else "") + f"): the image tower and its projection{frozen} "
+        + (f", {reinit} from random init" if reinit else "") + f"): the image tower and {projections}{frozen} "
         f"frozen as trained above, {trained} trained on for {tuned.get('steps')} steps "
         f"({options.tune_epochs} epochs, batch {options.tune_batch_size}, lr {options.tune_lr:g}) in "
         f"{tuned.get('training_seconds', 0) / 60:.0f} min ({tuned.get('samples_per_second')} samples/s, "
@@ -149,7 +174,8 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
     """Write ROOT/MODEL_CARD.md for the recipe's run and return its path."""
     final = paths.final(options)
     info = json.loads((paths.run / "run.json").read_text())  # the main training (before any tuning)
-    tuned = json.loads((final / "run.json").read_text()) if final != paths.run else None
+    appearance = (json.loads((paths.appearance / "run.json").read_text()) if options.appearance_config else None)
+    tuned = json.loads((final / "run.json").read_text()) if options.tune_config else None
     config = json.loads((final / "config.json").read_text())
     name = options.release or config["name"]
     vision, text = config["vision"], config["text"]
@@ -163,6 +189,7 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
     command = (f"retina-train zoo --out {paths.root} --n {options.n} --seed {options.seed} "
                f"--heldout-n {options.heldout_n} --heldout-seed {options.heldout_seed} --epochs {options.epochs} "
                f"--batch-size {options.batch_size} --lr {options.lr:g}"
+               + (_appearance_flags(options) if options.appearance_config else "")
                + (_tuning_flags(options) if options.tune_config else "")
                + ("" if options.calibrate else " --no-calibrate")
                + (f" --offsets-split {options.offsets_split or 'none'}"
@@ -221,7 +248,8 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         f"- Precision {info.get('precision')} ({info.get('precision_reason', 'n/a')}).",
         f"- Hardware: {info.get('machine', info.get('device'))}; training time {hours:.2f} h "
         f"({info.get('samples_per_second')} samples/s).",
-        *(_tuning_lines(options, tuned) if tuned is not None else []),
+        *(_appearance_lines(options, appearance, config) if appearance is not None else []),
+        *(_tuning_lines(options, tuned, config) if tuned is not None else []),
         *_calibration_lines(final),
         "",
         "## Results on the held-out archive",

@@ -6,17 +6,21 @@ an interrupted recipe continues where it stopped):
 1. a large synthetic training archive (its own seed) and its patient-level split;
 2. a held-out synthetic archive (another seed, used nowhere in training) whose every record is the test set;
 3. training (resumed when a run was stopped by `--max-minutes`);
-4. with `--tune-config`, locked-image tuning of that run (`fit --lock-image`, in ROOT/tuned): the image
+4. with `--appearance-config`, the appearance stage (in ROOT/appearance): the image tower, the joint
+   transformer and `image_to_fusion` stay frozen as trained (so every grade stays what it was) while the image
+   embedding's grade projection is re-learnt and its appearance projection trained (`image_appearance_dims`),
+   which spreads the image->image similarity scores;
+5. with `--tune-config`, locked-image tuning of the latest run (`fit --lock-image`, in ROOT/tuned): the image
    tower stays as trained, the text, tabular and joint-transformer sides train on with large batches;
-5. calibration of the final run (`retina-train calibrate`: temperatures on the validation split, and
+6. calibration of the final run (`retina-train calibrate`: temperatures on the validation split, and
    with `offsets_split` per-grade decision offsets fitted for macro-F1 on that split; RUN/calibration.json,
    which evaluation, export and release use);
-6. evaluation on the held-out archive of the final run (written to RUN/eval-test, which the export and the
+7. evaluation on the held-out archive of the final run (written to RUN/eval-test, which the export and the
    release carry);
-7. export to a bundle, checked against PyTorch on the training archive's validation split;
-8. optionally the CLIP-style baseline trained (and tuned, with its own config) and evaluated the same way,
+8. export to a bundle, checked against PyTorch on the training archive's validation split;
+9. optionally the CLIP-style baseline trained (and tuned, with its own config) and evaluated the same way,
    and the comparison table;
-9. the model card (MODEL_CARD.md), and with `--release NAME` the shipped copy in `training/zoo/models/NAME`.
+10. the model card (MODEL_CARD.md), and with `--release NAME` the shipped copy in `training/zoo/models/NAME`.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class ZooOptions:
     max_minutes: float | None = None
     baseline: bool = False
     release: str | None = None
+    appearance_config: str | None = None
+    appearance_epochs: int = 3
+    appearance_batch_size: int = 48
+    appearance_lr: float = 2e-3
     tune_config: str | None = None
     tune_epochs: int = 10
     tune_batch_size: int = 256
@@ -95,6 +103,15 @@ class ZooPaths:
         return self.root / "run"
 
     @property
+    def appearance(self) -> Path:
+        """The appearance stage of the run (`--appearance-config`)."""
+        return self.root / "appearance"
+
+    def before_tuning(self, options: ZooOptions) -> Path:
+        """The run the tuning stage starts from: the appearance stage's when there is one."""
+        return self.appearance if options.appearance_config else self.run
+
+    @property
     def tuned(self) -> Path:
         """The locked-image tuning of the run (`--tune-config`)."""
         return self.root / "tuned"
@@ -110,8 +127,8 @@ class ZooPaths:
         return self.root / "baseline-tuned"
 
     def final(self, options: ZooOptions) -> Path:
-        """The run the recipe evaluates, exports and releases: the tuned one when there is a tuning stage."""
-        return self.tuned if options.tune_config else self.run
+        """The run the recipe evaluates, exports and releases: the last of its stages."""
+        return self.tuned if options.tune_config else self.before_tuning(options)
 
     @property
     def bundle(self) -> Path:
@@ -140,27 +157,45 @@ def _split(console: Console, title: str, archive: Path, out: Path, val: float, t
                                "--val", str(val), "--test", str(test)])
 
 
+APPEARANCE_REINIT = ("image_proj", "image_appearance_proj")
+"""What the appearance stage learns anew: the grade part's projection (now narrower) and the appearance part's."""
+APPEARANCE_FREEZE = ("image", "fusion", "image_to_fusion")
+"""What it keeps as trained: the image tower and the whole grading path, so no grade changes."""
+
+
+def _schedule(options: ZooOptions, stage: str) -> tuple[int, int, float]:
+    """(epochs, batch size, peak lr) of a stage: "train", "appearance" or "tune"."""
+    if stage == "appearance":
+        return options.appearance_epochs, options.appearance_batch_size, options.appearance_lr
+    if stage == "tune":
+        return options.tune_epochs, options.tune_batch_size, options.tune_lr
+    return options.epochs, options.batch_size, options.lr
+
+
+def _stage_flags(stage: str, start: Path | None, reinit: tuple[str, ...], freeze: tuple[str, ...]) -> list[str]:
+    """`fit` flags of a stage that starts from the run `start`: `--init`, `--lock-image` for tuning, and
+    `--reinit` / `--freeze` each of `reinit` / `freeze`."""
+    if start is None:
+        return []
+    flags = ["--init", str(start)] + (["--lock-image"] if stage == "tune" else [])
+    return flags + [f"--reinit={name}" for name in reinit] + [f"--freeze={name}" for name in freeze]
+
+
 def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, config: str, run: Path,
-           tune_from: Path | None = None, reinit: tuple[str, ...] = (), freeze: tuple[str, ...] = ()) -> None:
-    """Train `run` with the recipe's schedule, or with `tune_from`, tune that run with the tuning schedule
-    (`--lock-image`, `--reinit` each of `reinit`, `--freeze` each of `freeze`)."""
+           stage: str = "train", start: Path | None = None, reinit: tuple[str, ...] = (),
+           freeze: tuple[str, ...] = ()) -> None:
+    """Train `run` with the schedule of `stage` ("train", "appearance" or "tune"), from the run `start` when
+    given (`--init`; "tune" adds `--lock-image`), with `--reinit` / `--freeze` each of `reinit` / `freeze`."""
     info_path = run / "run.json"
     if info_path.is_file() and json.loads(info_path.read_text()).get("finished"):
         reuse_stage(console, title, f"{run} finished its schedule")
         return
-    if tune_from is None:
-        schedule = [options.epochs, options.batch_size, options.lr]
-        tuning: list[str] = []
-    else:
-        schedule = [options.tune_epochs, options.tune_batch_size, options.tune_lr]
-        tuning = ["--init", str(tune_from), "--lock-image"] + [f"--reinit={name}" for name in reinit]
-        tuning += [f"--freeze={name}" for name in freeze]
-    epochs, batch_size, lr = schedule
+    epochs, batch_size, lr = _schedule(options, stage)
     command = [
         tool("retina-train"), "fit", "--config", config, "--archive", str(paths.archive), "--splits",
         str(paths.splits), "--out", str(run), "--epochs", str(epochs), "--batch-size", str(batch_size),
         "--lr", str(lr), "--balance", str(options.balance), "--precision", options.precision,
-        "--checkpoint-every", "100", *tuning,
+        "--checkpoint-every", "100", *_stage_flags(stage, start, reinit, freeze),
     ]
     if options.max_minutes is not None:
         command += ["--max-minutes", str(options.max_minutes)]
@@ -216,9 +251,14 @@ def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
     _archive(console, "held-out archive", paths.heldout, options.heldout_n, options.heldout_seed, options.size)
     _split(console, "held-out split (every record in test)", paths.heldout, paths.heldout_splits, 0.0, 1.0)
     _train(console, f"training {options.config}", options, paths, options.config, paths.run)
+    if options.appearance_config:
+        _train(console, f"appearance stage {options.appearance_config}", options, paths, options.appearance_config,
+               paths.appearance, stage="appearance", start=paths.run, reinit=APPEARANCE_REINIT,
+               freeze=APPEARANCE_FREEZE)
     if options.tune_config:
         _train(console, f"locked-image tuning {options.tune_config}", options, paths, options.tune_config, paths.tuned,
-               tune_from=paths.run, reinit=options.tune_reinit, freeze=options.tune_freeze)
+               stage="tune", start=paths.before_tuning(options), reinit=options.tune_reinit,
+               freeze=options.tune_freeze)
     final = paths.final(options)
     if options.calibrate:
         _calibrate(console, options, final)
@@ -238,7 +278,7 @@ def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
         baseline_final = paths.baseline
         if options.tune_config:  # the same budget: the baseline is tuned too, with its own losses
             _train(console, f"locked-image tuning {options.baseline_config}", options, paths,
-                   options.baseline_config, paths.baseline_tuned, tune_from=paths.baseline)
+                   options.baseline_config, paths.baseline_tuned, stage="tune", start=paths.baseline)
             baseline_final = paths.baseline_tuned
         baseline_metrics = _evaluate(console, "evaluating the baseline on the held-out archive", paths, baseline_final)
     card = write_card(options, paths, metrics, baseline_metrics)
