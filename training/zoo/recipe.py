@@ -18,8 +18,8 @@ an interrupted recipe continues where it stopped):
 7. evaluation on the held-out archive of the final run (written to RUN/eval-test, which the export and the
    release carry);
 8. export to a bundle, checked against PyTorch on the training archive's validation split;
-9. optionally the CLIP-style baseline trained (and tuned, with its own config) and evaluated the same way,
-   and the comparison table;
+9. optionally the CLIP-style baseline trained (and tuned, with its own config; it has no appearance stage, since
+   its config has no appearance part) and evaluated the same way, and the comparison table;
 10. the model card (MODEL_CARD.md), and with `--release NAME` the shipped copy in `training/zoo/models/NAME`.
 """
 
