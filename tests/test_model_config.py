@@ -27,6 +27,20 @@ def test_paper_config_is_vit_b16_and_bio_clinicalbert() -> None:
     assert paper.grading == "heads" and paper.losses.needs_fusion
 
 
+def test_the_appearance_configs_are_the_shipped_stages_plus_an_appearance_part() -> None:
+    """tiny-synth-appearance / tiny-synth-lit-appearance change nothing of tiny-synth / tiny-synth-lit but the
+    appearance part (and its uniformity loss), so a run of one starts from a run of the other."""
+    appearance = {"image_appearance_dims", "image_appearance_share", "image_appearance_input",
+                  "image_appearance_hidden"}
+    for plain, with_part in (("tiny-synth", "tiny-synth-appearance"), ("tiny-synth-lit", "tiny-synth-lit-appearance")):
+        a, b = load_config(plain).model_dump(), load_config(with_part).model_dump()
+        changed = {key for key in a if a[key] != b[key]}
+        assert changed - {"losses"} == appearance | {"name"}
+        assert b["image_appearance_dims"] == 32 and b["image_appearance_hidden"] == 256
+        losses = {key for key in a["losses"] if a["losses"][key] != b["losses"][key]}
+        assert losses == ({"image_appearance_uniformity"} if plain == "tiny-synth" else set())
+
+
 def test_clip_baseline_shares_tiny_towers_and_trains_image_text_only() -> None:
     tiny, clip = load_config("tiny"), load_config("clip-baseline")
     assert clip.vision == tiny.vision and clip.text == tiny.text and clip.embed_dim == tiny.embed_dim
