@@ -274,6 +274,8 @@ def test_the_card_of_a_recipe_with_an_appearance_stage_describes_it(tmp_path: Pa
     for run, steps in ((paths.run, 1686), (paths.appearance, 1685), (paths.tuned, 3150)):
         run.mkdir()
         config = json.loads((shipped / "config.json").read_text()) | appearance
+        if run == paths.appearance:  # the stage's own config carries the uniformity loss; the tuned one does not
+            config["losses"] = config["losses"] | {"image_appearance_uniformity": 2.0}
         (run / "config.json").write_text(json.dumps(config))
         (run / "run.json").write_text(json.dumps({"steps": steps, "training_seconds": 1020, "finished": True,
                                                   "samples_per_second": 80.5, "precision": "bf16"}))
@@ -283,7 +285,7 @@ def test_the_card_of_a_recipe_with_an_appearance_stage_describes_it(tmp_path: Pa
     assert "the appearance stage (config `look.json`)" in card
     assert "grade part (`image_proj`, 96-d) re-learnt" in card
     assert "(`image_appearance_proj`, 32-d, a 2-layer MLP reading the pooled feature and the mean of the patch " \
-           "tokens, share 0.85 of the unit vector)" in card
+           "tokens, share 0.85 of the unit vector) trained with a uniformity loss (weight 2)" in card
     assert "1685 steps (3 epochs, batch 48, lr 0.002) in 17 min (80.5 samples/s, bf16)" in card
     assert "the image tower and its projections frozen as trained above" in card
     assert card.index("the appearance stage") < card.index("locked-image tuning (")

@@ -120,8 +120,9 @@ def _appearance_flags(options: ZooOptions) -> str:
 
 
 def _appearance_lines(options: ZooOptions, stage: dict, config: dict) -> list[str]:
-    """The card's line on the appearance stage, from its run.json and the final config."""
+    """The card's line on the appearance stage, from its run's run.json and config.json."""
     dims, share = config.get("image_appearance_dims", 0), config.get("image_appearance_share", 0.0)
+    uniformity = config.get("losses", {}).get("image_appearance_uniformity", 0.0)
     head = "a 2-layer MLP" if config.get("image_appearance_hidden") else "a linear projection"
     reads = ("the pooled feature and the mean of the patch tokens"
              if config.get("image_appearance_input") == "pooled_and_patches" else "the pooled feature")
@@ -129,9 +130,10 @@ def _appearance_lines(options: ZooOptions, stage: dict, config: dict) -> list[st
         f"- Then the appearance stage (config `{options.appearance_config}`): the image tower, `fusion` and "
         "`image_to_fusion` frozen as trained above, so every grade stays what it was; the image embedding's grade "
         f"part (`image_proj`, {config['embed_dim'] - dims}-d) re-learnt and its appearance part "
-        f"(`image_appearance_proj`, {dims}-d, {head} reading {reads}, share {share:g} of the unit vector) trained "
-        "with a uniformity loss, which spreads the image->image scores; "
-        f"{stage.get('steps')} steps ({options.appearance_epochs} epochs, batch {options.appearance_batch_size}, "
+        f"(`image_appearance_proj`, {dims}-d, {head} reading {reads}, share {share:g} of the unit vector) trained"
+        + (f" with a uniformity loss (weight {uniformity:g}), which spreads the image->image scores; " if uniformity
+           else "; ")
+        + f"{stage.get('steps')} steps ({options.appearance_epochs} epochs, batch {options.appearance_batch_size}, "
         f"lr {options.appearance_lr:g}) in {stage.get('training_seconds', 0) / 60:.0f} min "
         f"({stage.get('samples_per_second')} samples/s, {stage.get('precision')}).",
     ]
@@ -175,6 +177,7 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
     final = paths.final(options)
     info = json.loads((paths.run / "run.json").read_text())  # the main training (before any tuning)
     appearance = (json.loads((paths.appearance / "run.json").read_text()) if options.appearance_config else None)
+    appearance_config = (json.loads((paths.appearance / "config.json").read_text()) if appearance else {})
     tuned = json.loads((final / "run.json").read_text()) if options.tune_config else None
     config = json.loads((final / "config.json").read_text())
     name = options.release or config["name"]
@@ -248,7 +251,7 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         f"- Precision {info.get('precision')} ({info.get('precision_reason', 'n/a')}).",
         f"- Hardware: {info.get('machine', info.get('device'))}; training time {hours:.2f} h "
         f"({info.get('samples_per_second')} samples/s).",
-        *(_appearance_lines(options, appearance, config) if appearance is not None else []),
+        *(_appearance_lines(options, appearance, appearance_config) if appearance is not None else []),
         *(_tuning_lines(options, tuned, config) if tuned is not None else []),
         *_calibration_lines(final),
         "",
