@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from rich.console import Console
 
@@ -157,13 +158,16 @@ def _split(console: Console, title: str, archive: Path, out: Path, val: float, t
                                "--val", str(val), "--test", str(test)])
 
 
+Stage = Literal["train", "appearance", "tune"]
+"""A training stage of the recipe; each has its own schedule (epochs, batch size, peak lr)."""
+
 APPEARANCE_REINIT = ("image_proj", "image_appearance_proj")
 """What the appearance stage learns anew: the grade part's projection (now narrower) and the appearance part's."""
 APPEARANCE_FREEZE = ("image", "fusion", "image_to_fusion")
 """What it keeps as trained: the image tower and the whole grading path, so no grade changes."""
 
 
-def _schedule(options: ZooOptions, stage: str) -> tuple[int, int, float]:
+def _schedule(options: ZooOptions, stage: Stage) -> tuple[int, int, float]:
     """(epochs, batch size, peak lr) of a stage: "train", "appearance" or "tune"."""
     if stage == "appearance":
         return options.appearance_epochs, options.appearance_batch_size, options.appearance_lr
@@ -172,7 +176,7 @@ def _schedule(options: ZooOptions, stage: str) -> tuple[int, int, float]:
     return options.epochs, options.batch_size, options.lr
 
 
-def _stage_flags(stage: str, start: Path | None, reinit: tuple[str, ...], freeze: tuple[str, ...]) -> list[str]:
+def _stage_flags(stage: Stage, start: Path | None, reinit: tuple[str, ...], freeze: tuple[str, ...]) -> list[str]:
     """`fit` flags of a stage that starts from the run `start`: `--init`, `--lock-image` for tuning, and
     `--reinit` / `--freeze` each of `reinit` / `freeze`."""
     if start is None:
@@ -182,7 +186,7 @@ def _stage_flags(stage: str, start: Path | None, reinit: tuple[str, ...], freeze
 
 
 def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, config: str, run: Path,
-           stage: str = "train", start: Path | None = None, reinit: tuple[str, ...] = (),
+           stage: Stage = "train", start: Path | None = None, reinit: tuple[str, ...] = (),
            freeze: tuple[str, ...] = ()) -> None:
     """Train `run` with the schedule of `stage` ("train", "appearance" or "tune"), from the run `start` when
     given (`--init`; "tune" adds `--lock-image`), with `--reinit` / `--freeze` each of `reinit` / `freeze`."""
