@@ -197,6 +197,43 @@ def test_frozen_modules_keep_their_initial_weights(data: tuple[Path, Path], tmp_
         _options(data, tmp_path / "both", init=tmp_path / "base", freeze=["tabular"], reinit=["tabular"])
 
 
+def test_train_only_trains_the_named_modules_and_keeps_everything_else(data: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    fit(_options(data, tmp_path / "base", max_steps=1))
+    result = runner.invoke(app, [
+        "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "only"),
+        "--init", str(tmp_path / "base"), "--train-only", "image_proj", "--train-only", "tabular_proj",
+        "--epochs", "1", "--batch-size", "8", "--max-steps", "2", "--precision", "fp32", "--lr", "1e-2",
+    ])
+    assert result.exit_code == 0, result.output
+    base, only = _weights(tmp_path / "base"), _weights(tmp_path / "only")
+    moved = {k for k in base if not torch.equal(base[k], only[k])}
+    assert moved == {"image_proj.weight", "tabular_proj.weight"}  # temperatures, towers, heads: all as they were
+    assert json.loads((tmp_path / "only" / "run.json").read_text())["options"]["train_only"] == [
+        "image_proj", "tabular_proj"]
+    result = runner.invoke(app, [
+        "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "both"),
+        "--init", str(tmp_path / "base"), "--train-only", "image_proj", "--freeze", "fusion",
+    ])
+    assert result.exit_code == 2 and "--train-only and --freeze" in result.output
+    with pytest.raises(ValueError, match="--reinit text is not under --train-only"):
+        _options(data, tmp_path / "x", init=tmp_path / "base", train_only=["image_proj"], reinit=["text"])
+    with pytest.raises(ValueError, match="--train-only imag_proj: config .* has no module of that name"):
+        fit(_options(data, tmp_path / "typo", max_steps=1, init=tmp_path / "base", train_only=["imag_proj"]))
+
+
+def test_freeze_all_but_puts_the_modules_with_nothing_to_train_in_eval_mode() -> None:
+    from training.model import create_model
+    from training.run import freeze_all_but
+
+    model = create_model("tiny-synth", tabular_width=8)
+    model.train()
+    freeze_all_but(model, ["image_proj"])
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["image_proj.weight"]
+    assert not model.image.training and not model.text.training and not model.fusion.training
+    assert model.image_proj.training
+
+
 def test_freeze_modules_stops_gradients_and_keeps_eval_mode() -> None:
     from training.model import create_model
     from training.run import freeze_modules

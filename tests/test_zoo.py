@@ -188,8 +188,8 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     assert baseline_tune[baseline_tune.index("--init") + 1] == str(root / "baseline")
     assert not any(arg.startswith(("--reinit", "--freeze")) for arg in baseline_tune)
 
-    # with an appearance stage: it starts from the run with the image tower and the grading path frozen, and the
-    # tuning starts from it
+    # with an appearance stage: it starts from the run and trains only the image embedding's two projections,
+    # and the tuning starts from it
     ran.clear()
     commands.clear()
     root = tmp_path / "appearance-zoo"
@@ -201,8 +201,9 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     look = by_title["appearance stage look.json"]
     assert look[look.index("--init") + 1] == str(root / "run") and "--lock-image" not in look
     assert look[look.index("--out") + 1] == str(root / "appearance")
-    assert {"--reinit=image_proj", "--reinit=image_appearance_proj", "--freeze=image", "--freeze=fusion",
-            "--freeze=image_to_fusion"} <= set(look)
+    assert {"--reinit=image_proj", "--reinit=image_appearance_proj", "--train-only=image_proj",
+            "--train-only=image_appearance_proj"} <= set(look)
+    assert not any(arg.startswith("--freeze") for arg in look)
     assert look[look.index("--epochs") + 1] == "2" and look[look.index("--lr") + 1] == "0.003"
     tune = by_title["locked-image tuning my.json"]
     assert tune[tune.index("--init") + 1] == str(root / "appearance")
@@ -282,7 +283,8 @@ def test_the_card_of_a_recipe_with_an_appearance_stage_describes_it(tmp_path: Pa
     card = write_card(options, paths, {"icdr": {"quadratic_kappa": 0.95}}, None).read_text()
     assert ("--appearance-config look.json --appearance-epochs 3 --appearance-batch-size 48 --appearance-lr 0.002 "
             "--tune-config tuned.json") in card
-    assert "the appearance stage (config `look.json`)" in card
+    assert "the appearance stage (config `look.json`, `fit --train-only`)" in card
+    assert "every weight but the image embedding's two projections kept as trained above" in card
     assert "grade part (`image_proj`, 96-d) re-learnt" in card
     assert "(`image_appearance_proj`, 32-d, a 2-layer MLP reading the pooled feature and the mean of the patch " \
            "tokens, share 0.85 of the unit vector) trained with a uniformity loss (weight 2)" in card

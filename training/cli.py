@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -198,6 +199,11 @@ def fit(
         list[str] | None,
         typer.Option(help="A module (e.g. fusion) that keeps --init's weights and does not train; repeatable."),
     ] = None,
+    train_only: Annotated[
+        list[str] | None,
+        typer.Option(help="Train only this module (e.g. image_proj), every other keeping --init's weights; "
+                     "repeatable; instead of --freeze."),
+    ] = None,
 ) -> None:
     """Train the multimodal model (or the CLIP baseline) on an archive's training split."""
     from training.run import RunFiles
@@ -222,14 +228,17 @@ def fit(
         raise _fail(f"--resume: {out} has no checkpoint to resume from")
     if not resume and files.run_json.exists():
         raise _fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if (lock_image or reinit or freeze) and init_path is None:
-        raise _fail("--lock-image, --reinit and --freeze need --init (the weights to start from)")
-    options = FitOptions(
-        config=config, archive=archive, splits=splits, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
-        precision=precision, seed=seed, init=init_path, max_minutes=max_minutes, max_steps=max_steps,
-        checkpoint_every=checkpoint_every, balance=balance, illumination=illumination, lock_image=lock_image,
-        reinit=reinit or [], freeze=freeze or [],
-    )
+    if (lock_image or reinit or freeze or train_only) and init_path is None:
+        raise _fail("--lock-image, --reinit, --freeze and --train-only need --init (the weights to start from)")
+    try:
+        options = FitOptions(
+            config=config, archive=archive, splits=splits, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
+            precision=precision, seed=seed, init=init_path, max_minutes=max_minutes, max_steps=max_steps,
+            checkpoint_every=checkpoint_every, balance=balance, illumination=illumination, lock_image=lock_image,
+            reinit=reinit or [], freeze=freeze or [], train_only=train_only or [],
+        )
+    except ValidationError as error:
+        raise _fail("; ".join(e["msg"].removeprefix("Value error, ") for e in error.errors())) from None
     with _progress() as progress:
         loading = progress.add_task("decoding photographs", total=None, rate="")
         training = progress.add_task("training", total=None, rate="", visible=False)

@@ -139,6 +139,20 @@ def freeze_modules(model: RetinaAlignModel, names: Sequence[str]) -> None:
             module.eval()
 
 
+def freeze_all_but(model: RetinaAlignModel, names: Sequence[str]) -> None:
+    """Stop gradients to every parameter outside the module names in `names` (`--train-only image_proj`), and
+    put every module left with nothing to train in eval mode: only those modules learn, the rest compute what
+    `--init`'s weights computed (its temperatures included). Call it after `model.train()`."""
+    _check_module_names(model, names, "--train-only")
+    for key, param in model.named_parameters():
+        if not any(_under(key, name) for name in names):
+            param.requires_grad_(False)
+    for _, module in model.named_modules():
+        params = list(module.parameters())
+        if params and not any(param.requires_grad for param in params):
+            module.eval()
+
+
 def _under(key: str, name: str) -> bool:
     """Whether the parameter or buffer `key` belongs to the module `name` (or is it)."""
     return key == name or key.startswith(name + ".")

@@ -10,7 +10,8 @@ then); each step reads those states instead of running the tower. A step then co
 joint transformer only, so batches can be much larger at the same budget: what the contrastive losses on
 the facts side (text -> record, text -> tabular) need most. `--freeze MODULE` keeps more of `--init`'s
 weights as they are (e.g. `--freeze fusion --freeze image_to_fusion`: the grading from a photograph, which
-runs through those and the image tower only, then stays exactly as the initial run graded).
+runs through those and the image tower only, then stays exactly as the initial run graded). `--train-only
+MODULE` freezes everything else instead (e.g. the image embedding's projections alone).
 
 Determinism: the batch order is a function of (seed, epoch), the texts of (seed, epoch, image id), and the
 RNG states are checkpointed, so on CPU a run is reproducible for a seed and `--resume` continues exactly.
@@ -63,6 +64,7 @@ from training.model.losses import class_weights
 from training.model.model import RetinaAlignModel
 from training.run import (
     RunFiles,
+    freeze_all_but,
     freeze_modules,
     init_weights,
     load_checkpoint,
@@ -103,6 +105,7 @@ class FitOptions(BaseModel):
     lock_image: bool = False
     reinit: list[str] = Field(default_factory=list)
     freeze: list[str] = Field(default_factory=list)
+    train_only: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check(self) -> FitOptions:
@@ -115,6 +118,15 @@ class FitOptions(BaseModel):
         both = sorted(set(self.freeze) & set(self.reinit))
         if both:
             raise ValueError(f"--freeze {both[0]} and --reinit {both[0]}: a module from random init that never trains")
+        if self.train_only:
+            if self.init is None:
+                raise ValueError("--train-only needs --init: the modules it freezes keep the weights they start from")
+            if self.freeze:
+                raise ValueError("--train-only and --freeze: give one (--train-only freezes all it does not name)")
+            outside = [n for n in self.reinit if not any(n == t or n.startswith(t + ".") for t in self.train_only)]
+            if outside:
+                raise ValueError(f"--reinit {outside[0]} is not under --train-only: a module from random init that "
+                                 "never trains")
         return self
 
 
@@ -368,6 +380,8 @@ def _setup(options: FitOptions, on_load: Callable[[int, int], None] | None,
         builder.image_states = locked_image_states(model, train, precision, device, on_cache if rank == 0 else None)
         train.images = train.images[:0]  # the states replace the decoded photographs (several GB at 224 px)
     freeze_modules(model, options.freeze)  # after train(): frozen modules stay in eval mode
+    if options.train_only:
+        freeze_all_but(model, options.train_only)
 
     global_batch = options.batch_size
     if global_batch % world_size:

@@ -127,9 +127,9 @@ def _appearance_lines(options: ZooOptions, stage: dict, config: dict) -> list[st
     reads = ("the pooled feature and the mean of the patch tokens"
              if config.get("image_appearance_input") == "pooled_and_patches" else "the pooled feature")
     return [
-        f"- Then the appearance stage (config `{options.appearance_config}`): the image tower, `fusion` and "
-        "`image_to_fusion` frozen as trained above, so every grade stays what it was; the image embedding's grade "
-        f"part (`image_proj`, {config['embed_dim'] - dims}-d) re-learnt and its appearance part "
+        f"- Then the appearance stage (config `{options.appearance_config}`, `fit --train-only`): every weight "
+        "but the image embedding's two projections kept as trained above, so every grade stays what it was; its "
+        f"grade part (`image_proj`, {config['embed_dim'] - dims}-d) re-learnt and its appearance part "
         f"(`image_appearance_proj`, {dims}-d, {head} reading {reads}, share {share:g} of the unit vector) trained"
         + (f" with a uniformity loss (weight {uniformity:g}), which spreads the image->image scores; " if uniformity
            else "; ")

@@ -6,10 +6,11 @@ an interrupted recipe continues where it stopped):
 1. a large synthetic training archive (its own seed) and its patient-level split;
 2. a held-out synthetic archive (another seed, used nowhere in training) whose every record is the test set;
 3. training (resumed when a run was stopped by `--max-minutes`);
-4. with `--appearance-config`, the appearance stage (in ROOT/appearance): the image tower, the joint
-   transformer and `image_to_fusion` stay frozen as trained (so every grade stays what it was) while the image
-   embedding's grade projection is re-learnt and its appearance projection trained (`image_appearance_dims`),
-   which spreads the image->image similarity scores;
+4. with `--appearance-config`, the appearance stage (in ROOT/appearance): only the image embedding's two
+   projections train (`fit --train-only`): its grade projection is re-learnt and its appearance projection
+   (`image_appearance_dims`) trained, which spreads the image->image similarity scores; everything else,
+   the image tower, the grading path, the text and tabular sides and their temperatures, stays as trained, so
+   every grade stays what it was and the tuning starts from the first stage's text and tabular sides;
 5. with `--tune-config`, locked-image tuning of the latest run (`fit --lock-image`, in ROOT/tuned): the image
    tower stays as trained, the text, tabular and joint-transformer sides train on with large batches;
 6. calibration of the final run (`retina-train calibrate`: temperatures on the validation split, and
@@ -161,10 +162,9 @@ def _split(console: Console, title: str, archive: Path, out: Path, val: float, t
 Stage = Literal["train", "appearance", "tune"]
 """A training stage of the recipe; each has its own schedule (epochs, batch size, peak lr)."""
 
-APPEARANCE_REINIT = ("image_proj", "image_appearance_proj")
-"""What the appearance stage learns anew: the grade part's projection (now narrower) and the appearance part's."""
-APPEARANCE_FREEZE = ("image", "fusion", "image_to_fusion")
-"""What it keeps as trained: the image tower and the whole grading path, so no grade changes."""
+APPEARANCE_TRAIN = ("image_proj", "image_appearance_proj")
+"""What the appearance stage learns anew (`--reinit`) and alone (`--train-only`): the grade part's projection (now
+narrower) and the appearance part's; every other weight stays as the first stage left it."""
 
 
 def _schedule(options: ZooOptions, stage: Stage) -> tuple[int, int, float]:
@@ -178,10 +178,12 @@ def _schedule(options: ZooOptions, stage: Stage) -> tuple[int, int, float]:
 
 def _stage_flags(stage: Stage, start: Path | None, reinit: tuple[str, ...], freeze: tuple[str, ...]) -> list[str]:
     """`fit` flags of a stage that starts from the run `start`: `--init`, `--lock-image` for tuning, and
-    `--reinit` / `--freeze` each of `reinit` / `freeze`."""
+    `--reinit` / `--freeze` each of `reinit` / `freeze`; the appearance stage trains only its projections."""
     if start is None:
         return []
     flags = ["--init", str(start)] + (["--lock-image"] if stage == "tune" else [])
+    if stage == "appearance":
+        flags += [f"--train-only={name}" for name in APPEARANCE_TRAIN]
     return flags + [f"--reinit={name}" for name in reinit] + [f"--freeze={name}" for name in freeze]
 
 
@@ -257,8 +259,7 @@ def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
     _train(console, f"training {options.config}", options, paths, options.config, paths.run)
     if options.appearance_config:
         _train(console, f"appearance stage {options.appearance_config}", options, paths, options.appearance_config,
-               paths.appearance, stage="appearance", start=paths.run, reinit=APPEARANCE_REINIT,
-               freeze=APPEARANCE_FREEZE)
+               paths.appearance, stage="appearance", start=paths.run, reinit=APPEARANCE_TRAIN)
     if options.tune_config:
         _train(console, f"locked-image tuning {options.tune_config}", options, paths, options.tune_config, paths.tuned,
                stage="tune", start=paths.before_tuning(options), reinit=options.tune_reinit,
