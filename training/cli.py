@@ -716,8 +716,8 @@ def zoo(
     appearance_config: Annotated[
         str | None,
         typer.Option(help="After training, the appearance stage with this config (one with image_appearance_dims): "
-                     "the image tower and the grading path frozen, the image embedding's grade projection re-learnt "
-                     "and its appearance projection trained, so image->image scores spread and no grade changes."),
+                     "only the image embedding's grade projection (re-learnt) and appearance projection train "
+                     "(`fit --train-only`), so image->image scores spread and no grade changes."),
     ] = None,
     appearance_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the appearance stage.")] = 3,
     appearance_batch_size: Annotated[int, typer.Option(min=2, help="Global batch size of the appearance stage.")] = 48,
