@@ -106,7 +106,7 @@ def init_weights(model: RetinaAlignModel, init: Path, reinit: Sequence[str] = ()
         raise FileNotFoundError(f"--init {init}: no {MODEL_FILE} found (expected a run folder or a file)")
 
     def fresh(key: str) -> bool:
-        return any(_under(key, name) for name in reinit)
+        return any(is_under(key, name) for name in reinit)
 
     _check_module_names(model, reinit, "--reinit")
     own = {k: v for k, v in model.state_dict().items() if not fresh(k)}
@@ -132,10 +132,10 @@ def freeze_modules(model: RetinaAlignModel, names: Sequence[str]) -> None:
     computed while the rest of the model trains. Call it after `model.train()`."""
     _check_module_names(model, names, "--freeze")
     for key, param in model.named_parameters():
-        if any(_under(key, name) for name in names):
+        if any(is_under(key, name) for name in names):
             param.requires_grad_(False)
     for key, module in model.named_modules():
-        if any(_under(key, name) for name in names):
+        if any(is_under(key, name) for name in names):
             module.eval()
 
 
@@ -145,7 +145,7 @@ def freeze_all_but(model: RetinaAlignModel, names: Sequence[str]) -> None:
     `--init`'s weights computed (its temperatures included). Call it after `model.train()`."""
     _check_module_names(model, names, "--train-only")
     for key, param in model.named_parameters():
-        if not any(_under(key, name) for name in names):
+        if not any(is_under(key, name) for name in names):
             param.requires_grad_(False)
     for _, module in model.named_modules():
         params = list(module.parameters())
@@ -153,13 +153,13 @@ def freeze_all_but(model: RetinaAlignModel, names: Sequence[str]) -> None:
             module.eval()
 
 
-def _under(key: str, name: str) -> bool:
+def is_under(key: str, name: str) -> bool:
     """Whether the parameter or buffer `key` belongs to the module `name` (or is it)."""
     return key == name or key.startswith(name + ".")
 
 
 def _check_module_names(model: RetinaAlignModel, names: Sequence[str], option: str) -> None:
-    unmatched = [name for name in names if not any(_under(k, name) for k in model.state_dict())]
+    unmatched = [name for name in names if not any(is_under(k, name) for k in model.state_dict())]
     if unmatched:
         raise ValueError(f"{option} {unmatched[0]}: config {model.config.name!r} has no module of that name")
 

@@ -67,6 +67,7 @@ from training.run import (
     freeze_all_but,
     freeze_modules,
     init_weights,
+    is_under,
     load_checkpoint,
     save_checkpoint,
     truncate_log,
@@ -123,7 +124,7 @@ class FitOptions(BaseModel):
                 raise ValueError("--train-only needs --init: the modules it freezes keep the weights they start from")
             if self.freeze:
                 raise ValueError("--train-only and --freeze: give one (--train-only freezes all it does not name)")
-            outside = [n for n in self.reinit if not any(n == t or n.startswith(t + ".") for t in self.train_only)]
+            outside = [n for n in self.reinit if not any(is_under(n, t) for t in self.train_only)]
             if outside:
                 raise ValueError(f"--reinit {outside[0]} is not under --train-only: a module from random init that "
                                  "never trains")

@@ -176,22 +176,21 @@ def _schedule(options: ZooOptions, stage: Stage) -> tuple[int, int, float]:
     return options.epochs, options.batch_size, options.lr
 
 
-def _stage_flags(stage: Stage, start: Path | None, reinit: tuple[str, ...], freeze: tuple[str, ...]) -> list[str]:
-    """`fit` flags of a stage that starts from the run `start`: `--init`, `--lock-image` for tuning, and
-    `--reinit` / `--freeze` each of `reinit` / `freeze`; the appearance stage trains only its projections."""
+def _stage_flags(stage: Stage, start: Path | None, modules: dict[str, tuple[str, ...]]) -> list[str]:
+    """`fit` flags of a stage that starts from the run `start`: `--init`, `--lock-image` for tuning, and for each
+    (flag, names) of `modules` (e.g. "reinit": ("tabular",)) that flag once per name."""
     if start is None:
         return []
     flags = ["--init", str(start)] + (["--lock-image"] if stage == "tune" else [])
-    if stage == "appearance":
-        flags += [f"--train-only={name}" for name in APPEARANCE_TRAIN]
-    return flags + [f"--reinit={name}" for name in reinit] + [f"--freeze={name}" for name in freeze]
+    return flags + [f"--{flag}={name}" for flag, names in modules.items() for name in names]
 
 
 def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, config: str, run: Path,
            stage: Stage = "train", start: Path | None = None, reinit: tuple[str, ...] = (),
-           freeze: tuple[str, ...] = ()) -> None:
+           freeze: tuple[str, ...] = (), train_only: tuple[str, ...] = ()) -> None:
     """Train `run` with the schedule of `stage` ("train", "appearance" or "tune"), from the run `start` when
-    given (`--init`; "tune" adds `--lock-image`), with `--reinit` / `--freeze` each of `reinit` / `freeze`."""
+    given (`--init`; "tune" adds `--lock-image`), with `--train-only` / `--reinit` / `--freeze` each of
+    `train_only` / `reinit` / `freeze`."""
     info_path = run / "run.json"
     if info_path.is_file() and json.loads(info_path.read_text()).get("finished"):
         reuse_stage(console, title, f"{run} finished its schedule")
@@ -201,7 +200,8 @@ def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, c
         tool("retina-train"), "fit", "--config", config, "--archive", str(paths.archive), "--splits",
         str(paths.splits), "--out", str(run), "--epochs", str(epochs), "--batch-size", str(batch_size),
         "--lr", str(lr), "--balance", str(options.balance), "--precision", options.precision,
-        "--checkpoint-every", "100", *_stage_flags(stage, start, reinit, freeze),
+        "--checkpoint-every", "100",
+        *_stage_flags(stage, start, {"train-only": train_only, "reinit": reinit, "freeze": freeze}),
     ]
     if options.max_minutes is not None:
         command += ["--max-minutes", str(options.max_minutes)]
@@ -259,7 +259,8 @@ def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
     _train(console, f"training {options.config}", options, paths, options.config, paths.run)
     if options.appearance_config:
         _train(console, f"appearance stage {options.appearance_config}", options, paths, options.appearance_config,
-               paths.appearance, stage="appearance", start=paths.run, reinit=APPEARANCE_TRAIN)
+               paths.appearance, stage="appearance", start=paths.run, reinit=APPEARANCE_TRAIN,
+               train_only=APPEARANCE_TRAIN)
     if options.tune_config:
         _train(console, f"locked-image tuning {options.tune_config}", options, paths, options.tune_config, paths.tuned,
                stage="tune", start=paths.before_tuning(options), reinit=options.tune_reinit,
