@@ -59,12 +59,14 @@ demo: setup
 	$(VENV)/bin/retina-train demo --dir $(DEMO_DIR) --n $(DEMO_N) --seed $(DEMO_SEED) --host 127.0.0.1 --port $(DEMO_PORT)
 
 # The recipe of the shipped model (hours on 2 CPU cores; minutes on a GPU): a 30,000-record synthetic archive,
-# training, locked-image tuning with the grading path frozen, evaluation on a held-out archive, export, the
-# CLIP baseline the same way, and the model card.
+# training, locked-image tuning with the grading path frozen, the appearance stage (the image embedding's
+# projections alone), evaluation on a held-out archive, export, the CLIP baseline the same way, and the model card.
 zoo: setup
 	$(VENV)/bin/retina-train zoo --out $(ZOO_DIR) --epochs 3 --batch-size 48 --baseline \
 	    --tune-config tiny-synth-lit --tune-epochs 30 --tune-batch-size 256 --tune-lr 1e-3 \
-	    --tune-reinit text --tune-reinit tabular --tune-freeze fusion --tune-freeze image_to_fusion
+	    --tune-reinit text --tune-reinit tabular --tune-freeze fusion --tune-freeze image_to_fusion \
+	    --appearance-config tiny-synth-lit-appearance --appearance-epochs 3 --appearance-batch-size 48 \
+	    --appearance-lr 2e-3
 
 # The README's Results table: ours (`tiny`) against the CLIP baseline, same archive, same time budget.
 results: setup

@@ -38,7 +38,7 @@ def test_the_appearance_configs_are_the_shipped_stages_plus_an_appearance_part()
         assert changed - {"losses"} == appearance | {"name"}
         assert b["image_appearance_dims"] == 32 and b["image_appearance_hidden"] == 256
         losses = {key for key in a["losses"] if a["losses"][key] != b["losses"][key]}
-        assert losses == ({"image_appearance_uniformity"} if plain == "tiny-synth" else set())
+        assert losses == {"image_appearance_uniformity"} and b["losses"]["image_appearance_uniformity"] == 2.0
 
 
 def test_clip_baseline_shares_tiny_towers_and_trains_image_text_only() -> None:

@@ -117,7 +117,8 @@ def test_the_shipped_model_verifies_and_loads() -> None:
     folder = zoo.resolve_run("zoo:tiny-synth")
     assert folder == zoo.ZOO_DIR / "tiny-synth" and "tiny-synth" in zoo.list_models()
     run = load_run(folder)
-    assert run.model.config.name == "tiny-synth-lit" and run.info["finished"]  # the tuning stage's config
+    assert run.model.config.name == "tiny-synth-lit-appearance" and run.info["finished"]  # the last stage's config
+    assert run.model.config.image_appearance_dims == 32
     metrics = json.loads((folder / "eval-test" / "metrics.json").read_text())
     assert metrics["run"]["gallery_size"] == 3000  # the held-out archive, not the training split
     assert (folder / "checkpoint" / "model.safetensors").stat().st_size < 30_000_000
@@ -188,32 +189,36 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     assert baseline_tune[baseline_tune.index("--init") + 1] == str(root / "baseline")
     assert not any(arg.startswith(("--reinit", "--freeze")) for arg in baseline_tune)
 
-    # with an appearance stage: it starts from the run and trains only the image embedding's two projections,
-    # and the tuning starts from it
+    # with an appearance stage: it comes last, starts from the tuned run and trains only the image embedding's two
+    # projections (both re-learnt) and the text's projection against photographs
     ran.clear()
     commands.clear()
     root = tmp_path / "appearance-zoo"
     spread = recipe.ZooOptions(out=root, n=100, heldout_n=20, appearance_config="look.json", appearance_epochs=2,
                                appearance_lr=3e-3, tune_config="my.json")
-    assert recipe.run_recipe(spread).final(spread) == root / "tuned"
-    assert ran[4:7] == ["training tiny-synth", "appearance stage look.json", "locked-image tuning my.json"]
+    assert recipe.run_recipe(spread).final(spread) == root / "appearance"
+    assert ran[4:7] == ["training tiny-synth", "locked-image tuning my.json", "appearance stage look.json"]
     by_title = dict(zip(ran, commands, strict=True))
+    tune = by_title["locked-image tuning my.json"]
+    assert tune[tune.index("--init") + 1] == str(root / "run")
     look = by_title["appearance stage look.json"]
-    assert look[look.index("--init") + 1] == str(root / "run") and "--lock-image" not in look
+    assert look[look.index("--init") + 1] == str(root / "tuned") and "--lock-image" not in look
     assert look[look.index("--out") + 1] == str(root / "appearance")
-    assert {"--reinit=image_proj", "--reinit=image_appearance_proj", "--train-only=image_proj",
-            "--train-only=image_appearance_proj"} <= set(look)
+    assert sorted(arg for arg in look if arg.startswith(("--reinit", "--train-only"))) == [
+        "--reinit=image_appearance_proj", "--reinit=image_proj", "--train-only=image_appearance_proj",
+        "--train-only=image_proj", "--train-only=text_proj"]
     assert not any(arg.startswith("--freeze") for arg in look)
     assert look[look.index("--epochs") + 1] == "2" and look[look.index("--lr") + 1] == "0.003"
-    tune = by_title["locked-image tuning my.json"]
-    assert tune[tune.index("--init") + 1] == str(root / "appearance")
-    # without a tuning stage the appearance stage's run is the one evaluated
+    evaluated = by_title["evaluating look.json on the held-out archive"]
+    assert evaluated[evaluated.index("--run") + 1] == str(root / "appearance")
+    assert commands[ran.index("calibration (decision offsets on train)")][3] == str(root / "appearance")
+    # without a tuning stage it starts from the run
     ran.clear()
     commands.clear()
     alone = recipe.ZooOptions(out=tmp_path / "appearance-only", n=100, heldout_n=20, appearance_config="look.json")
     assert recipe.run_recipe(alone).final(alone) == tmp_path / "appearance-only" / "appearance"
-    evaluated = dict(zip(ran, commands, strict=True))["evaluating tiny-synth on the held-out archive"]
-    assert evaluated[evaluated.index("--run") + 1] == str(tmp_path / "appearance-only" / "appearance")
+    look = dict(zip(ran, commands, strict=True))["appearance stage look.json"]
+    assert look[look.index("--init") + 1] == str(tmp_path / "appearance-only" / "run")
 
     # without calibration, or with temperatures only
     ran.clear()
@@ -272,22 +277,26 @@ def test_the_card_of_a_recipe_with_an_appearance_stage_describes_it(tmp_path: Pa
     paths = ZooPaths(tmp_path)
     appearance = {"image_appearance_dims": 32, "image_appearance_share": 0.85,
                   "image_appearance_input": "pooled_and_patches", "image_appearance_hidden": 256}
-    for run, steps in ((paths.run, 1686), (paths.appearance, 1685), (paths.tuned, 3150)):
+    for run, steps in ((paths.run, 1686), (paths.tuned, 3150), (paths.appearance, 1686)):
         run.mkdir()
-        config = json.loads((shipped / "config.json").read_text()) | appearance
-        if run == paths.appearance:  # the stage's own config carries the uniformity loss; the tuned one does not
+        config = json.loads((shipped / "config.json").read_text()) | {"image_appearance_dims": 0}
+        if run == paths.appearance:  # the stage's own config: the appearance part and its uniformity loss
+            config = config | appearance
             config["losses"] = config["losses"] | {"image_appearance_uniformity": 2.0}
         (run / "config.json").write_text(json.dumps(config))
-        (run / "run.json").write_text(json.dumps({"steps": steps, "training_seconds": 1020, "finished": True,
-                                                  "samples_per_second": 80.5, "precision": "bf16"}))
+        (run / "run.json").write_text(json.dumps({"steps": steps, "training_seconds": 420, "finished": True,
+                                                  "samples_per_second": 215.3, "precision": "bf16"}))
     card = write_card(options, paths, {"icdr": {"quadratic_kappa": 0.95}}, None).read_text()
-    assert ("--appearance-config look.json --appearance-epochs 3 --appearance-batch-size 48 --appearance-lr 0.002 "
-            "--tune-config tuned.json") in card
+    assert ("--tune-config tuned.json --tune-epochs 30 --tune-batch-size 256 --tune-lr 0.001 "
+            "--appearance-config look.json --appearance-epochs 3 --appearance-batch-size 48 "
+            "--appearance-lr 0.002") in card
     assert "the appearance stage (config `look.json`, `fit --train-only`)" in card
-    assert "every weight but the image embedding's two projections kept as trained above" in card
+    assert ("every weight but the image embedding's two projections and the text's projection against photographs "
+            "(`text_proj`) kept as trained above, so every grade stays what it was and so does every text->record "
+            "answer") in card
     assert "grade part (`image_proj`, 96-d) re-learnt" in card
     assert "(`image_appearance_proj`, 32-d, a 2-layer MLP reading the pooled feature and the mean of the patch " \
            "tokens, share 0.85 of the unit vector) trained with a uniformity loss (weight 2)" in card
-    assert "1685 steps (3 epochs, batch 48, lr 0.002) in 17 min (80.5 samples/s, bf16)" in card
-    assert "the image tower and its projections frozen as trained above" in card
-    assert card.index("the appearance stage") < card.index("locked-image tuning (")
+    assert "1686 steps (3 epochs, batch 48, lr 0.002) in 7 min (215.3 samples/s, bf16)" in card
+    assert "the image tower and its projection frozen as trained above" in card  # the tuning, before the stage
+    assert card.index("locked-image tuning (") < card.index("the appearance stage")

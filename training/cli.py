@@ -715,17 +715,18 @@ def zoo(
     ] = None,
     appearance_config: Annotated[
         str | None,
-        typer.Option(help="After training, the appearance stage with this config (one with image_appearance_dims): "
-                     "only the image embedding's grade projection (re-learnt) and appearance projection train "
-                     "(`fit --train-only`), so image->image scores spread and no grade changes."),
+        typer.Option(help="Last, the appearance stage with this config (one with image_appearance_dims): only "
+                     "the image embedding's grade projection (re-learnt), its appearance projection and the text's "
+                     "projection against photographs train (`fit --train-only`), so image->image scores spread and "
+                     "no grade changes; that run is the one evaluated, exported and released."),
     ] = None,
     appearance_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the appearance stage.")] = 3,
     appearance_batch_size: Annotated[int, typer.Option(min=2, help="Global batch size of the appearance stage.")] = 48,
     appearance_lr: Annotated[float, typer.Option(help="Peak learning rate of the appearance stage.")] = 2e-3,
     tune_config: Annotated[
         str | None,
-        typer.Option(help="After training (and the appearance stage), locked-image tuning (`fit --lock-image`) "
-                     "with this config; the tuned run is the one evaluated, exported and released."),
+        typer.Option(help="After training, locked-image tuning (`fit --lock-image`) with this config; the tuned "
+                     "run is the one evaluated, exported and released (without an appearance stage)."),
     ] = None,
     tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the tuning stage.")] = 10,
     tune_batch_size: Annotated[int, typer.Option(min=2, help="Global batch size of the tuning stage.")] = 256,
@@ -744,8 +745,8 @@ def zoo(
         str, typer.Option(help="The split the decision offsets are fitted on ('none': temperatures only).")
     ] = "train",
 ) -> None:
-    """The recipe of a shipped model: synthetic training and held-out archives, training (and optionally an
-    appearance stage and locked-image tuning), calibration, held-out evaluation, export, model card (and with
+    """The recipe of a shipped model: synthetic training and held-out archives, training (and optionally
+    locked-image tuning and an appearance stage), calibration, held-out evaluation, export, model card (and with
     --release, the shipped copy). Runs on a GPU when there is one; a stopped or interrupted recipe continues where
     it stopped when run again."""
     from training.stages import StageError

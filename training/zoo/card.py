@@ -126,10 +126,13 @@ def _appearance_lines(options: ZooOptions, stage: dict, config: dict) -> list[st
     head = "a 2-layer MLP" if config.get("image_appearance_hidden") else "a linear projection"
     reads = ("the pooled feature and the mean of the patch tokens"
              if config.get("image_appearance_input") == "pooled_and_patches" else "the pooled feature")
+    records = (" and so does every text->record answer (the text's record head is its own)"
+               if config.get("record_text_head") else "")
     return [
         f"- Then the appearance stage (config `{options.appearance_config}`, `fit --train-only`): every weight "
-        "but the image embedding's two projections kept as trained above, so every grade stays what it was; its "
-        f"grade part (`image_proj`, {config['embed_dim'] - dims}-d) re-learnt and its appearance part "
+        "but the image embedding's two projections and the text's projection against photographs (`text_proj`) "
+        f"kept as trained above, so every grade stays what it was{records}; the image embedding's grade part "
+        f"(`image_proj`, {config['embed_dim'] - dims}-d) re-learnt and its appearance part "
         f"(`image_appearance_proj`, {dims}-d, {head} reading {reads}, share {share:g} of the unit vector) trained"
         + (f" with a uniformity loss (weight {uniformity:g}), which spreads the image->image scores; " if uniformity
            else "; ")
@@ -178,7 +181,8 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
     info = json.loads((paths.run / "run.json").read_text())  # the main training (before any tuning)
     appearance = (json.loads((paths.appearance / "run.json").read_text()) if options.appearance_config else None)
     appearance_config = (json.loads((paths.appearance / "config.json").read_text()) if appearance else {})
-    tuned = json.loads((final / "run.json").read_text()) if options.tune_config else None
+    tuned = json.loads((paths.tuned / "run.json").read_text()) if options.tune_config else None
+    tuned_config = json.loads((paths.tuned / "config.json").read_text()) if tuned else {}
     config = json.loads((final / "config.json").read_text())
     name = options.release or config["name"]
     vision, text = config["vision"], config["text"]
@@ -192,8 +196,8 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
     command = (f"retina-train zoo --out {paths.root} --n {options.n} --seed {options.seed} "
                f"--heldout-n {options.heldout_n} --heldout-seed {options.heldout_seed} --epochs {options.epochs} "
                f"--batch-size {options.batch_size} --lr {options.lr:g}"
-               + (_appearance_flags(options) if options.appearance_config else "")
                + (_tuning_flags(options) if options.tune_config else "")
+               + (_appearance_flags(options) if options.appearance_config else "")
                + ("" if options.calibrate else " --no-calibrate")
                + (f" --offsets-split {options.offsets_split or 'none'}"
                   if options.calibrate and options.offsets_split != "train" else "")
@@ -251,8 +255,8 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         f"- Precision {info.get('precision')} ({info.get('precision_reason', 'n/a')}).",
         f"- Hardware: {info.get('machine', info.get('device'))}; training time {hours:.2f} h "
         f"({info.get('samples_per_second')} samples/s).",
+        *(_tuning_lines(options, tuned, tuned_config) if tuned is not None else []),
         *(_appearance_lines(options, appearance, appearance_config) if appearance is not None else []),
-        *(_tuning_lines(options, tuned, config) if tuned is not None else []),
         *_calibration_lines(final),
         "",
         "## Results on the held-out archive",

@@ -6,13 +6,15 @@ an interrupted recipe continues where it stopped):
 1. a large synthetic training archive (its own seed) and its patient-level split;
 2. a held-out synthetic archive (another seed, used nowhere in training) whose every record is the test set;
 3. training (resumed when a run was stopped by `--max-minutes`);
-4. with `--appearance-config`, the appearance stage (in ROOT/appearance): only the image embedding's two
-   projections train (`fit --train-only`): its grade projection is re-learnt and its appearance projection
-   (`image_appearance_dims`) trained, which spreads the image->image similarity scores; everything else,
-   the image tower, the grading path, the text and tabular sides and their temperatures, stays as trained, so
-   every grade stays what it was and the tuning starts from the first stage's text and tabular sides;
-5. with `--tune-config`, locked-image tuning of the latest run (`fit --lock-image`, in ROOT/tuned): the image
+4. with `--tune-config`, locked-image tuning of the run (`fit --lock-image`, in ROOT/tuned): the image
    tower stays as trained, the text, tabular and joint-transformer sides train on with large batches;
+5. with `--appearance-config`, the appearance stage of the latest run (in ROOT/appearance): only the image
+   embedding's two projections and the text's projection against photographs train (`fit --train-only`): the
+   grade projection is re-learnt, the appearance projection (`image_appearance_dims`) trained, which spreads
+   the image->image similarity scores, and the text's image projection follows them. Everything else, the image
+   tower, the grading path, the text tower, the text's record head and the tabular side, stays as trained, so
+   every grade and every text->record answer stays what it was (with a config that has a record head for the
+   text, `record_text_head`; without one, the text's projection serves records too);
 6. calibration of the final run (`retina-train calibrate`: temperatures on the validation split, and
    with `offsets_split` per-grade decision offsets fitted for macro-F1 on that split; RUN/calibration.json,
    which evaluation, export and release use);
@@ -109,9 +111,9 @@ class ZooPaths:
         """The appearance stage of the run (`--appearance-config`)."""
         return self.root / "appearance"
 
-    def before_tuning(self, options: ZooOptions) -> Path:
-        """The run the tuning stage starts from: the appearance stage's when there is one."""
-        return self.appearance if options.appearance_config else self.run
+    def before_appearance(self, options: ZooOptions) -> Path:
+        """The run the appearance stage starts from: the tuned run when there is one."""
+        return self.tuned if options.tune_config else self.run
 
     @property
     def tuned(self) -> Path:
@@ -130,7 +132,7 @@ class ZooPaths:
 
     def final(self, options: ZooOptions) -> Path:
         """The run the recipe evaluates, exports and releases: the last of its stages."""
-        return self.tuned if options.tune_config else self.before_tuning(options)
+        return self.appearance if options.appearance_config else self.before_appearance(options)
 
     @property
     def bundle(self) -> Path:
@@ -162,9 +164,13 @@ def _split(console: Console, title: str, archive: Path, out: Path, val: float, t
 Stage = Literal["train", "appearance", "tune"]
 """A training stage of the recipe; each has its own schedule (epochs, batch size, peak lr)."""
 
-APPEARANCE_TRAIN = ("image_proj", "image_appearance_proj")
-"""What the appearance stage learns anew (`--reinit`) and alone (`--train-only`): the grade part's projection (now
-narrower) and the appearance part's; every other weight stays as the first stage left it."""
+APPEARANCE_REINIT = ("image_proj", "image_appearance_proj")
+"""What the appearance stage learns anew (`--reinit`): the image embedding's grade projection (now narrower) and its
+appearance projection."""
+
+APPEARANCE_TRAIN = (*APPEARANCE_REINIT, "text_proj")
+"""What the appearance stage trains (`--train-only`): those two and the text's projection against photographs, which
+only the image-text loss reads; every other weight stays as the stage before left it."""
 
 
 def _schedule(options: ZooOptions, stage: Stage) -> tuple[int, int, float]:
@@ -257,19 +263,18 @@ def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
     _archive(console, "held-out archive", paths.heldout, options.heldout_n, options.heldout_seed, options.size)
     _split(console, "held-out split (every record in test)", paths.heldout, paths.heldout_splits, 0.0, 1.0)
     _train(console, f"training {options.config}", options, paths, options.config, paths.run)
-    if options.appearance_config:
-        _train(console, f"appearance stage {options.appearance_config}", options, paths, options.appearance_config,
-               paths.appearance, stage="appearance", start=paths.run, reinit=APPEARANCE_TRAIN,
-               train_only=APPEARANCE_TRAIN)
     if options.tune_config:
         _train(console, f"locked-image tuning {options.tune_config}", options, paths, options.tune_config, paths.tuned,
-               stage="tune", start=paths.before_tuning(options), reinit=options.tune_reinit,
-               freeze=options.tune_freeze)
+               stage="tune", start=paths.run, reinit=options.tune_reinit, freeze=options.tune_freeze)
+    if options.appearance_config:
+        _train(console, f"appearance stage {options.appearance_config}", options, paths, options.appearance_config,
+               paths.appearance, stage="appearance", start=paths.before_appearance(options), reinit=APPEARANCE_REINIT,
+               train_only=APPEARANCE_TRAIN)
     final = paths.final(options)
     if options.calibrate:
         _calibrate(console, options, final)
-    metrics = _evaluate(console, f"evaluating {options.tune_config or options.config} on the held-out archive",
-                        paths, final)
+    final_config = options.appearance_config or options.tune_config or options.config
+    metrics = _evaluate(console, f"evaluating {final_config} on the held-out archive", paths, final)
     bundle_manifest = paths.bundle / "manifest.json"
     if bundle_manifest.is_file() and bundle_manifest.stat().st_mtime >= _weights_changed(final):
         reuse_stage(console, "export", str(paths.bundle))
