@@ -170,7 +170,8 @@ appearance projection."""
 
 APPEARANCE_TRAIN = (*APPEARANCE_REINIT, "text_proj")
 """What the appearance stage trains (`--train-only`): those two and the text's projection against photographs, which
-only the image-text loss reads; every other weight stays as the stage before left it."""
+only the image-text loss reads where the text has a record head of its own (`record_text_head`; without one it
+serves records too); every other weight stays as the stage before left it."""
 
 
 def _schedule(options: ZooOptions, stage: Stage) -> tuple[int, int, float]:
