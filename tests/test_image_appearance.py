@@ -124,6 +124,22 @@ def test_the_appearance_projection_can_be_a_two_layer_mlp(tokenizer) -> None:
     torch.testing.assert_close(appearance, expected)
 
 
+def test_the_grade_projection_can_be_a_two_layer_mlp_too(tokenizer) -> None:
+    torch.manual_seed(0)
+    model = create_model(_with(image_grade_hidden=48), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+    first, _, last = model.image_proj
+    grade_dims = model.config.embed_dim - APPEARANCE
+    assert (first.in_features, first.out_features, last.out_features) == (model.image.width, 48, grade_dims)
+    pixels = _batch(tokenizer)["pixels"]
+    with torch.no_grad():
+        grade = model.encode_image(pixels)[:, :grade_dims]
+        pooled = model.image.pool(model.image(pixels))
+    expected = torch.nn.functional.normalize(last(torch.nn.functional.gelu(first(pooled))), dim=-1)
+    torch.testing.assert_close(grade, expected * math.sqrt(1 - SHARE**2))
+    model(_batch(tokenizer))["image_grade_contrastive"].backward()
+    assert first.weight.grad.any() and last.weight.grad.any()
+
+
 def test_lock_image_freezes_the_appearance_projection_too(tokenizer) -> None:
     model = create_model(_config(), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
     model.lock_image()

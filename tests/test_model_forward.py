@@ -280,6 +280,57 @@ def test_a_record_head_gives_the_text_its_own_embedding_for_records(tokenizer) -
     assert grads("contrastive_image_text") == (False, True)
 
 
+def test_the_text_grade_terms_pull_each_text_side_to_its_own_gallery(tokenizer) -> None:
+    config = load_config("tiny").model_dump() | {"record_text_head": True}
+    config["losses"] |= {"text_image_grade_contrastive": 1.0, "text_record_grade_contrastive": 1.0}
+    torch.manual_seed(0)
+    model = create_model(ModelConfig.model_validate(config), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+    losses = model(_batch(tokenizer, size=4))
+    assert losses["text_image_grade_contrastive"] > 0 and losses["text_record_grade_contrastive"] > 0
+
+    def trained(loss_name: str) -> set[str]:
+        model.zero_grad()
+        losses[loss_name].backward(retain_graph=True)
+        names = ("text_proj", "text_record_proj", "record_proj", "image_proj")
+        return {n for n in names if getattr(model, n).weight.grad is not None and getattr(model, n).weight.grad.any()}
+
+    assert trained("text_image_grade_contrastive") == {"text_proj", "image_proj"}
+    assert trained("text_record_grade_contrastive") == {"text_record_proj", "record_proj"}
+    assert not {"text_image_grade_contrastive", "text_record_grade_contrastive"} & set(
+        model({k: v for k, v in _batch(tokenizer, size=4).items() if k not in ("icdr", "sdrg")}))
+    # a minimum grade leaves the texts below it out as queries: above every grade of the batch nothing is left
+    def record_term(min_icdr: int) -> float:
+        config["losses"]["text_grade_min_icdr"] = min_icdr
+        other = create_model(ModelConfig.model_validate(config), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+        other.load_state_dict(model.state_dict())
+        return other.eval()(_batch(tokenizer, size=4))["text_record_grade_contrastive"].item()
+
+    assert record_term(5) == 0 and record_term(1) != pytest.approx(record_term(0))
+    config["losses"]["text_grade_min_icdr"] = 0
+    # the record term alone still scores records (and trains their projection) without the instance term
+    config["losses"] |= {"contrastive_text_record": 0.0, "text_image_grade_contrastive": 0.0}
+    alone = create_model(ModelConfig.model_validate(config), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer)
+    assert alone.record_proj.weight.requires_grad and "text_record_grade_contrastive" in alone(_batch(tokenizer))
+
+
+def test_grade_counterfactual_records_add_a_negative_of_another_grade_to_each_text(tokenizer) -> None:
+    config = load_config("tiny").model_dump()
+    config["losses"] |= {"grade_counterfactual_records": True}
+    torch.manual_seed(0)
+    model = create_model(ModelConfig.model_validate(config), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer).eval()
+    plain = create_model(load_config("tiny"), tabular_width=TABULAR_WIDTH, tokenizer=tokenizer).eval()
+    plain.load_state_dict(model.state_dict())
+    batch = _batch(tokenizer, size=4)  # grades 0, 2, unknown, 4: three rows get a negative
+    with torch.no_grad():
+        hard, present = model._record_hard_negatives(batch, model.image(batch["pixels"]),
+                                                     model.tabular(batch["tabular"]))
+        assert hard.shape == (4, 1, model.config.embed_dim) and present[:, 0].tolist() == [True, True, False, True]
+        assert model(batch)["contrastive_text_record"] > plain(batch)["contrastive_text_record"]
+        one_grade = batch | {"icdr": torch.full((4,), 2)}  # no other grade in the batch: nothing is added
+        torch.testing.assert_close(model(one_grade)["contrastive_text_record"],
+                                   plain(one_grade)["contrastive_text_record"])
+
+
 def test_a_mean_pooled_record_head_reads_every_token_and_ignores_padding(tokenizer) -> None:
     config = load_config("tiny").model_copy(update={"record_text_head": True, "record_text_pooling": "mean"})
     torch.manual_seed(0)

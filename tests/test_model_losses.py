@@ -186,6 +186,28 @@ def test_supervised_contrastive_rewards_grade_clusters_and_skips_rows_without_po
     assert embeddings.grad is not None and embeddings.grad[:4].abs().sum() > 0
 
 
+def test_cross_modal_supervised_contrastive_pulls_queries_to_every_key_of_their_grade() -> None:
+    from training.model.losses import cross_modal_supervised_contrastive_loss
+
+    labels = torch.tensor([0, 0, 1, 1, 2, -100])
+    centres = torch.nn.functional.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    keys = centres[[0, 0, 1, 1, 2, 2]]
+    queries = keys.clone()
+    wrong = centres[[1, 1, 2, 2, 0, 0]]  # each query at a centre of another grade
+    good = cross_modal_supervised_contrastive_loss(queries, keys, labels, 10.0)
+    assert good < cross_modal_supervised_contrastive_loss(wrong, keys, labels, 10.0)
+    # at a large scale each query splits its probability between the two keys at its centre: for grades 0 and 1
+    # both are positives (log 2 each), for grade 2 one is (the unlabelled key 5 shares the centre): log 2 per row
+    sharp = cross_modal_supervised_contrastive_loss(queries, keys, labels, 1e4)
+    assert sharp.item() == pytest.approx(math.log(2), abs=1e-3)
+    # the unlabelled query counts for nothing, and a batch of it alone is a graph-keeping 0
+    none = cross_modal_supervised_contrastive_loss(queries[5:], keys[5:], labels[5:], 10.0)
+    assert none == 0 and not torch.isnan(none)
+    q, k = queries.clone().requires_grad_(True), keys.clone().requires_grad_(True)
+    cross_modal_supervised_contrastive_loss(q, k, labels, 10.0).backward()
+    assert q.grad[:5].abs().sum() > 0 and q.grad[5].abs().sum() == 0 and k.grad.abs().sum() > 0
+
+
 def test_hard_negatives_only_add_to_the_a_to_b_direction() -> None:
     a, b = _unit(16, 32, seed=1), _unit(16, 32, seed=2)
     none = torch.zeros(16, dtype=torch.bool)
@@ -220,3 +242,31 @@ def test_uniformity_is_zero_for_a_collapsed_batch_and_lower_the_more_it_spreads(
     uniformity_loss(rows).backward()
     stepped = F.normalize(rows - 0.1 * rows.grad, dim=-1)
     assert uniformity_loss(stepped) < uniformity_loss(near)  # its gradient spreads the rows
+
+
+def test_several_hard_negatives_per_row_each_compete_where_present() -> None:
+    aligned = _unit(16, 32, seed=4)
+    one = contrastive_loss_with_hard_negatives(aligned, aligned, 50.0, aligned, torch.ones(16, dtype=torch.bool))
+    stacked = torch.stack([aligned, _unit(16, 32, seed=6)], dim=1)  # (B, 2, D): the second one is far
+    both = torch.ones(16, 2, dtype=torch.bool)
+    two = contrastive_loss_with_hard_negatives(aligned, aligned, 50.0, stacked, both)
+    assert two.item() == pytest.approx(one.item(), abs=0.02)  # a far negative adds next to nothing
+    twice = contrastive_loss_with_hard_negatives(aligned, aligned, 50.0, torch.stack([aligned, aligned], 1), both)
+    assert twice.item() == pytest.approx(math.log(3) / 2, abs=0.05)  # two negatives as close as the positive
+    absent = torch.tensor([[True, False]] * 16)
+    half = contrastive_loss_with_hard_negatives(aligned, aligned, 50.0, torch.stack([aligned, aligned], 1), absent)
+    assert half.item() == pytest.approx(one.item(), abs=1e-6)
+
+
+def test_other_label_partners_differ_in_label_and_skip_unknown_or_lone_labels() -> None:
+    from training.model.losses import other_label_partners
+
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 0, 2, 4, -100, 0])
+    for _ in range(20):
+        partner, present = other_label_partners(labels)
+        assert present.tolist() == [True, True, True, True, False, True]
+        chosen = labels[partner[present]]
+        assert (chosen != labels[present]).all() and (chosen != -100).all()
+    partner, present = other_label_partners(torch.tensor([1, 1, -100]))
+    assert not present.any()  # one grade only: no row has a partner of another

@@ -277,7 +277,7 @@ def test_lock_image_and_reinit_need_init(data: tuple[Path, Path], tmp_path: Path
         "fit", "--archive", str(data[0]), "--splits", str(data[1]), "--out", str(tmp_path / "run"),
         "--reinit", "tabular", "--max-steps", "1",
     ])
-    assert result.exit_code == 2 and "need --init" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "--reinit needs --init" in " ".join(result.output.split())
 
 
 def test_reinit_lets_a_tuned_config_change_one_module(data: tuple[Path, Path], tmp_path: Path) -> None:

@@ -212,6 +212,33 @@ def test_the_recipe_runs_its_stages_in_order_and_refuses_a_shared_seed(
     evaluated = by_title["evaluating look.json on the held-out archive"]
     assert evaluated[evaluated.index("--run") + 1] == str(root / "appearance")
     assert commands[ran.index("calibration (decision offsets on train)")][3] == str(root / "appearance")
+    # with a facts stage: it comes after the appearance stage, locks the image and trains only the two projections
+    # that meet in text->record search, with its own schedule; it is the run calibrated, evaluated and exported
+    ran.clear()
+    commands.clear()
+    root = tmp_path / "facts-zoo"
+    facts = recipe.ZooOptions(out=root, n=100, heldout_n=20, appearance_config="look.json", tune_config="my.json",
+                              facts_config="facts.json", facts_epochs=4, facts_batch_size=128, facts_lr=5e-4)
+    assert recipe.run_recipe(facts).final(facts) == root / "facts"
+    assert ran[4:9] == ["training tiny-synth", "locked-image tuning my.json", "appearance stage look.json",
+                        "facts stage facts.json", "calibration (decision offsets on train)"]
+    by_title = dict(zip(ran, commands, strict=True))
+    stage = by_title["facts stage facts.json"]
+    assert stage[stage.index("--init") + 1] == str(root / "appearance") and "--lock-image" in stage
+    assert sorted(arg for arg in stage if arg.startswith(("--reinit", "--train-only", "--freeze"))) == [
+        "--train-only=record_proj", "--train-only=text_record_proj"]
+    assert [stage[stage.index(flag) + 1] for flag in ("--epochs", "--batch-size", "--lr")] == ["4", "128", "0.0005"]
+    for title in ("calibration (decision offsets on train)", "evaluating facts.json on the held-out archive",
+                  "export with parity check"):
+        assert str(root / "facts") in by_title[title]
+    # without an appearance stage it starts from the last stage before it
+    ran.clear()
+    commands.clear()
+    plain_facts = recipe.ZooOptions(out=tmp_path / "facts-only", n=100, heldout_n=20, facts_config="facts.json")
+    recipe.run_recipe(plain_facts)
+    stage = dict(zip(ran, commands, strict=True))["facts stage facts.json"]
+    assert stage[stage.index("--init") + 1] == str(tmp_path / "facts-only" / "run")
+
     # without a tuning stage it starts from the run
     ran.clear()
     commands.clear()
@@ -300,3 +327,29 @@ def test_the_card_of_a_recipe_with_an_appearance_stage_describes_it(tmp_path: Pa
     assert "1686 steps (3 epochs, batch 48, lr 0.002) in 7 min (215.3 samples/s, bf16)" in card
     assert "the image tower and its projection frozen as trained above" in card  # the tuning, before the stage
     assert card.index("locked-image tuning (") < card.index("the appearance stage")
+
+
+def test_the_card_of_a_recipe_with_a_facts_stage_describes_it_last(tmp_path: Path) -> None:
+    from training.zoo.card import write_card
+    from training.zoo.recipe import ZooOptions, ZooPaths
+
+    shipped = zoo.ZOO_DIR / "tiny-synth"
+    options = ZooOptions(out=tmp_path, appearance_config="look.json", facts_config="facts.json", facts_epochs=3)
+    paths = ZooPaths(tmp_path)
+    for run, steps in ((paths.run, 1686), (paths.appearance, 1686), (paths.facts, 315)):
+        run.mkdir()
+        config = json.loads((shipped / "config.json").read_text())
+        if run == paths.facts:
+            config["losses"] = config["losses"] | {"grade_counterfactual_records": True,
+                                                   "text_record_grade_contrastive": 0.15}
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "run.json").write_text(json.dumps({"steps": steps, "training_seconds": 200, "finished": True,
+                                                  "samples_per_second": 666.8, "precision": "bf16"}))
+    card = write_card(options, paths, {"icdr": {"quadratic_kappa": 0.95}}, None).read_text()
+    assert "--facts-config facts.json --facts-epochs 3 --facts-batch-size 256 --facts-lr 0.001" in card
+    assert ("the facts stage (config `facts.json`, `fit --lock-image --train-only`): only the text's record head "
+            "(`text_record_proj`) and the record projection (`record_proj`) trained, with the text->record loss with "
+            "counterfactual hard negatives and photographs of another grade as further ones and a term that pulls "
+            "each text towards every record of the grade it states (weight 0.15)") in card
+    assert "315 steps (3 epochs, batch 256, lr 0.001) in 3 min (666.8 samples/s, bf16)" in card
+    assert card.index("the appearance stage") < card.index("the facts stage")

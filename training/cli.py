@@ -228,8 +228,6 @@ def fit(
         raise _fail(f"--resume: {out} has no checkpoint to resume from")
     if not resume and files.run_json.exists():
         raise _fail(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if (lock_image or reinit or freeze or train_only) and init_path is None:
-        raise _fail("--lock-image, --reinit, --freeze and --train-only need --init (the weights to start from)")
     try:
         options = FitOptions(
             config=config, archive=archive, splits=splits, out=out, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -715,14 +713,24 @@ def zoo(
     ] = None,
     appearance_config: Annotated[
         str | None,
-        typer.Option(help="Last, the appearance stage with this config (one with image_appearance_dims): only "
-                     "the image embedding's grade projection (re-learnt), its appearance projection and the text's "
-                     "projection against photographs train (`fit --train-only`), so image->image scores spread and "
-                     "no grade changes; that run is the one evaluated, exported and released."),
+        typer.Option(help="After tuning, the appearance stage with this config (one with image_appearance_dims): "
+                     "only the image embedding's grade projection (re-learnt), its appearance projection and the "
+                     "text's projection against photographs train (`fit --train-only`), so image->image scores "
+                     "spread and no grade changes."),
     ] = None,
     appearance_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the appearance stage.")] = 3,
     appearance_batch_size: Annotated[int, typer.Option(min=2, help="Global batch size of the appearance stage.")] = 48,
     appearance_lr: Annotated[float, typer.Option(help="Peak learning rate of the appearance stage.")] = 2e-3,
+    facts_config: Annotated[
+        str | None,
+        typer.Option(help="Last, the facts stage with this config: only the text's record head and the record "
+                     "projection train (`fit --lock-image --train-only`), so text->record search changes and no "
+                     "photograph's embedding or grade does; the last stage's run is the one evaluated, exported "
+                     "and released."),
+    ] = None,
+    facts_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the facts stage.")] = 3,
+    facts_batch_size: Annotated[int, typer.Option(min=2, help="Global batch size of the facts stage.")] = 256,
+    facts_lr: Annotated[float, typer.Option(help="Peak learning rate of the facts stage.")] = 1e-3,
     tune_config: Annotated[
         str | None,
         typer.Option(help="After training, locked-image tuning (`fit --lock-image`) with this config; the tuned "
@@ -746,9 +754,9 @@ def zoo(
     ] = "train",
 ) -> None:
     """The recipe of a shipped model: synthetic training and held-out archives, training (and optionally
-    locked-image tuning and an appearance stage), calibration, held-out evaluation, export, model card (and with
-    --release, the shipped copy). Runs on a GPU when there is one; a stopped or interrupted recipe continues where
-    it stopped when run again."""
+    locked-image tuning, an appearance stage and a facts stage), calibration, held-out evaluation, export, model
+    card (and with --release, the shipped copy). Runs on a GPU when there is one; a stopped or interrupted recipe
+    continues where it stopped when run again."""
     from training.stages import StageError
     from training.zoo import ZooError
     from training.zoo.recipe import ZooOptions, run_recipe
@@ -760,6 +768,7 @@ def zoo(
         epochs=epochs, batch_size=batch_size, lr=lr, balance=balance, precision=precision, max_minutes=max_minutes,
         baseline=baseline, release=release, appearance_config=appearance_config,
         appearance_epochs=appearance_epochs, appearance_batch_size=appearance_batch_size, appearance_lr=appearance_lr,
+        facts_config=facts_config, facts_epochs=facts_epochs, facts_batch_size=facts_batch_size, facts_lr=facts_lr,
         tune_config=tune_config, tune_epochs=tune_epochs,
         tune_batch_size=tune_batch_size, tune_lr=tune_lr, tune_reinit=tuple(tune_reinit or ()),
         tune_freeze=tuple(tune_freeze or ()), calibrate=calibrate,

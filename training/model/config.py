@@ -180,8 +180,18 @@ class LossConfig(_Strict):
     signal the narrative (which states the grade) cannot shortcut. `image_grade_contrastive` pulls image
     embeddings of the same ICDR grade together (supervised contrastive, `losses.supervised_contrastive_loss`),
     so that searching by a photograph finds the same disease, not just a look-alike.
+    `text_image_grade_contrastive` / `text_record_grade_contrastive` pull a text's embedding (its facts
+    embedding for records) towards every photograph / record of the ICDR grade it describes, in the text ->
+    gallery direction (`losses.cross_modal_supervised_contrastive_loss`, the pair's own temperature): the
+    instance InfoNCE alone ranks a record that shares the text's other facts but not its grade above the
+    records of that grade. `text_grade_min_icdr` leaves the texts of lower grades out of both terms (as
+    queries; their photographs and records stay in every text's gallery): with 1, texts that state no DR, the
+    large majority, keep finding their own case by the other facts they state, and only texts of a DR grade
+    are pulled towards that grade.
     `counterfactual_records` adds, to each text's text -> record InfoNCE row, a hard negative: its own
     record with one fact the text states made false in the structured data (`training.text.counterfactual`).
+    `grade_counterfactual_records` adds another: its own structured data fused with the photograph of a record
+    of another ICDR grade from the batch, a record that differs from the text's in the grade alone.
     `image_uniformity` spreads the image embeddings over the sphere (`losses.uniformity_loss`): without it the
     photographs of one grade collapse to one point, and image -> image similarities read 0.999 for every
     neighbour. `image_appearance_uniformity` spreads only the appearance part of the image embedding
@@ -199,7 +209,11 @@ class LossConfig(_Strict):
     icdr_image_only: float = Field(default=0.0, ge=0)
     sdrg_image_only: float = Field(default=0.0, ge=0)
     image_grade_contrastive: float = Field(default=0.0, ge=0)
+    text_image_grade_contrastive: float = Field(default=0.0, ge=0)
+    text_record_grade_contrastive: float = Field(default=0.0, ge=0)
+    text_grade_min_icdr: int = Field(default=0, ge=0)
     counterfactual_records: bool = False
+    grade_counterfactual_records: bool = False
     image_uniformity: float = Field(default=0.0, ge=0)
     image_appearance_uniformity: float = Field(default=0.0, ge=0)
     image_mask_ratio: float = Field(default=0.75, gt=0, lt=1)
@@ -258,7 +272,9 @@ class ModelConfig(_Strict):
     `image_appearance_detach` stops the appearance loss at the projection: the image tower, and so the
     grading that reads its tokens, learns nothing from it. `image_appearance_hidden` (> 0) makes the
     projection a two-layer MLP with that hidden width (GELU), which can draw more out of a tower trained
-    for the grade than a linear map.
+    for the grade than a linear map. `image_grade_hidden` (> 0) does the same for the grade part's
+    projection (`image_proj`), so that the image-grade contrastive term can separate grades that a linear
+    map of the pooled feature keeps close.
     """
 
     name: str
@@ -278,6 +294,7 @@ class ModelConfig(_Strict):
     image_appearance_input: Literal["pooled", "pooled_and_patches"] = "pooled"
     image_appearance_detach: bool = False
     image_appearance_hidden: int = Field(default=0, ge=0)
+    image_grade_hidden: int = Field(default=0, ge=0)
     num_icdr: int = 5
     num_sdrg: int = 5
 

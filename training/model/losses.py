@@ -59,19 +59,30 @@ def contrastive_loss(a: Tensor, b: Tensor, logit_scale: Tensor | float) -> Tenso
 def contrastive_loss_with_hard_negatives(
     a: Tensor, b: Tensor, logit_scale: Tensor | float, hard_b: Tensor, hard_present: Tensor
 ) -> Tensor:
-    """`contrastive_loss` where each row of `a` also competes against its own hard negative `hard_b` (B, D)
-    in the a -> b direction (rows where `hard_present` is False have none). The b -> a direction is the
-    plain one: a hard negative of b is not a text."""
+    """`contrastive_loss` where each row of `a` also competes against its own hard negatives `hard_b`, (B, D) for
+    one per row or (B, K, D) for K, in the a -> b direction (where `hard_present`, (B,) or (B, K) bool, is False
+    there is none). The b -> a direction is the plain one: a hard negative of b is not a text."""
+    if hard_b.dim() == 2:
+        hard_b, hard_present = hard_b.unsqueeze(1), hard_present.view(-1, 1)
     a, b, hard_b = a.float(), b.float(), hard_b.float()
     rank, _ = world()
     all_a, all_b = gather_with_grad(a), gather_with_grad(b)
     labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
-    logits = logit_scale * torch.cat([a @ all_b.T, (a * hard_b).sum(dim=-1, keepdim=True)], dim=1)
+    logits = logit_scale * torch.cat([a @ all_b.T, torch.einsum("bd,bkd->bk", a, hard_b)], dim=1)
     # Masked after scaling: -inf times the scale would send NaN into the scale's gradient (0 * inf).
-    absent = torch.cat([torch.zeros_like(logits[:, :-1], dtype=torch.bool), ~hard_present.view(-1, 1)], dim=1)
+    absent = torch.cat([torch.zeros_like(logits[:, : all_b.shape[0]], dtype=torch.bool), ~hard_present], dim=1)
     loss_ab = F.cross_entropy(logits.masked_fill(absent, float("-inf")), labels)
     loss_ba = F.cross_entropy(logit_scale * b @ all_a.T, labels)
     return (loss_ab + loss_ba) / 2
+
+
+def other_label_partners(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """For each row, a random other row of the (local) batch with a different known label, and whether it has
+    one: (partner index (B,) long, present (B,) bool). Rows with an unknown label (-100) have none."""
+    known = labels != IGNORE_INDEX
+    differs = (labels[:, None] != labels[None, :]) & known[:, None] & known[None, :]
+    draw = torch.rand(differs.shape, device=labels.device).masked_fill(~differs, -1.0)
+    return draw.argmax(dim=1), differs.any(dim=1)
 
 
 def gather_labels(labels: Tensor) -> Tensor:
@@ -111,6 +122,25 @@ def supervised_contrastive_loss(embeddings: Tensor, labels: Tensor, logit_scale:
     per_row = -log_prob.masked_fill(~positive, 0.0).sum(dim=1) / counts.clamp(min=1)
     scored = counts > 0
     return (per_row * scored).sum() / scored.sum().clamp(min=1)
+
+
+def cross_modal_supervised_contrastive_loss(
+    queries: Tensor, keys: Tensor, labels: Tensor, logit_scale: Tensor | float, key_labels: Tensor | None = None
+) -> Tensor:
+    """Supervised contrastive loss from one modality to another, global batch (queries -> keys only).
+
+    Row i of `queries` is paired with row i of `keys`; the query carries `labels[i]`, the key `key_labels[i]`
+    (default: the same). Each query with a known label (not -100) is pulled towards every key of its label, its
+    own key included, and pushed from the rest: the mean over those keys of -log softmax over all keys. With no
+    known query label it is a graph-keeping 0.
+    """
+    queries, keys = queries.float(), keys.float()
+    all_keys, all_labels = gather_with_grad(keys), gather_labels(labels if key_labels is None else key_labels)
+    log_prob = (logit_scale * queries @ all_keys.T).log_softmax(dim=-1)
+    known = labels != IGNORE_INDEX
+    positive = (labels[:, None] == all_labels[None, :]) & known[:, None]
+    per_row = -log_prob.masked_fill(~positive, 0.0).sum(dim=1) / positive.sum(dim=1).clamp(min=1)
+    return (per_row * known).sum() / known.sum().clamp(min=1)
 
 
 def uniformity_loss(embeddings: Tensor, t: float = 2.0) -> Tensor:

@@ -42,12 +42,15 @@ from torch import Tensor, nn
 from training.model.config import ImageDecoderConfig, ModelConfig
 from training.model.fusion import FusionOutput, FusionTransformer, ModalityTokens
 from training.model.losses import (
+    IGNORE_INDEX,
     contrastive_loss,
     contrastive_loss_with_hard_negatives,
+    cross_modal_supervised_contrastive_loss,
     mask_tokens,
     maskable_tokens,
     masked_patch_loss,
     normalize_patches,
+    other_label_partners,
     patchify,
     random_patch_mask,
     supervised_contrastive_loss,
@@ -68,6 +71,9 @@ FACT_SIDES = ("record", "tabular")
 """The partners of the text whose pair uses the text's facts embedding (its record head, `record_text_head`)."""
 IMAGE_GRADE_SCALE = "image_grade"
 """The logit scale of the supervised contrastive loss between image embeddings of one ICDR grade."""
+TEXT_GRADE_SCALES = {"image": "image_text", "record": "text_record"}
+"""The galleries of the text -> gallery grade terms (`text_<gallery>_grade_contrastive`) and the pair whose
+learned temperature each shares."""
 
 
 class MaskedImageDecoder(nn.Module):
@@ -115,8 +121,8 @@ class MlmHead(nn.Module):
         return F.linear(self.transform(states), word_embeddings, self.bias)
 
 
-def _appearance_projection(width: int, dims: int, hidden: int) -> nn.Module:
-    """The appearance part's projection: linear, or with `hidden` > 0 a two-layer GELU MLP."""
+def _projection(width: int, dims: int, hidden: int) -> nn.Module:
+    """An image embedding part's projection: linear, or with `hidden` > 0 a two-layer GELU MLP."""
     if hidden == 0:
         return nn.Linear(width, dims, bias=False)
     return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, dims, bias=False))
@@ -140,11 +146,11 @@ class RetinaAlignModel(nn.Module):
 
         dim, width = config.embed_dim, config.fusion.width
         appearance = config.image_appearance_dims
-        self.image_proj = nn.Linear(self.image.width, dim - appearance, bias=False)
+        self.image_proj = _projection(self.image.width, dim - appearance, config.image_grade_hidden)
         # the appearance part of the image embedding (`ModelConfig.image_appearance_dims`), when it has one
         appearance_width = self.image.width * (2 if config.image_appearance_input == "pooled_and_patches" else 1)
         self.image_appearance_proj = (
-            _appearance_projection(appearance_width, appearance, config.image_appearance_hidden) if appearance else None
+            _projection(appearance_width, appearance, config.image_appearance_hidden) if appearance else None
         )
         self.text_proj = nn.Linear(self.text.width, dim, bias=False)
         self.tabular_proj = nn.Linear(self.tabular.width, dim, bias=False)
@@ -301,7 +307,8 @@ class RetinaAlignModel(nn.Module):
         `lock_image`: the masked-patch reconstruction then has no pixels and is skipped); "input_ids" and
         "attention_mask" (B, L), "tabular" (B, F), "icdr" and "sdrg" (B,) long with -100 for a missing
         grade; "counterfactual_tabular" (B, F) and "counterfactual_present" (B,) bool, the text -> record
-        hard negatives used under `losses.counterfactual_records`.
+        hard negatives used under `losses.counterfactual_records` (`losses.grade_counterfactual_records` draws
+        its own from the batch's photographs and "icdr").
         """
         weights = self.config.losses
         pixels, input_ids, tabular = batch.get("pixels"), batch.get("input_ids"), batch.get("tabular")
@@ -328,31 +335,40 @@ class RetinaAlignModel(nn.Module):
             )
         if tabular_hidden is not None:
             embeddings["tabular"] = F.normalize(self.tabular_proj(tabular_hidden), dim=-1)
-        if weights.contrastive_text_record > 0 and text_states is not None and image_states is not None:
+        records_scored = weights.contrastive_text_record > 0 or weights.text_record_grade_contrastive > 0
+        if records_scored and text_states is not None and image_states is not None:
             record = self._fuse_states(image_states, None, None, tabular_hidden, present={})
             embeddings["record"] = self.embed_record(record)
 
         losses: dict[str, Tensor] = {}
-        counterfactuals = bool(weights.counterfactual_records and "record" in embeddings
-                               and "counterfactual_tabular" in batch)
+        hard_records = (
+            self._record_hard_negatives(batch, image_states, tabular_hidden)
+            if "record" in embeddings and weights.contrastive_text_record > 0 else None
+        )
         for a, b in CONTRASTIVE_PAIRS:
             name = f"contrastive_{a}_{b}"
-            if b == "record" and counterfactuals:
+            if b == "record" and hard_records is not None:
                 continue  # with its hard negatives below
             if getattr(weights, name) > 0 and a in embeddings and b in embeddings:
                 query = embeddings["text_facts"] if a == "text" and b in FACT_SIDES else embeddings[a]
                 losses[name] = contrastive_loss(query, embeddings[b], self.logit_scale(f"{a}_{b}"))
-        if counterfactuals:
-            counter = self._fuse_states(image_states, None, None, self.tabular(batch["counterfactual_tabular"]),
-                                        present={})
+        if hard_records is not None:
             losses["contrastive_text_record"] = contrastive_loss_with_hard_negatives(
-                embeddings["text_facts"], embeddings["record"], self.logit_scale("text_record"),
-                self.embed_record(counter), batch["counterfactual_present"],
+                embeddings["text_facts"], embeddings["record"], self.logit_scale("text_record"), *hard_records
             )
         if weights.image_grade_contrastive > 0 and image_parts is not None and "icdr" in batch:
             losses["image_grade_contrastive"] = supervised_contrastive_loss(  # the grade part only
                 image_parts[0], batch["icdr"], self.logit_scale(IMAGE_GRADE_SCALE)
             )
+        for gallery, pair in TEXT_GRADE_SCALES.items():
+            name = f"text_{gallery}_grade_contrastive"
+            if getattr(weights, name) > 0 and "text" in embeddings and gallery in embeddings and "icdr" in batch:
+                query = embeddings["text_facts"] if gallery in FACT_SIDES else embeddings["text"]
+                icdr = batch["icdr"]
+                queried = icdr.masked_fill(icdr < weights.text_grade_min_icdr, IGNORE_INDEX)
+                losses[name] = cross_modal_supervised_contrastive_loss(
+                    query, embeddings[gallery], queried, self.logit_scale(pair), key_labels=icdr
+                )
         if weights.image_uniformity > 0 and "image" in embeddings:
             losses["image_uniformity"] = uniformity_loss(embeddings["image"])
         if weights.image_appearance_uniformity > 0 and image_parts is not None and image_parts[1] is not None:
@@ -380,6 +396,30 @@ class RetinaAlignModel(nn.Module):
 
     # --- internals --------------------------------------------------------------------------------
 
+    def _record_hard_negatives(
+        self, batch: Mapping[str, Tensor], image_states: Tensor, tabular_hidden: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """The text -> record hard negatives of each row, (B, K, D) record embeddings and (B, K) presence, or None
+        when the config asks for none or the batch cannot give them: a counterfactual of the row's structured data
+        (`counterfactual_records`) and the row's structured data with another grade's photograph
+        (`grade_counterfactual_records`)."""
+        weights = self.config.losses
+        records: list[Tensor] = []
+        present: list[Tensor] = []
+        if weights.counterfactual_records and "counterfactual_tabular" in batch:
+            fused = self._fuse_states(image_states, None, None, self.tabular(batch["counterfactual_tabular"]),
+                                      present={})
+            records.append(self.embed_record(fused))
+            present.append(batch["counterfactual_present"])
+        if weights.grade_counterfactual_records and "icdr" in batch and tabular_hidden is not None:
+            partner, has_partner = other_label_partners(batch["icdr"])
+            fused = self._fuse_states(image_states[partner], None, None, tabular_hidden, present={})
+            records.append(self.embed_record(fused))
+            present.append(has_partner)
+        if not records:
+            return None
+        return torch.stack(records, dim=1), torch.stack(present, dim=1)
+
     def _grading_losses(
         self, fused: FusionOutput, targets: list[tuple[str, Tensor]], suffix: str = ""
     ) -> dict[str, Tensor]:
@@ -402,9 +442,10 @@ class RetinaAlignModel(nn.Module):
         ]
         if not losses.needs_fusion:
             unused += [self.fusion, self.image_to_fusion, self.text_to_fusion, self.tabular_to_fusion]
-        if losses.contrastive_text_record == 0:
+        records_unused = losses.contrastive_text_record == 0 and losses.text_record_grade_contrastive == 0
+        if records_unused:
             unused.append(self.record_proj)
-        facts_unused = losses.contrastive_text_record == 0 and losses.contrastive_text_tabular == 0
+        facts_unused = records_unused and losses.contrastive_text_tabular == 0
         if self.text_record_proj is not None and facts_unused:
             unused.append(self.text_record_proj)
         if losses.contrastive_image_tabular == 0 and losses.contrastive_text_tabular == 0:

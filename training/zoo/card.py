@@ -119,6 +119,31 @@ def _appearance_flags(options: ZooOptions) -> str:
             f"--appearance-batch-size {options.appearance_batch_size} --appearance-lr {options.appearance_lr:g}")
 
 
+def _facts_flags(options: ZooOptions) -> str:
+    """The recipe command's facts-stage flags."""
+    return (f" --facts-config {options.facts_config} --facts-epochs {options.facts_epochs} "
+            f"--facts-batch-size {options.facts_batch_size} --facts-lr {options.facts_lr:g}")
+
+
+def _facts_lines(options: ZooOptions, stage: dict, config: dict) -> list[str]:
+    """The card's line on the facts stage, from its run's run.json and config.json."""
+    losses = config.get("losses", {})
+    terms = [f"the text->record loss with {'counterfactual' if losses.get('counterfactual_records') else 'no'} "
+             "hard negatives" + (" and photographs of another grade as further ones"
+                                 if losses.get("grade_counterfactual_records") else "")]
+    if losses.get("text_record_grade_contrastive"):
+        terms.append(f"a term that pulls each text towards every record of the grade it states (weight "
+                     f"{losses['text_record_grade_contrastive']:g})")
+    return [
+        f"- Last, the facts stage (config `{options.facts_config}`, `fit --lock-image --train-only`): only the "
+        "text's record head (`text_record_proj`) and the record projection (`record_proj`) trained, with "
+        + " and ".join(terms) + ", so text->record search changes and every photograph's embedding and every "
+        f"grade stay what they were; {stage.get('steps')} steps ({options.facts_epochs} epochs, batch "
+        f"{options.facts_batch_size}, lr {options.facts_lr:g}) in {stage.get('training_seconds', 0) / 60:.0f} min "
+        f"({stage.get('samples_per_second')} samples/s, {stage.get('precision')}).",
+    ]
+
+
 def _appearance_lines(options: ZooOptions, stage: dict, config: dict) -> list[str]:
     """The card's line on the appearance stage, from its run's run.json and config.json."""
     dims, share = config.get("image_appearance_dims", 0), config.get("image_appearance_share", 0.0)
@@ -181,6 +206,8 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
     info = json.loads((paths.run / "run.json").read_text())  # the main training (before any tuning)
     appearance = (json.loads((paths.appearance / "run.json").read_text()) if options.appearance_config else None)
     appearance_config = (json.loads((paths.appearance / "config.json").read_text()) if appearance else {})
+    facts = json.loads((paths.facts / "run.json").read_text()) if options.facts_config else None
+    facts_config = json.loads((paths.facts / "config.json").read_text()) if facts else {}
     tuned = json.loads((paths.tuned / "run.json").read_text()) if options.tune_config else None
     tuned_config = json.loads((paths.tuned / "config.json").read_text()) if tuned else {}
     config = json.loads((final / "config.json").read_text())
@@ -198,6 +225,7 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
                f"--batch-size {options.batch_size} --lr {options.lr:g}"
                + (_tuning_flags(options) if options.tune_config else "")
                + (_appearance_flags(options) if options.appearance_config else "")
+               + (_facts_flags(options) if options.facts_config else "")
                + ("" if options.calibrate else " --no-calibrate")
                + (f" --offsets-split {options.offsets_split or 'none'}"
                   if options.calibrate and options.offsets_split != "train" else "")
@@ -257,6 +285,7 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         f"({info.get('samples_per_second')} samples/s).",
         *(_tuning_lines(options, tuned, tuned_config) if tuned is not None else []),
         *(_appearance_lines(options, appearance, appearance_config) if appearance is not None else []),
+        *(_facts_lines(options, facts, facts_config) if facts is not None else []),
         *_calibration_lines(final),
         "",
         "## Results on the held-out archive",

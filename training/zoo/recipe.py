@@ -15,15 +15,20 @@ an interrupted recipe continues where it stopped):
    tower, the grading path, the text tower, the text's record head and the tabular side, stays as trained, so
    every grade and every text->record answer stays what it was (with a config that has a record head for the
    text, `record_text_head`; without one, the text's projection serves records too);
-6. calibration of the final run (`retina-train calibrate`: temperatures on the validation split, and
+6. with `--facts-config`, the facts stage of the latest run (in ROOT/facts): only the two projections that meet
+   in text->record search, the text's record head and the record projection, train (`fit --lock-image
+   --train-only`), with large batches like tuning: the losses of that config (e.g. a term that pulls a text
+   towards the records of the grade it states) reshape record search and nothing else, every photograph's
+   embedding and every grade stay what they were;
+7. calibration of the final run (`retina-train calibrate`: temperatures on the validation split, and
    with `offsets_split` per-grade decision offsets fitted for macro-F1 on that split; RUN/calibration.json,
    which evaluation, export and release use);
-7. evaluation on the held-out archive of the final run (written to RUN/eval-test, which the export and the
+8. evaluation on the held-out archive of the final run (written to RUN/eval-test, which the export and the
    release carry);
-8. export to a bundle, checked against PyTorch on the training archive's validation split;
-9. optionally the CLIP-style baseline trained (and tuned, with its own config; it has no appearance stage, since
+9. export to a bundle, checked against PyTorch on the training archive's validation split;
+10. optionally the CLIP-style baseline trained (and tuned, with its own config; it has no appearance stage, since
    its config has no appearance part) and evaluated the same way, and the comparison table;
-10. the model card (MODEL_CARD.md), and with `--release NAME` the shipped copy in `training/zoo/models/NAME`.
+11. the model card (MODEL_CARD.md), and with `--release NAME` the shipped copy in `training/zoo/models/NAME`.
 """
 
 from __future__ import annotations
@@ -65,6 +70,10 @@ class ZooOptions:
     appearance_epochs: int = 3
     appearance_batch_size: int = 48
     appearance_lr: float = 2e-3
+    facts_config: str | None = None
+    facts_epochs: int = 3
+    facts_batch_size: int = 256
+    facts_lr: float = 1e-3
     tune_config: str | None = None
     tune_epochs: int = 10
     tune_batch_size: int = 256
@@ -111,6 +120,15 @@ class ZooPaths:
         """The appearance stage of the run (`--appearance-config`)."""
         return self.root / "appearance"
 
+    @property
+    def facts(self) -> Path:
+        """The facts stage of the run (`--facts-config`)."""
+        return self.root / "facts"
+
+    def before_facts(self, options: ZooOptions) -> Path:
+        """The run the facts stage starts from: the last of the stages before it."""
+        return self.appearance if options.appearance_config else self.before_appearance(options)
+
     def before_appearance(self, options: ZooOptions) -> Path:
         """The run the appearance stage starts from: the tuned run when there is one."""
         return self.tuned if options.tune_config else self.run
@@ -132,7 +150,7 @@ class ZooPaths:
 
     def final(self, options: ZooOptions) -> Path:
         """The run the recipe evaluates, exports and releases: the last of its stages."""
-        return self.appearance if options.appearance_config else self.before_appearance(options)
+        return self.facts if options.facts_config else self.before_facts(options)
 
     @property
     def bundle(self) -> Path:
@@ -161,7 +179,7 @@ def _split(console: Console, title: str, archive: Path, out: Path, val: float, t
                                "--val", str(val), "--test", str(test)])
 
 
-Stage = Literal["train", "appearance", "tune"]
+Stage = Literal["train", "appearance", "tune", "facts"]
 """A training stage of the recipe; each has its own schedule (epochs, batch size, peak lr)."""
 
 APPEARANCE_REINIT = ("image_proj", "image_appearance_proj")
@@ -173,9 +191,15 @@ APPEARANCE_TRAIN = (*APPEARANCE_REINIT, "text_proj")
 only the image-text loss reads where the text has a record head of its own (`record_text_head`; without one it
 serves records too); every other weight stays as the stage before left it."""
 
+FACTS_TRAIN = ("text_record_proj", "record_proj")
+"""What the facts stage trains (`--train-only`, with `--lock-image`): the two projections whose embeddings meet in
+text->record search, the text's record head and the record projection."""
+
 
 def _schedule(options: ZooOptions, stage: Stage) -> tuple[int, int, float]:
-    """(epochs, batch size, peak lr) of a stage: "train", "appearance" or "tune"."""
+    """(epochs, batch size, peak lr) of a stage: "train", "appearance", "tune" or "facts"."""
+    if stage == "facts":
+        return options.facts_epochs, options.facts_batch_size, options.facts_lr
     if stage == "appearance":
         return options.appearance_epochs, options.appearance_batch_size, options.appearance_lr
     if stage == "tune":
@@ -184,19 +208,20 @@ def _schedule(options: ZooOptions, stage: Stage) -> tuple[int, int, float]:
 
 
 def _stage_flags(stage: Stage, start: Path | None, modules: dict[str, tuple[str, ...]]) -> list[str]:
-    """`fit` flags of a stage that starts from the run `start`: `--init`, `--lock-image` for tuning, and for each
+    """`fit` flags of a stage that starts from the run `start`: `--init`, `--lock-image` for tuning and the facts
+    stage, and for each
     (flag, names) of `modules` (e.g. "reinit": ("tabular",)) that flag once per name."""
     if start is None:
         return []
-    flags = ["--init", str(start)] + (["--lock-image"] if stage == "tune" else [])
+    flags = ["--init", str(start)] + (["--lock-image"] if stage in ("tune", "facts") else [])
     return flags + [f"--{flag}={name}" for flag, names in modules.items() for name in names]
 
 
 def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, config: str, run: Path,
            stage: Stage = "train", start: Path | None = None, reinit: tuple[str, ...] = (),
            freeze: tuple[str, ...] = (), train_only: tuple[str, ...] = ()) -> None:
-    """Train `run` with the schedule of `stage` ("train", "appearance" or "tune"), from the run `start` when
-    given (`--init`; "tune" adds `--lock-image`), with `--train-only` / `--reinit` / `--freeze` each of
+    """Train `run` with the schedule of `stage` ("train", "appearance", "tune" or "facts"), from the run `start`
+    when given (`--init`; "tune" and "facts" add `--lock-image`), with `--train-only` / `--reinit` / `--freeze` each of
     `train_only` / `reinit` / `freeze`."""
     info_path = run / "run.json"
     if info_path.is_file() and json.loads(info_path.read_text()).get("finished"):
@@ -271,10 +296,13 @@ def run_recipe(options: ZooOptions, console: Console | None = None) -> ZooPaths:
         _train(console, f"appearance stage {options.appearance_config}", options, paths, options.appearance_config,
                paths.appearance, stage="appearance", start=paths.before_appearance(options), reinit=APPEARANCE_REINIT,
                train_only=APPEARANCE_TRAIN)
+    if options.facts_config:
+        _train(console, f"facts stage {options.facts_config}", options, paths, options.facts_config, paths.facts,
+               stage="facts", start=paths.before_facts(options), train_only=FACTS_TRAIN)
     final = paths.final(options)
     if options.calibrate:
         _calibrate(console, options, final)
-    final_config = options.appearance_config or options.tune_config or options.config
+    final_config = options.facts_config or options.appearance_config or options.tune_config or options.config
     metrics = _evaluate(console, f"evaluating {final_config} on the held-out archive", paths, final)
     bundle_manifest = paths.bundle / "manifest.json"
     if bundle_manifest.is_file() and bundle_manifest.stat().st_mtime >= _weights_changed(final):
