@@ -60,13 +60,15 @@ demo: setup
 
 # The recipe of the shipped model (hours on 2 CPU cores; minutes on a GPU): a 30,000-record synthetic archive,
 # training, locked-image tuning with the grading path frozen, the appearance stage (the image embedding's
-# projections alone), evaluation on a held-out archive, export, the CLIP baseline the same way, and the model card.
+# projections alone), the facts stage (the two text->record projections alone), evaluation on a held-out archive,
+# export, the CLIP baseline the same way, and the model card.
 zoo: setup
 	$(VENV)/bin/retina-train zoo --out $(ZOO_DIR) --epochs 3 --batch-size 48 --baseline \
 	    --tune-config tiny-synth-lit --tune-epochs 30 --tune-batch-size 256 --tune-lr 1e-3 \
 	    --tune-reinit text --tune-reinit tabular --tune-freeze fusion --tune-freeze image_to_fusion \
 	    --appearance-config tiny-synth-lit-appearance --appearance-epochs 3 --appearance-batch-size 48 \
-	    --appearance-lr 2e-3
+	    --appearance-lr 2e-3 --facts-config tiny-synth-lit-facts --facts-epochs 3 --facts-batch-size 256 \
+	    --facts-lr 1e-3
 
 # The README's Results table: ours (`tiny`) against the CLIP baseline, same archive, same time budget.
 results: setup

@@ -41,6 +41,16 @@ def test_the_appearance_configs_are_the_shipped_stages_plus_an_appearance_part()
         assert losses == {"image_appearance_uniformity"} and b["losses"]["image_appearance_uniformity"] == 2.0
 
 
+def test_the_facts_config_is_the_appearance_config_plus_the_grade_aware_record_terms() -> None:
+    """tiny-synth-lit-facts, the last stage of zoo:tiny-synth, changes only text->record losses of the config it
+    starts from, so the facts stage loads the appearance stage's weights as they are."""
+    a, b = load_config("tiny-synth-lit-appearance").model_dump(), load_config("tiny-synth-lit-facts").model_dump()
+    assert {key for key in a if a[key] != b[key]} == {"name", "losses"}
+    losses = {key: b["losses"][key] for key in a["losses"] if a["losses"][key] != b["losses"][key]}
+    assert losses == {"grade_counterfactual_records": True, "text_record_grade_contrastive": 0.025,
+                      "text_grade_min_icdr": 1}
+
+
 def test_clip_baseline_shares_tiny_towers_and_trains_image_text_only() -> None:
     tiny, clip = load_config("tiny"), load_config("clip-baseline")
     assert clip.vision == tiny.vision and clip.text == tiny.text and clip.embed_dim == tiny.embed_dim

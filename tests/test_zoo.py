@@ -117,7 +117,7 @@ def test_the_shipped_model_verifies_and_loads() -> None:
     folder = zoo.resolve_run("zoo:tiny-synth")
     assert folder == zoo.ZOO_DIR / "tiny-synth" and "tiny-synth" in zoo.list_models()
     run = load_run(folder)
-    assert run.model.config.name == "tiny-synth-lit-appearance" and run.info["finished"]  # the last stage's config
+    assert run.model.config.name == "tiny-synth-lit-facts" and run.info["finished"]  # the last stage's config
     assert run.model.config.image_appearance_dims == 32
     metrics = json.loads((folder / "eval-test" / "metrics.json").read_text())
     assert metrics["run"]["gallery_size"] == 3000  # the held-out archive, not the training split
@@ -341,7 +341,7 @@ def test_the_card_of_a_recipe_with_a_facts_stage_describes_it_last(tmp_path: Pat
         config = json.loads((shipped / "config.json").read_text())
         if run == paths.facts:
             config["losses"] = config["losses"] | {"grade_counterfactual_records": True,
-                                                   "text_record_grade_contrastive": 0.15}
+                                                   "text_record_grade_contrastive": 0.15, "text_grade_min_icdr": 1}
         (run / "config.json").write_text(json.dumps(config))
         (run / "run.json").write_text(json.dumps({"steps": steps, "training_seconds": 200, "finished": True,
                                                   "samples_per_second": 666.8, "precision": "bf16"}))
@@ -350,6 +350,6 @@ def test_the_card_of_a_recipe_with_a_facts_stage_describes_it_last(tmp_path: Pat
     assert ("the facts stage (config `facts.json`, `fit --lock-image --train-only`): only the text's record head "
             "(`text_record_proj`) and the record projection (`record_proj`) trained, with the text->record loss with "
             "counterfactual hard negatives and photographs of another grade as further ones and a term that pulls "
-            "each text towards every record of the grade it states (weight 0.15)") in card
+            "each text of ICDR >= 1 towards every record of the grade it states (weight 0.15)") in card
     assert "315 steps (3 epochs, batch 256, lr 0.001) in 3 min (666.8 samples/s, bf16)" in card
     assert card.index("the appearance stage") < card.index("the facts stage")

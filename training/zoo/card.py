@@ -132,7 +132,9 @@ def _facts_lines(options: ZooOptions, stage: dict, config: dict) -> list[str]:
              "hard negatives" + (" and photographs of another grade as further ones"
                                  if losses.get("grade_counterfactual_records") else "")]
     if losses.get("text_record_grade_contrastive"):
-        terms.append(f"a term that pulls each text towards every record of the grade it states (weight "
+        texts = (f"each text of ICDR >= {losses['text_grade_min_icdr']}" if losses.get("text_grade_min_icdr")
+                 else "each text")
+        terms.append(f"a term that pulls {texts} towards every record of the grade it states (weight "
                      f"{losses['text_record_grade_contrastive']:g})")
     return [
         f"- Last, the facts stage (config `{options.facts_config}`, `fit --lock-image --train-only`): only the "
