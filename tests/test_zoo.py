@@ -352,4 +352,7 @@ def test_the_card_of_a_recipe_with_a_facts_stage_describes_it_last(tmp_path: Pat
             "counterfactual hard negatives and photographs of another grade as further ones and a term that pulls "
             "each text of ICDR >= 1 towards every record of the grade it states (weight 0.15)") in card
     assert "315 steps (3 epochs, batch 256, lr 0.001) in 3 min (666.8 samples/s, bf16)" in card
+    weights = next(line for line in card.splitlines() if line.startswith("- Losses (weights)"))
+    assert "text_record_grade_contrastive 0.15" in weights and "text_grade_min_icdr 1" not in weights
+    assert weights.endswith("; the grade terms count the texts of ICDR >= 1.")
     assert card.index("the appearance stage") < card.index("the facts stage")

@@ -259,9 +259,11 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         + _record_head(config) + ".",
         "- Losses (weights): " + ", ".join(f"{k} {v:g}" for k, v in config["losses"].items()
                                            if isinstance(v, int | float) and not isinstance(v, bool)
-                                           and not k.endswith(("ratio", "prob", "scale")) and v > 0)
+                                           and not k.endswith(("ratio", "prob", "scale", "min_icdr")) and v > 0)
         + (" (text -> record with counterfactual hard negatives)" if config["losses"].get("counterfactual_records")
-           else "") + ".",
+           else "")
+        + (f"; the grade terms count the texts of ICDR >= {config['losses']['text_grade_min_icdr']}"
+           if config["losses"].get("text_grade_min_icdr") else "") + ".",
         "",
         "## Training data",
         "",
