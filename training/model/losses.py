@@ -115,9 +115,15 @@ def supervised_contrastive_loss(embeddings: Tensor, labels: Tensor, logit_scale:
     all_embeddings, all_labels = gather_with_grad(embeddings), gather_labels(labels)
     is_self = _self_mask(embeddings.shape[0], all_embeddings.shape[0], embeddings.device)
     logits = (logit_scale * embeddings @ all_embeddings.T).masked_fill(is_self, float("-inf"))
-    log_prob = logits.log_softmax(dim=-1)
     known = labels != IGNORE_INDEX
-    positive = (labels[:, None] == all_labels[None, :]) & known[:, None] & ~is_self
+    return _mean_positive_log_loss(logits, (labels[:, None] == all_labels[None, :]) & known[:, None] & ~is_self)
+
+
+def _mean_positive_log_loss(logits: Tensor, positive: Tensor) -> Tensor:
+    """SupCon's L_out from (rows, columns) logits and a same-shape bool mask of each row's positives: per row the
+    mean over its positives of -log softmax, averaged over the rows that have a positive (a graph-keeping 0 when
+    none has)."""
+    log_prob = logits.log_softmax(dim=-1)
     counts = positive.sum(dim=1)
     per_row = -log_prob.masked_fill(~positive, 0.0).sum(dim=1) / counts.clamp(min=1)
     scored = counts > 0
@@ -131,16 +137,14 @@ def cross_modal_supervised_contrastive_loss(
 
     Row i of `queries` is paired with row i of `keys`; the query carries `labels[i]`, the key `key_labels[i]`
     (default: the same). Each query with a known label (not -100) is pulled towards every key of its label, its
-    own key included, and pushed from the rest: the mean over those keys of -log softmax over all keys. With no
-    known query label it is a graph-keeping 0.
+    own key included, and pushed from the rest: the mean over those keys of -log softmax over all keys. Queries
+    without such a key do not count; with none at all it is a graph-keeping 0.
     """
     queries, keys = queries.float(), keys.float()
     all_keys, all_labels = gather_with_grad(keys), gather_labels(labels if key_labels is None else key_labels)
-    log_prob = (logit_scale * queries @ all_keys.T).log_softmax(dim=-1)
     known = labels != IGNORE_INDEX
-    positive = (labels[:, None] == all_labels[None, :]) & known[:, None]
-    per_row = -log_prob.masked_fill(~positive, 0.0).sum(dim=1) / positive.sum(dim=1).clamp(min=1)
-    return (per_row * known).sum() / known.sum().clamp(min=1)
+    return _mean_positive_log_loss(logit_scale * queries @ all_keys.T,
+                                   (labels[:, None] == all_labels[None, :]) & known[:, None])
 
 
 def uniformity_loss(embeddings: Tensor, t: float = 2.0) -> Tensor:

@@ -209,8 +209,7 @@ def _schedule(options: ZooOptions, stage: Stage) -> tuple[int, int, float]:
 
 def _stage_flags(stage: Stage, start: Path | None, modules: dict[str, tuple[str, ...]]) -> list[str]:
     """`fit` flags of a stage that starts from the run `start`: `--init`, `--lock-image` for tuning and the facts
-    stage, and for each
-    (flag, names) of `modules` (e.g. "reinit": ("tabular",)) that flag once per name."""
+    stage, and for each (flag, names) of `modules` (e.g. "reinit": ("tabular",)) that flag once per name."""
     if start is None:
         return []
     flags = ["--init", str(start)] + (["--lock-image"] if stage in ("tune", "facts") else [])
@@ -221,8 +220,8 @@ def _train(console: Console, title: str, options: ZooOptions, paths: ZooPaths, c
            stage: Stage = "train", start: Path | None = None, reinit: tuple[str, ...] = (),
            freeze: tuple[str, ...] = (), train_only: tuple[str, ...] = ()) -> None:
     """Train `run` with the schedule of `stage` ("train", "appearance", "tune" or "facts"), from the run `start`
-    when given (`--init`; "tune" and "facts" add `--lock-image`), with `--train-only` / `--reinit` / `--freeze` each of
-    `train_only` / `reinit` / `freeze`."""
+    when given (`--init`; "tune" and "facts" add `--lock-image`), with `--train-only` / `--reinit` / `--freeze`
+    each of `train_only` / `reinit` / `freeze`."""
     info_path = run / "run.json"
     if info_path.is_file() and json.loads(info_path.read_text()).get("finished"):
         reuse_stage(console, title, f"{run} finished its schedule")
