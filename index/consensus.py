@@ -17,7 +17,7 @@ Rules:
 - **Agreement**: `agrees` when the majority grade equals the model's ICDR grade exactly; `referable_agrees`
   when the consensus's referable verdict equals the model's (its grade >= 2). Both are None when no
   neighbour's grade is known (or no model grade is given).
-- **Exact duplicates**: a neighbour at similarity >= `DUPLICATE_SIMILARITY` (1 - 3e-6) to the query is
+- **Exact duplicates**: a neighbour at similarity >= `DUPLICATE_SIMILARITY` (1 - 1e-6) to the query is
   taken to be the query photograph itself (an uploaded photograph that is in the archive finds itself first
   at 1 to within float rounding) and is left out and counted (`duplicates`): its own label would otherwise
   vote for itself, and the consensus is meant as an opinion of *other* photographs (as the evaluation, which
@@ -35,7 +35,7 @@ from index.records import ICDR_NAMES, REFERABLE_ICDR
 
 ICDR_GRADES = len(ICDR_NAMES)
 """The ICDR scale has 5 grades, 0..4."""
-DUPLICATE_SIMILARITY = 1.0 - 3e-6
+DUPLICATE_SIMILARITY = 1.0 - 1e-6
 """A neighbour at this cosine similarity or more is the query photograph itself (left out of the vote).
 The same photograph decoded and embedded again scores 1 to within float32 rounding: measured 1 - 6e-7 at
 worst (50 archived photographs uploaded to an index of 3,000 built with the shipped `zoo:tiny-synth`; 1 - 4e-7
@@ -44,7 +44,11 @@ with the tests' tiny bundle), while the nearest *other* photograph scored at mos
 out real neighbours). With the release that spreads the image embedding (an appearance part), 2026-12-07: the
 photograph itself at worst 1 - 1.2e-7, the nearest other at most 1 - 6.0e-5 (median 0.975; 50 uploads, an
 index of 3,000). Scores of a compressed index (`ivfpq`) are approximate: there the photograph itself may go
-unrecognised and vote."""
+unrecognised and vote. With the grade part of the search embeddings (2026-12-08, `grade_part_weight` 0.75), two
+photographs the model grades alike move closer: the photograph itself at worst 1 - 1.8e-7 (50 uploads, an index
+of 3,000), the nearest other at most 1 - 3.0e-5 there (median 0.993), but one pair of two patients' grade-0
+photographs of a 3,000-photograph held-out archive at 1 - 1.7e-6 (1 - 3.6e-6 without the grade part), which
+the former threshold, 1 - 3e-6, took for one photograph; hence 1 - 1e-6."""
 TIE_TOLERANCE = 1e-6
 """Summed similarities within this of each other are a tie (then the more severe grade wins)."""
 

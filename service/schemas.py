@@ -107,7 +107,7 @@ class NeighbourConsensus(BaseModel):
     """The neighbours' consensus: the ICDR grades of the k archived photographs nearest the query photograph
     (image->image over the whole archive: the request's filters and `against` do not apply), beside the model's
     grade. Neighbours without an ICDR grade do not vote; the photograph itself, when it is in the archive
-    (similarity >= 1 - 3e-6), is left out. Ties: the larger summed similarity, then the more severe grade."""
+    (similarity >= 1 - 1e-6), is left out. Ties: the larger summed similarity, then the more severe grade."""
 
     k: int = Field(description="Neighbours taken (the photograph itself left out).")
     known: int = Field(description="Of those, how many have an ICDR grade (the voters).")

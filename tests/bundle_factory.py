@@ -44,9 +44,11 @@ def tiny_bundle(factory: pytest.TempPathFactory) -> TinyBundle:
         save_splits(make_splits(read_archive(root / "archive").records, seed=0), root / "splits.json")
         tiny = load_config("tiny")
         tabular = tiny.tabular.model_copy(update={"numeric_encoding": "periodic"})
-        # with an appearance part of the image embedding, so export and serving carry the joined embedding (its
-        # losses stay tiny's: the demo tests serve this run as one trained with today's `tiny`)
-        config = tiny.model_copy(update={"record_text_head": True, "tabular": tabular, "image_appearance_dims": 16})
+        # with an appearance part of the image embedding and a grade part of the search embeddings, so export and
+        # serving carry the joined, wider embedding (its losses stay tiny's: the demo tests serve this run as one
+        # trained with today's `tiny`)
+        config = tiny.model_copy(update={"record_text_head": True, "tabular": tabular, "image_appearance_dims": 16,
+                                         "grade_part_weight": 0.5})
         (root / "tiny.json").write_text(config.model_dump_json(indent=1))
         fit(FitOptions(config=str(root / "tiny.json"), archive=root / "archive", splits=root / "splits.json",
                        out=root / "run", epochs=1, batch_size=8, max_steps=2, precision="fp32", seed=3))

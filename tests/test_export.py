@@ -55,7 +55,7 @@ def test_export_writes_a_complete_bundle(tiny: TinyBundle) -> None:
     assert manifest.schema_version == SCHEMA_VERSION
     assert manifest.precision == "fp32"
     assert manifest.model_name == "tiny" and manifest.model_config_data["name"] == "tiny"
-    assert manifest.embedding_dim == config.embed_dim
+    assert manifest.embedding_dim == config.embed_dim + config.num_icdr  # the grade part (`grade_part_weight`)
     assert manifest.image == config.vision.image  # the one spec, crop_fov and illumination included
     assert manifest.text.max_length == config.text.max_length
     assert manifest.text.pad_token_id == config.text.pad_token_id

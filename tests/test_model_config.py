@@ -41,11 +41,13 @@ def test_the_appearance_configs_are_the_shipped_stages_plus_an_appearance_part()
         assert losses == {"image_appearance_uniformity"} and b["losses"]["image_appearance_uniformity"] == 2.0
 
 
-def test_the_facts_config_is_the_appearance_config_plus_the_grade_aware_record_terms() -> None:
+def test_the_facts_config_is_the_appearance_config_plus_the_grade_aware_record_terms_and_the_grade_part() -> None:
     """tiny-synth-lit-facts, the last stage of zoo:tiny-synth, changes only text->record losses of the config it
-    starts from, so the facts stage loads the appearance stage's weights as they are."""
+    starts from, so the facts stage loads the appearance stage's weights as they are, and adds the search
+    embeddings' grade part, which no loss sees."""
     a, b = load_config("tiny-synth-lit-appearance").model_dump(), load_config("tiny-synth-lit-facts").model_dump()
-    assert {key for key in a if a[key] != b[key]} == {"name", "losses"}
+    assert {key for key in a if a[key] != b[key]} == {"name", "losses", "grade_part_weight"}
+    assert b["grade_part_weight"] == 0.75
     losses = {key: b["losses"][key] for key in a["losses"] if a["losses"][key] != b["losses"][key]}
     assert losses == {"grade_counterfactual_records": True, "text_record_grade_contrastive": 0.025,
                       "text_grade_min_icdr": 1}

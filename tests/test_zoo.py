@@ -340,6 +340,7 @@ def test_the_card_of_a_recipe_with_a_facts_stage_describes_it_last(tmp_path: Pat
         run.mkdir()
         config = json.loads((shipped / "config.json").read_text())
         if run == paths.facts:
+            config["grade_part_weight"] = 0.4
             config["losses"] = config["losses"] | {"grade_counterfactual_records": True,
                                                    "text_record_grade_contrastive": 0.15, "text_grade_min_icdr": 1}
         (run / "config.json").write_text(json.dumps(config))
@@ -356,3 +357,5 @@ def test_the_card_of_a_recipe_with_a_facts_stage_describes_it_last(tmp_path: Pat
     assert "text_record_grade_contrastive 0.15" in weights and "text_grade_min_icdr 1" not in weights
     assert weights.endswith("; the grade terms count the texts of ICDR >= 1.")
     assert card.index("the appearance stage") < card.index("the facts stage")
+    architecture = next(line for line in card.splitlines() if line.startswith("- Config "))
+    assert "grade part (`grade_part_weight` 0.4)" in architecture and "133-d in all" in architecture

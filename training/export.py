@@ -161,7 +161,7 @@ class Grader(nn.Module):
             image_tokens=image_tokens, text_tokens=text_tokens, attention_mask=attention_mask, tabular=tabular,
             image_present=image_present, text_present=text_present, tabular_present=tabular_present,
         )
-        return fused.icdr_logits, fused.sdrg_logits, self.model.embed_record(fused)
+        return fused.icdr_logits, fused.sdrg_logits, self.model.search_record_embedding(fused)
 
 
 class FullGrader(nn.Module):
@@ -180,7 +180,7 @@ class FullGrader(nn.Module):
             pixels=pixels, input_ids=input_ids, attention_mask=attention_mask, tabular=tabular,
             image_present=image_present, text_present=text_present, tabular_present=tabular_present,
         )
-        return fused.icdr_logits, fused.sdrg_logits, self.model.embed_record(fused)
+        return fused.icdr_logits, fused.sdrg_logits, self.model.search_record_embedding(fused)
 
 
 @dataclass
@@ -236,7 +236,7 @@ def _distinct_text_length(model: RetinaAlignModel, batch: dict[str, Tensor]) -> 
     symbol, tying the sequence axis to a fixed width or to the batch). The static sequence axis first seen
     in the grader's export came from the named dynamic_axes, fixed in `_export_graph`; this keeps an
     accidental size match from doing the same."""
-    fixed = {*batch["pixels"].shape[1:], *batch["tabular"].shape[1:], model.config.embed_dim,
+    fixed = {*batch["pixels"].shape[1:], *batch["tabular"].shape[1:], model.config.embed_dim, model.search_dim,
              model.config.fusion.width, batch["pixels"].shape[0]}
     with torch.no_grad():
         fixed |= set(model.encode_image_for_fusion(batch["pixels"][:1])[1].shape[1:])
@@ -583,7 +583,7 @@ def export_bundle(run_dir: Path, archive_dir: Path, splits_path: Path, out: Path
             model_name=config.name,
             model_config=json.loads(config.model_dump_json()),
             precision=precision,
-            embedding_dim=config.embed_dim,
+            embedding_dim=run.model.search_dim,
             icdr_names=list(ICDR_NAMES),
             sdrg_names=list(SDRG_NAMES),
             image=config.vision.image,

@@ -275,6 +275,13 @@ class ModelConfig(_Strict):
     for the grade than a linear map. `image_grade_hidden` (> 0) does the same for the grade part's
     projection (`image_proj`), so that the image-grade contrastive term can separate grades that a linear
     map of the pooled feature keeps close.
+
+    `grade_part_weight` (w in [0, 1)) adds a grade part to the search embeddings (the `encode_*` entry
+    points and the exported bundle, never the training losses): the square root of the ICDR probabilities
+    the joint transformer reads from the photograph alone or from the text alone, carrying w of each unit
+    embedding's norm, so a search scores (1 - w^2) x the learnt cosine + w^2 x the Bhattacharyya coefficient of
+    the two grade distributions. Records and texts against records get zeros there. The embeddings are then
+    embed_dim + num_icdr wide. 0 (the default) leaves them as older checkpoints have them.
     """
 
     name: str
@@ -295,6 +302,7 @@ class ModelConfig(_Strict):
     image_appearance_detach: bool = False
     image_appearance_hidden: int = Field(default=0, ge=0)
     image_grade_hidden: int = Field(default=0, ge=0)
+    grade_part_weight: float = Field(default=0.0, ge=0, lt=1)
     num_icdr: int = 5
     num_sdrg: int = 5
 
@@ -305,6 +313,8 @@ class ModelConfig(_Strict):
         if self.image_appearance_dims >= self.embed_dim:
             raise ValueError(f"image_appearance_dims {self.image_appearance_dims} leaves no grade part of the "
                              f"{self.embed_dim}-dimensional image embedding; use fewer than embed_dim")
+        if self.grade_part_weight > 0 and self.grading != "heads":
+            raise ValueError("grade_part_weight needs grading 'heads': the grade part is the ICDR head's reading")
         if self.losses.image_appearance_uniformity > 0 and self.image_appearance_dims == 0:
             raise ValueError("losses.image_appearance_uniformity needs image_appearance_dims > 0")
         return self

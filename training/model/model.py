@@ -24,6 +24,13 @@ How the embeddings are trained (`forward`), each term weighted by `config.losses
   image-grade contrastive term pulls together within a grade) and an appearance part
   (`image_appearance_proj`, spread by `image_appearance_uniformity`), joined into one unit vector.
 
+- With `grade_part_weight` w > 0, the inference entry points (not `forward`) end each search embedding in a
+  grade part (`with_grade_part`): the square root of the ICDR probabilities the joint transformer reads
+  from the photograph alone (`encode_image*`) or the text alone (`encode_text*` against photographs), a
+  unit vector carrying w of the norm. The cosine of two such parts is the Bhattacharyya coefficient of the
+  two grade distributions, so photographs and texts whose grades the model reads alike rank first, then by
+  the learnt embedding. Record embeddings and texts against records end in zeros instead (scores unchanged).
+
 The CLIP baseline (`clip-baseline`) sets every weight but `contrastive_image_text` to 0: only the
 towers and their projections are trained, the fusion, heads and record projection stay at random init
 (built anyway so that the same export and evaluation code runs), and its grades come from zero-shot
@@ -188,45 +195,84 @@ class RetinaAlignModel(nn.Module):
 
     # --- inference --------------------------------------------------------------------------------
 
+    @property
+    def search_dim(self) -> int:
+        """The width of every search embedding (`encode_*`, `search_record_embedding`): embed_dim, plus the
+        grade part's num_icdr with `grade_part_weight` > 0."""
+        return self.config.embed_dim + (self.config.num_icdr if self.config.grade_part_weight > 0 else 0)
+
     def encode_image(self, pixels: Tensor) -> Tensor:
-        """Normalised pixels (B, 3, H, W) -> L2-normalised image embeddings (B, embed_dim)."""
-        return self._embed_image(self.image(pixels))
+        """Normalised pixels (B, 3, H, W) -> L2-normalised image embeddings (B, search_dim)."""
+        return self.encode_image_for_fusion(pixels)[0]
 
     def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Token ids and mask (B, L) -> L2-normalised text embeddings (B, embed_dim), from [CLS]."""
-        return self._embed_text(self.text(input_ids, attention_mask))
+        """Token ids and mask (B, L) -> L2-normalised text embeddings against photographs (B, search_dim)."""
+        return self.encode_text_for_fusion(input_ids, attention_mask)[0]
 
     def encode_text_for_records(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Token ids and mask (B, L) -> L2-normalised text embeddings that search records (B, embed_dim): the
+        """Token ids and mask (B, L) -> L2-normalised text embeddings that search records (B, search_dim): the
         record head's where the model has one (`record_text_head`), else the same as `encode_text`."""
-        return self._embed_text_for_records(self.text(input_ids, attention_mask), attention_mask)
+        return self.encode_text_for_search(input_ids, attention_mask)[1]
 
     def encode_text_for_search(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass of the text tower -> (text embedding against photographs (B, D), against records (B, D),
         text tokens for the joint transformer (B, L, width)). The two embeddings are equal without a record
         head."""
         states = self.text(input_ids, attention_mask)
-        return (self._embed_text(states), self._embed_text_for_records(states, attention_mask),
-                self.text_to_fusion(states))
+        tokens = self.text_to_fusion(states)
+        image_side = self._text_with_grade_part(self._embed_text(states), tokens, attention_mask)
+        if self.text_record_proj is None:
+            return image_side, image_side, tokens
+        return image_side, self.with_grade_part(self._embed_text_for_records(states, attention_mask)), tokens
 
     def encode_image_for_fusion(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
         """One pass of the image tower -> (L2-normalised image embedding (B, D), the image tokens the joint
         transformer reads (B, N, fusion width))."""
         states = self.image(pixels)
-        return self._embed_image(states), self.image_to_fusion(states)
+        tokens = self.image_to_fusion(states)
+        embedding = self._embed_image(states)
+        if self.config.grade_part_weight > 0:
+            return self.with_grade_part(embedding, self.fusion({"image": self._tokens(tokens, None)})), tokens
+        return embedding, tokens
 
     def encode_text_for_fusion(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """One pass of the text tower -> (L2-normalised text embedding (B, D), text tokens (B, L, width))."""
         states = self.text(input_ids, attention_mask)
-        return self._embed_text(states), self.text_to_fusion(states)
+        tokens = self.text_to_fusion(states)
+        return self._text_with_grade_part(self._embed_text(states), tokens, attention_mask), tokens
+
+    def with_grade_part(self, embedding: Tensor, fused: FusionOutput | None = None) -> Tensor:
+        """A learnt embedding (B, embed_dim) as a search embedding (B, search_dim): unchanged with
+        `grade_part_weight` 0; else followed by the grade part, the square root of `fused`'s ICDR
+        probabilities weighted by `grade_part_weight` of the norm (the rest scaled to keep a unit vector), or
+        by zeros where `fused` is None (records, texts against records: their scores stay as they were)."""
+        weight = self.config.grade_part_weight
+        if weight == 0:
+            return embedding
+        if fused is None:
+            return torch.cat([embedding, embedding.new_zeros(embedding.shape[0], self.config.num_icdr)], dim=-1)
+        part = fused.icdr_logits.float().softmax(dim=-1).sqrt().to(embedding.dtype)
+        return torch.cat([embedding * math.sqrt(1 - weight**2), part * weight], dim=-1)
+
+    def search_record_embedding(self, fused: FusionOutput) -> Tensor:
+        """The record embedding of a fusion output as a search embedding (B, search_dim)."""
+        return self.with_grade_part(self.embed_record(fused))
+
+    def _text_with_grade_part(self, embedding: Tensor, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        """A text embedding against photographs with the grade part the text alone gives (`with_grade_part`)."""
+        if self.config.grade_part_weight == 0:
+            return embedding
+        fused = self.fusion({"text": self._tokens(tokens, None, ~attention_mask.bool())})
+        return self.with_grade_part(embedding, fused)
 
     def encode_tabular(self, features: Tensor) -> Tensor:
         """`FeatureSpec.transform` features (B, F) -> L2-normalised tabular embeddings (B, embed_dim)."""
         return F.normalize(self.tabular_proj(self.tabular(features)), dim=-1)
 
     def encode_record(self, pixels: Tensor, tabular: Tensor | None = None) -> Tensor:
-        """Photograph (+ structured data) through the joint transformer -> L2-normalised record embedding."""
-        return self.embed_record(self.fuse(pixels=pixels, tabular=tabular))
+        """Photograph (+ structured data) through the joint transformer -> L2-normalised record embedding
+        (B, search_dim)."""
+        return self.search_record_embedding(self.fuse(pixels=pixels, tabular=tabular))
 
     def fuse(
         self,

@@ -105,6 +105,17 @@ def _record_head(config: dict) -> str:
             f"one of {pooled} against records)")
 
 
+def _grade_part(config: dict) -> str:
+    """The card's words for the search embeddings' grade part (`grade_part_weight`), or nothing without one."""
+    weight = config.get("grade_part_weight", 0.0)
+    if not weight:
+        return ""
+    return (f"; the search embeddings end in a grade part (`grade_part_weight` {weight:g}): the square root of the "
+            "ICDR probabilities the joint transformer reads from the photograph alone or from the text alone, "
+            f"{weight:g} of each embedding's norm, zeros for records ({config['embed_dim'] + config.get('num_icdr', 5)}"
+            "-d in all; training never sees it)")
+
+
 def _tuning_flags(options: ZooOptions) -> str:
     """The recipe command's locked-image tuning flags."""
     return (f" --tune-config {options.tune_config} --tune-epochs {options.tune_epochs} "
@@ -256,7 +267,7 @@ def write_card(options: ZooOptions, paths: ZooPaths, metrics: dict, baseline: di
         + "; joint transformer "
         f"(width {config['fusion']['width']}, depth {config['fusion']['depth']}); shared embedding "
         f"{config['embed_dim']}-d"
-        + _record_head(config) + ".",
+        + _record_head(config) + _grade_part(config) + ".",
         "- Losses (weights): " + ", ".join(f"{k} {v:g}" for k, v in config["losses"].items()
                                            if isinstance(v, int | float) and not isinstance(v, bool)
                                            and not k.endswith(("ratio", "prob", "scale", "min_icdr")) and v > 0)
