@@ -115,3 +115,14 @@ def test_the_weight_is_checked() -> None:
     baseline = load_config("clip-baseline").model_dump()
     with pytest.raises(ValidationError, match="grade_part_weight needs grading 'heads'"):
         ModelConfig.model_validate(baseline | {"grade_part_weight": 0.5})
+
+
+def test_without_a_record_head_texts_search_records_with_their_one_embedding(tokenizer) -> None:
+    model = _model(tokenizer, WEIGHT, record_text_head=False)
+    inputs = _inputs(tokenizer)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        image_side, record_side, _ = model.encode_text_for_search(ids, mask)
+        for_records = model.encode_text_for_records(ids, mask)
+    torch.testing.assert_close(record_side, image_side)
+    torch.testing.assert_close(for_records, image_side)

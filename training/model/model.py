@@ -212,7 +212,10 @@ class RetinaAlignModel(nn.Module):
     def encode_text_for_records(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Token ids and mask (B, L) -> L2-normalised text embeddings that search records (B, search_dim): the
         record head's where the model has one (`record_text_head`), else the same as `encode_text`."""
-        return self.encode_text_for_search(input_ids, attention_mask)[1]
+        if self.text_record_proj is None:
+            return self.encode_text(input_ids, attention_mask)
+        states = self.text(input_ids, attention_mask)
+        return self.with_grade_part(self._embed_text_for_records(states, attention_mask))
 
     def encode_text_for_search(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One pass of the text tower -> (text embedding against photographs (B, D), against records (B, D),
